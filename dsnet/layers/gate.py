@@ -1,0 +1,81 @@
+"""The double-headed dynamic gate (DS-Net, SPEC section 2).
+
+A shared encoder ``z = ReLU(FC_r(GAP(h)))`` feeds two heads:
+
+* the **attention head** (squeeze-excitation), ``h <- h * sigmoid(FC_e(z))``,
+  part of the backbone and trained with the supernet;
+* the **slimming head**, ``FC_g(z)``: logits over the routing space, trained in
+  stage II. Training uses straight-through Gumbel-softmax (hard one-hot
+  forward, soft gradient backward); inference uses a plain argmax, no noise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsnet.layers.sliced import SliceableModule, SlicedLinear
+
+__all__ = ["SqueezeExcite", "DynamicGate", "straight_through_gumbel", "make_divisible"]
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round ``value`` to a multiple of ``divisor``, never more than 10% below it."""
+    min_value = min_value or divisor
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+class SqueezeExcite(SliceableModule):
+    """Channel attention over a prefix of ``channels``.
+
+    As in the official DS-Net code, the reduced width is fixed (a fraction of
+    the *widest* channel count) and only the outer dimensions slice.
+    """
+
+    def __init__(self, channels: int, se_ratio: float = 0.25) -> None:
+        super().__init__()
+        self.channels = channels
+        self.reduced = max(1, int(round(channels * se_ratio)))
+        self.reduce = SlicedLinear(channels, self.reduced)  # FC_r
+        self.expand = SlicedLinear(self.reduced, channels)  # FC_e
+
+    def encode(self, h: Tensor) -> Tensor:
+        """The shared encoder: ``ReLU(FC_r(GAP(h)))``."""
+        return F.relu(self.reduce(h.mean((2, 3))))
+
+    def attend(self, h: Tensor, z: Tensor) -> Tensor:
+        attn = torch.sigmoid(self.expand(z, h.shape[1]))
+        return h * attn[:, :, None, None]
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.attend(h, self.encode(h))
+
+    def to_static(self, channels: int) -> nn.Module:
+        from dsnet.models.static import StaticSqueezeExcite
+
+        return StaticSqueezeExcite(self.reduce.to_static(channels), self.expand.to_static(self.reduced, channels))
+
+
+class DynamicGate(SqueezeExcite):
+    """Squeeze-excitation plus a slimming head over ``num_choices`` widths."""
+
+    def __init__(self, channels: int, num_choices: int, se_ratio: float = 0.25) -> None:
+        super().__init__(channels, se_ratio)
+        self.num_choices = num_choices
+        # bias-free, as the official gate head; a run-time bias is added to the logits instead
+        self.slim_head = nn.Linear(self.reduced, num_choices, bias=False)  # FC_g
+
+    def logits(self, z: Tensor) -> Tensor:
+        return self.slim_head(z)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, reduced={self.reduced}, num_choices={self.num_choices}"
+
+
+def straight_through_gumbel(logits: Tensor, tau: float = 1.0) -> Tensor:
+    """Hard one-hot sample in the forward pass, Gumbel-softmax gradient in the backward pass."""
+    return F.gumbel_softmax(logits, tau=tau, hard=True, dim=-1)

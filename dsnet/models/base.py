@@ -1,0 +1,300 @@
+"""What every dynamic supernet shares: sub-networks, routing, extraction, MACs.
+
+A model family describes its widths as one list of channel counts per stage
+(index-aligned, SPEC section 1) and implements two halves of its forward pass:
+
+* ``forward_pre(x, k)``: everything up to and including the gate's attention
+  head, at the pre-gate widths of sub-network ``k``. Returns the feature map
+  ``h`` and the gate encoding ``z``.
+* ``forward_post(h, k)``: everything after the gate, at sub-network ``k``.
+
+Every routed sub-network shares the pre-gate widths, so dynamic inference runs
+``forward_pre`` once for the whole batch, lets the gate pick a sub-network per
+sample, and runs ``forward_post`` once per group of samples that picked the
+same one (SPEC section 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from dsnet.layers.gate import DynamicGate, straight_through_gumbel
+from dsnet.layers.sliced import SlicedBatchNorm2d
+
+__all__ = ["Subnet", "RoutingResult", "DynamicNet", "build_subnets"]
+
+
+@dataclass(frozen=True)
+class Subnet:
+    """One sub-network: a width (channel count) per stage."""
+
+    index: int
+    widths: tuple[int, ...]
+    stage_names: tuple[str, ...]
+    routed: bool  # False for the training-only largest network
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(zip(self.stage_names, self.widths))
+
+    def __str__(self) -> str:
+        stages = " ".join(f"{n}={w}" for n, w in zip(self.stage_names, self.widths))
+        return f"#{self.index} {stages}{'' if self.routed else ' (training only)'}"
+
+
+@dataclass
+class RoutingResult:
+    """The output of dynamic inference and the decisions that produced it."""
+
+    logits: Tensor  # (N, num_classes)
+    subnet: Tensor  # (N,) index into ``model.subnets`` each sample was routed to
+    choice: Tensor  # (N,) index into ``model.routing_space``
+    gate_logits: Tensor  # (N, len(routing_space)), bias included
+    gate_onehot: Tensor | None = field(default=None)  # straight-through one-hot (training only)
+
+
+def build_subnets(stage_names: Sequence[str], stage_widths: Sequence[Sequence[int]], gate_stage: int) -> list[Subnet]:
+    """Index-aligned sub-networks from per-stage width lists.
+
+    Stages from ``gate_stage`` on are routed: each has ``n`` choices and routed
+    sub-network ``i`` uses the ``i``-th of every one. Stages before the gate run
+    once for the whole batch, so every routed sub-network uses their first
+    (slimmest) width. If any stage offers a wider choice than the routed
+    sub-networks use, the widest of everything is appended as a training-only
+    sub-network (the official DS-MobileNetV1's "largest").
+    """
+    if len(stage_names) != len(stage_widths):
+        raise ValueError("one width list per stage is needed")
+    if not 0 < gate_stage < len(stage_widths):
+        raise ValueError(f"gate_stage must name a stage after the first, got {gate_stage}")
+    for name, widths in zip(stage_names, stage_widths):
+        if not widths or list(widths) != sorted(set(widths)):
+            raise ValueError(f"stage {name!r}: widths must be distinct and increasing, got {list(widths)}")
+    n = len(stage_widths[gate_stage])
+    for name, widths in zip(stage_names[gate_stage:], stage_widths[gate_stage:]):
+        if len(widths) != n:
+            raise ValueError(f"routed stage {name!r} has {len(widths)} width choices, expected {n}")
+    names = tuple(stage_names)
+    subnets = []
+    for i in range(n):
+        widths = tuple(w[0] for w in stage_widths[:gate_stage]) + tuple(w[i] for w in stage_widths[gate_stage:])
+        subnets.append(Subnet(i, widths, names, routed=True))
+    largest = tuple(w[-1] for w in stage_widths)
+    if largest != subnets[-1].widths:
+        subnets.append(Subnet(n, largest, names, routed=False))
+    return subnets
+
+
+def _statistics_slots(subnets: Sequence[Subnet]) -> list[tuple[int, ...]]:
+    """For each sub-network and stage, which BatchNorm statistics slot to use.
+
+    A layer's input distribution depends on the widths of its own stage and of
+    every stage before it. Sub-networks that agree on all of those see the same
+    features there, so they share a slot (the lowest such sub-network index);
+    any that differ get private statistics.
+    """
+    table = []
+    for net in subnets:
+        row = []
+        for s in range(len(net.widths)):
+            prefix = net.widths[: s + 1]
+            row.append(next(o.index for o in subnets if o.widths[: s + 1] == prefix))
+        table.append(tuple(row))
+    return table
+
+
+class DynamicNet(nn.Module):
+    """Base class of dsnet's dynamic supernets. Subclasses set up the layers.
+
+    Call ``model(x)`` for dynamic inference (the gate picks a sub-network per
+    sample) or ``model(x, subnet=k)`` to run sub-network ``k`` for the batch.
+    """
+
+    gate: DynamicGate
+
+    def __init__(
+        self,
+        stage_names: Sequence[str],
+        stage_widths: Sequence[Sequence[int]],
+        gate_stage: int,
+        in_chans: int,
+        num_classes: int,
+        input_size: tuple[int, int, int],
+        routing_space: Sequence[int] | None,
+    ) -> None:
+        super().__init__()
+        self.stage_widths = [list(w) for w in stage_widths]
+        self.gate_stage = gate_stage
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.default_input_size = input_size
+        self.subnets: list[Subnet] = build_subnets(stage_names, stage_widths, gate_stage)
+        self._slots = _statistics_slots(self.subnets)
+        routed = [s.index for s in self.subnets if s.routed]
+        self.routing_space: list[int] = (
+            list(range(min(4, len(routed)))) if routing_space is None else list(routing_space)
+        )
+        bad = [k for k in self.routing_space if k not in routed]
+        if bad or not self.routing_space or len(set(self.routing_space)) != len(self.routing_space):
+            raise ValueError(
+                f"routing_space must be distinct routed sub-network indices {routed[0]}..{routed[-1]}, "
+                f"got {self.routing_space}"
+            )
+        self.routing_space = sorted(self.routing_space)
+        self._macs_cache: dict[tuple[int, ...], list[int]] = {}
+
+    # ----------------------------------------------------------- subclass API
+    def forward_pre(self, x: Tensor, subnet: int) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def forward_post(self, h: Tensor, subnet: int) -> Tensor:
+        raise NotImplementedError
+
+    def build_static(self, subnet: int) -> nn.Module:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------- helpers
+    @property
+    def num_slots(self) -> int:
+        """BatchNorm statistics slots every sliced BN of this model holds."""
+        return len(self.subnets)
+
+    def slots(self, subnet: int) -> tuple[int, ...]:
+        """The statistics slot of each stage for ``subnet``."""
+        return self._slots[subnet]
+
+    @property
+    def largest(self) -> int:
+        return len(self.subnets) - 1
+
+    def check_subnet(self, subnet: int) -> int:
+        if isinstance(subnet, bool) or not isinstance(subnet, int):
+            raise TypeError(f"subnet must be an int index, got {subnet!r}")
+        if not 0 <= subnet < len(self.subnets):
+            raise IndexError(
+                f"subnet index {subnet} out of range: this model has {len(self.subnets)} "
+                f"sub-networks (0..{len(self.subnets) - 1})"
+            )
+        return subnet
+
+    def check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(
+                f"expected a batch of images shaped (N, {self.in_chans}, H, W), got a {x.dim()}-D tensor "
+                f"of shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
+                f"create the model with in_chans={x.shape[1]} for such data"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point input, got {x.dtype}")
+
+    def sliced_batchnorms(self) -> list[SlicedBatchNorm2d]:
+        return [m for m in self.modules() if isinstance(m, SlicedBatchNorm2d)]
+
+    # ------------------------------------------------------------- forward
+    def forward(
+        self,
+        x: Tensor,
+        subnet: int | None = None,
+        *,
+        return_routing: bool = False,
+        gate_bias: Tensor | Sequence[float] | None = None,
+    ) -> Tensor | RoutingResult:
+        """Dynamic inference, or sub-network ``subnet`` for the whole batch.
+
+        ``gate_bias`` (one value per routing choice) is added to the gate's
+        logits: positive values on slim choices trade accuracy for compute
+        without retraining. ``return_routing=True`` returns a
+        :class:`RoutingResult` with the decisions.
+        """
+        self.check_input(x)
+        if subnet is not None:
+            if return_routing or gate_bias is not None:
+                raise ValueError("return_routing and gate_bias apply to dynamic inference (subnet=None) only")
+            k = self.check_subnet(subnet)
+            h, _ = self.forward_pre(x, k)
+            return self.forward_post(h, k)
+        result = self.route(x, gate_bias=gate_bias)
+        return result if return_routing else result.logits
+
+    def route(self, x: Tensor, gate_bias: Tensor | Sequence[float] | None = None, tau: float = 1.0) -> RoutingResult:
+        """Per-sample routing inside a batch (SPEC section 4).
+
+        Training mode samples straight-through Gumbel-softmax decisions and
+        scales each output by its (unit) one-hot weight so the gate receives a
+        gradient; eval mode takes the argmax of the logits, no noise.
+        """
+        h, z = self.forward_pre(x, self.routing_space[0])
+        gate_logits = self.gate.logits(z)
+        if gate_bias is not None:
+            bias = torch.as_tensor(gate_bias, dtype=gate_logits.dtype, device=gate_logits.device)
+            if bias.shape != (len(self.routing_space),):
+                raise ValueError(
+                    f"gate_bias needs one value per routing choice ({len(self.routing_space)}), "
+                    f"got shape {tuple(bias.shape)}"
+                )
+            gate_logits = gate_logits + bias
+        onehot = straight_through_gumbel(gate_logits, tau) if self.training else None
+        choice = (onehot if onehot is not None else gate_logits).argmax(dim=1)
+        logits = self._run_groups(h, choice, onehot)
+        space = torch.as_tensor(self.routing_space, device=choice.device)
+        return RoutingResult(logits, space[choice], choice, gate_logits, onehot)
+
+    def _run_groups(self, h: Tensor, choice: Tensor, onehot: Tensor | None) -> Tensor:
+        """Run each group of samples that chose the same sub-network as one dense batch."""
+        counts = torch.bincount(choice, minlength=len(self.routing_space)).tolist()
+        if max(counts) == h.shape[0]:  # the whole batch agrees: no gather/scatter
+            j = counts.index(h.shape[0])
+            out = self.forward_post(h, self.routing_space[j])
+            return out if onehot is None else out * onehot[:, j : j + 1]
+        order = torch.argsort(choice, stable=True)
+        outs = []
+        start = 0
+        for j, count in enumerate(counts):
+            if count == 0:
+                continue
+            idx = order[start : start + count]
+            out = self.forward_post(h.index_select(0, idx), self.routing_space[j])
+            if onehot is not None:
+                out = out * onehot.index_select(0, idx)[:, j : j + 1]
+            outs.append(out)
+            start += count
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return torch.cat(outs).index_select(0, inverse)
+
+    # ----------------------------------------------------------- extraction
+    def extract(self, subnet: int) -> nn.Module:
+        """A plain ``torch.nn`` network equal to sub-network ``subnet``, with compact weight copies."""
+        k = self.check_subnet(subnet)
+        static = self.build_static(k)
+        return static.train(self.training)
+
+    # ----------------------------------------------------------------- MACs
+    def subnet_macs(self, input_size: Sequence[int] | None = None) -> list[int]:
+        """Multiply-adds per sample of every sub-network at ``input_size`` (C, H, W)."""
+        from dsnet.macs import count_macs
+
+        size = tuple(input_size or self.default_input_size)
+        if size not in self._macs_cache:
+            self._macs_cache[size] = [count_macs(self, (1, *size), subnet=k) for k in range(len(self.subnets))]
+        return list(self._macs_cache[size])
+
+    def gate_head_macs(self) -> int:
+        return self.gate.reduced * self.gate.num_choices
+
+    def routing_macs(self, input_size: Sequence[int] | None = None) -> Tensor:
+        """MACs per sample of each routing choice, gate head included (float tensor)."""
+        table = self.subnet_macs(input_size)
+        return torch.tensor([float(table[k] + self.gate_head_macs()) for k in self.routing_space])
+
+    def extra_repr(self) -> str:
+        return f"subnets={len(self.subnets)}, routing_space={self.routing_space}"

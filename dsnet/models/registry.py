@@ -1,0 +1,78 @@
+"""Model registry: ``create_model(name, **kwargs)`` and ``list_models()``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["register_model", "create_model", "list_models", "model_info"]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    factory: Callable[..., nn.Module]
+    input_size: int
+    description: str
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(input_size: int) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a factory under its function name; ``input_size`` is its native resolution."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if fn.__name__ in _REGISTRY:
+            raise ValueError(f"model {fn.__name__!r} registered twice")
+        doc = (inspect.getdoc(fn) or "").splitlines()
+        _REGISTRY[fn.__name__] = ModelEntry(fn.__name__, fn, input_size, doc[0] if doc else "")
+        return fn
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    _import_families()
+    return sorted(_REGISTRY)
+
+
+def model_info(name: str) -> ModelEntry:
+    _import_families()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered model. Unknown names and arguments are errors that say what is known."""
+    entry = model_info(name)
+    try:
+        return entry.factory(**kwargs)
+    except TypeError as err:
+        if "unexpected keyword argument" not in str(err):
+            raise
+        raise ValueError(f"{name}: {err}; accepted arguments: {', '.join(_accepted_arguments(str(err)))}") from None
+
+
+def _accepted_arguments(message: str) -> list[str]:
+    """Constructor arguments of the model class a TypeError message names."""
+    from dsnet.models.base import DynamicNet
+
+    pending, classes = [DynamicNet], []
+    while pending:
+        cls = pending.pop()
+        classes.append(cls)
+        pending.extend(cls.__subclasses__())
+    named = [c for c in classes if f"{c.__name__}.__init__" in message]
+    if not named:
+        return []
+    return sorted(p for p in inspect.signature(named[0].__init__).parameters if p != "self")
+
+
+def _import_families() -> None:
+    # importing the family modules runs their @register_model decorators
+    import dsnet.models  # noqa: F401

@@ -1,0 +1,261 @@
+"""DS-ResNet: ResNet-18/50 (and a CIFAR-style ResNet-20) with dynamic width.
+
+Every stage's width is a ratio of the standard width (default 0.25, 0.5,
+0.75, 1.0), rounded to multiples of 8. At ratio 1.0 every layer has the shape
+of the standard torchvision ResNet, so the largest sub-network has its
+parameters and MACs (plus the gate).
+
+Default gate placement: between stage 2 and stage 3 (``gate_stage=3``; the
+stem is stage 0), mirroring the official DS-MobileNetV1, whose gate sits in its
+second-to-last stage. Stages before the gate run once per batch, shared by
+every routed sub-network, so they run at one width (``pre_gate_ratio``, by
+default the slimmest, as the official model does). That leaves ~56% of
+ResNet-50's MACs after the gate, where they can be saved, while the gate sees
+features from 2/3 of the network's downsampling, deep enough to tell easy
+inputs from hard ones. The full-width network is kept as the training-only
+largest sub-network (teacher of in-place bootstrapping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsnet.layers.gate import DynamicGate, make_divisible
+from dsnet.layers.sliced import SlicedBatchNorm2d, SlicedConv2d, SlicedLinear
+from dsnet.models.base import DynamicNet
+from dsnet.models.registry import register_model
+from dsnet.models.static import StaticResidual, conv_bn_act
+
+__all__ = ["DSResNet", "ds_resnet18", "ds_resnet50", "ds_resnet20_cifar"]
+
+
+class DSBasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_channels: int, planes: int, stride: int, num_slots: int) -> None:
+        super().__init__()
+        out = planes * self.expansion
+        self.conv1 = SlicedConv2d(in_channels, planes, 3, stride)
+        self.bn1 = SlicedBatchNorm2d(planes, num_slots)
+        self.conv2 = SlicedConv2d(planes, out, 3)
+        self.bn2 = SlicedBatchNorm2d(out, num_slots)
+        self.shortcut = _Shortcut(in_channels, out, stride, num_slots) if stride != 1 or in_channels != out else None
+
+    def body(self, x: Tensor, planes: int, slot: int) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x, planes), slot))
+        return self.bn2(self.conv2(x, planes * self.expansion), slot)
+
+    def static_body(self, in_width: int, planes: int, slot: int) -> nn.Sequential:
+        out = planes * self.expansion
+        return nn.Sequential(
+            *conv_bn_act(self.conv1.to_static(in_width, planes), self.bn1.to_static(planes, slot), nn.ReLU()),
+            *conv_bn_act(self.conv2.to_static(planes, out), self.bn2.to_static(out, slot), None),
+        )
+
+    def forward(self, x: Tensor, planes: int, slot: int) -> Tensor:
+        short = x if self.shortcut is None else self.shortcut(x, planes * self.expansion, slot)
+        return F.relu(self.body(x, planes, slot) + short)
+
+    def to_static(self, in_width: int, planes: int, slot: int) -> StaticResidual:
+        short = (
+            nn.Identity() if self.shortcut is None else self.shortcut.to_static(in_width, planes * self.expansion, slot)
+        )
+        return StaticResidual(self.static_body(in_width, planes, slot), short, nn.ReLU())
+
+
+class DSBottleneck(DSBasicBlock):
+    expansion = 4
+
+    def __init__(self, in_channels: int, planes: int, stride: int, num_slots: int) -> None:
+        nn.Module.__init__(self)
+        out = planes * self.expansion
+        self.conv1 = SlicedConv2d(in_channels, planes, 1)
+        self.bn1 = SlicedBatchNorm2d(planes, num_slots)
+        self.conv2 = SlicedConv2d(planes, planes, 3, stride)  # stride on the 3x3, as torchvision's v1.5
+        self.bn2 = SlicedBatchNorm2d(planes, num_slots)
+        self.conv3 = SlicedConv2d(planes, out, 1)
+        self.bn3 = SlicedBatchNorm2d(out, num_slots)
+        self.shortcut = _Shortcut(in_channels, out, stride, num_slots) if stride != 1 or in_channels != out else None
+
+    def body(self, x: Tensor, planes: int, slot: int) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x, planes), slot))
+        x = F.relu(self.bn2(self.conv2(x, planes), slot))
+        return self.bn3(self.conv3(x, planes * self.expansion), slot)
+
+    def static_body(self, in_width: int, planes: int, slot: int) -> nn.Sequential:
+        out = planes * self.expansion
+        return nn.Sequential(
+            *conv_bn_act(self.conv1.to_static(in_width, planes), self.bn1.to_static(planes, slot), nn.ReLU()),
+            *conv_bn_act(self.conv2.to_static(planes, planes), self.bn2.to_static(planes, slot), nn.ReLU()),
+            *conv_bn_act(self.conv3.to_static(planes, out), self.bn3.to_static(out, slot), None),
+        )
+
+
+class _Shortcut(nn.Module):
+    """1x1 projection shortcut (conv + BN)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, num_slots: int) -> None:
+        super().__init__()
+        self.conv = SlicedConv2d(in_channels, out_channels, 1, stride, padding=0)
+        self.bn = SlicedBatchNorm2d(out_channels, num_slots)
+
+    def forward(self, x: Tensor, out_channels: int, slot: int) -> Tensor:
+        return self.bn(self.conv(x, out_channels), slot)
+
+    def to_static(self, in_width: int, out_width: int, slot: int) -> nn.Sequential:
+        return conv_bn_act(self.conv.to_static(in_width, out_width), self.bn.to_static(out_width, slot), None)
+
+
+class DSResNet(DynamicNet):
+    """Dynamic slimmable ResNet.
+
+    Args:
+        block: ``"basic"`` or ``"bottleneck"``.
+        layers: blocks per stage.
+        planes: full-width planes per stage (bottleneck output is 4x).
+        width_ratios: routed width choices as ratios of the full width.
+        pre_gate_ratio: width ratio of the stages before the gate.
+        gate_stage: first routed stage (the stem is stage 0).
+        stem: ``"imagenet"`` (7x7/2 conv + max-pool) or ``"cifar"`` (3x3/1 conv).
+    """
+
+    def __init__(
+        self,
+        block: str = "bottleneck",
+        layers: Sequence[int] = (3, 4, 6, 3),
+        planes: Sequence[int] = (64, 128, 256, 512),
+        stem_width: int = 64,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        width_ratios: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+        pre_gate_ratio: float | None = None,
+        gate_stage: int = 3,
+        routing_space: Sequence[int] | None = None,
+        stem: str = "imagenet",
+        input_size: int = 224,
+        zero_init_residual: bool = True,
+    ) -> None:
+        if block not in ("basic", "bottleneck"):
+            raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
+        if stem not in ("imagenet", "cifar"):
+            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+        if len(layers) != len(planes):
+            raise ValueError("layers and planes need one entry per stage")
+        ratios = sorted(width_ratios)
+        pre = ratios[0] if pre_gate_ratio is None else pre_gate_ratio
+
+        def widths(base: int, stage: int) -> tuple[int, ...]:
+            chosen = [pre, 1.0] if stage < gate_stage else ratios
+            return tuple(sorted({make_divisible(base * r, 8) for r in chosen}))
+
+        full = [stem_width, *planes]
+        stage_names = ("stem",) + tuple(f"layer{i + 1}" for i in range(len(layers)))
+        stage_widths = [widths(base, s) for s, base in enumerate(full)]
+        super().__init__(
+            stage_names,
+            stage_widths,
+            gate_stage,
+            in_chans,
+            num_classes,
+            (in_chans, input_size, input_size),
+            routing_space,
+        )
+        block_cls = DSBottleneck if block == "bottleneck" else DSBasicBlock
+        slots = self.num_slots
+        self.stem_kind = stem
+        if stem == "imagenet":
+            self.stem = SlicedConv2d(in_chans, stem_width, 7, 2, padding=3)
+        else:
+            self.stem = SlicedConv2d(in_chans, stem_width, 3, 1)
+        self.stem_bn = SlicedBatchNorm2d(stem_width, slots)
+        self.blocks = nn.ModuleList()
+        self._block_stage: list[int] = []
+        in_ch = stem_width
+        for s, (depth, p) in enumerate(zip(layers, planes), start=1):
+            for b in range(depth):
+                stride = 2 if (b == 0 and s > 1) else 1
+                self.blocks.append(block_cls(in_ch, p, stride, slots))
+                self._block_stage.append(s)
+                in_ch = p * block_cls.expansion
+        self.expansion = block_cls.expansion
+        self.gate_block = self._block_stage.index(gate_stage)
+        gate_channels = stem_width if gate_stage == 1 else planes[gate_stage - 2] * block_cls.expansion
+        self._gate = DynamicGate(gate_channels, len(self.routing_space))
+        self.classifier = SlicedLinear(in_ch, num_classes)
+        if zero_init_residual:  # each residual branch starts as identity, as timm does
+            for blk in self.blocks:
+                last_bn = blk.bn3 if isinstance(blk, DSBottleneck) else blk.bn2
+                nn.init.zeros_(last_bn.weight)
+
+    @property
+    def gate(self) -> DynamicGate:  # type: ignore[override]
+        return self._gate
+
+    def _stem(self, x: Tensor, width: int, slot: int) -> Tensor:
+        x = F.relu(self.stem_bn(self.stem(x, width), slot))
+        return F.max_pool2d(x, 3, 2, 1) if self.stem_kind == "imagenet" else x
+
+    def _run_blocks(self, x: Tensor, subnet: int, start: int, stop: int) -> Tensor:
+        widths, slots = self.subnets[subnet].widths, self.slots(subnet)
+        for i in range(start, stop):
+            s = self._block_stage[i]
+            x = self.blocks[i](x, widths[s], slots[s])
+        return x
+
+    def forward_pre(self, x: Tensor, subnet: int) -> tuple[Tensor, Tensor]:
+        widths, slots = self.subnets[subnet].widths, self.slots(subnet)
+        x = self._run_blocks(self._stem(x, widths[0], slots[0]), subnet, 0, self.gate_block)
+        z = self._gate.encode(x)
+        return self._gate.attend(x, z), z
+
+    def forward_post(self, h: Tensor, subnet: int) -> Tensor:
+        x = self._run_blocks(h, subnet, self.gate_block, len(self.blocks))
+        return self.classifier(x.mean((2, 3)))
+
+    def _out_width(self, subnet: int, stage: int) -> int:
+        w = self.subnets[subnet].widths[stage]
+        return w if stage == 0 else w * self.expansion
+
+    def build_static(self, subnet: int) -> nn.Sequential:
+        widths, slots = self.subnets[subnet].widths, self.slots(subnet)
+        layers: list[nn.Module] = [
+            conv_bn_act(
+                self.stem.to_static(self.in_chans, widths[0]), self.stem_bn.to_static(widths[0], slots[0]), nn.ReLU()
+            )
+        ]
+        if self.stem_kind == "imagenet":
+            layers.append(nn.MaxPool2d(3, 2, 1))
+        in_width = widths[0]
+        for i, blk in enumerate(self.blocks):
+            s = self._block_stage[i]
+            if i == self.gate_block:
+                layers.append(self._gate.to_static(in_width))
+            layers.append(blk.to_static(in_width, widths[s], slots[s]))
+            in_width = self._out_width(subnet, s)
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), self.classifier.to_static(in_width)]
+        return nn.Sequential(*layers)
+
+
+@register_model(input_size=224)
+def ds_resnet50(**kwargs) -> DSResNet:
+    """ResNet-50 (bottleneck, 3-4-6-3); full width = torchvision ResNet-50 shapes."""
+    return DSResNet(block="bottleneck", layers=(3, 4, 6, 3), **kwargs)
+
+
+@register_model(input_size=224)
+def ds_resnet18(**kwargs) -> DSResNet:
+    """ResNet-18 (basic blocks, 2-2-2-2); full width = torchvision ResNet-18 shapes."""
+    return DSResNet(block="basic", layers=(2, 2, 2, 2), **kwargs)
+
+
+@register_model(input_size=32)
+def ds_resnet20_cifar(**kwargs) -> DSResNet:
+    """CIFAR-style ResNet-20 (3x3 stem, 3 stages of 3 basic blocks, 32-64-128 planes) for 28-32 px."""
+    kwargs.setdefault("num_classes", 10)
+    kwargs.setdefault("input_size", 32)
+    kwargs.setdefault("gate_stage", 2)
+    kwargs.setdefault("pre_gate_ratio", 0.5)
+    return DSResNet(block="basic", layers=(3, 3, 3), planes=(32, 64, 128), stem_width=32, stem="cifar", **kwargs)

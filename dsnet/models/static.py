@@ -1,0 +1,57 @@
+"""Static building blocks for extracted sub-networks.
+
+``model.extract(k)`` returns an ``nn.Sequential`` of plain ``torch.nn`` layers
+and the few wiring modules below (attention multiply, residual add), so the
+result has no sliced layer, no width arguments and no dsnet state: it can be
+saved, exported, quantised or compiled like any torchvision model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["StaticSqueezeExcite", "StaticDepthwiseSeparable", "StaticResidual", "conv_bn_act"]
+
+
+def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module | None) -> nn.Sequential:
+    layers: list[nn.Module] = [conv, bn]
+    if act is not None:
+        layers.append(act)
+    return nn.Sequential(*layers)
+
+
+class StaticSqueezeExcite(nn.Module):
+    def __init__(self, reduce: nn.Linear, expand: nn.Linear) -> None:
+        super().__init__()
+        self.reduce = reduce
+        self.expand = expand
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = F.relu(self.reduce(x.mean((2, 3))))
+        return x * torch.sigmoid(self.expand(z))[:, :, None, None]
+
+
+class StaticDepthwiseSeparable(nn.Module):
+    def __init__(self, dw: nn.Sequential, se: nn.Module, pw: nn.Sequential) -> None:
+        super().__init__()
+        self.dw = dw
+        self.se = se
+        self.pw = pw
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pw(self.se(self.dw(x)))
+
+
+class StaticResidual(nn.Module):
+    """``act(body(x) + shortcut(x))``."""
+
+    def __init__(self, body: nn.Sequential, shortcut: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.shortcut = shortcut
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.body(x) + self.shortcut(x))

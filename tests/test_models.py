@@ -58,7 +58,7 @@ def test_batch_routing_equals_per_sample_routing(model_name):
     for k in batch.subnet.unique().tolist():
         idx = (batch.subnet == k).nonzero().flatten()
         with torch.no_grad():
-            torch.testing.assert_close(batch.logits[idx], model(x[idx], subnet=k), rtol=0, atol=1e-5)
+            torch.testing.assert_close(batch.logits[idx], model(x[idx], subnet=k), rtol=1e-4, atol=1e-4)
 
 
 def test_eval_routing_is_deterministic_argmax(model_name):

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
-
-# module name under dsnet.cli -> subcommand(s) it registers
-_COMMANDS = ["models", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,8 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in _COMMANDS:
-        importlib.import_module(f"dsnet.cli.{name}").add_parser(sub)
+    # every module in this package registers its own subcommand(s)
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"dsnet.cli.{info.name}").add_parser(sub)
     return parser
 
 

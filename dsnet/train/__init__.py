@@ -1,0 +1,1 @@
+"""Two-stage training: supernet (stage I), BN recalibration, gate (stage II)."""

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from dsnet.utils.modes import temporary_mode
+
 __all__ = ["count_macs"]
 
 
@@ -31,13 +33,8 @@ def count_macs(model: nn.Module, inputs: Sequence[int] | Tensor, subnet: int | N
     if dynamic and subnet is None:
         if not isinstance(inputs, Tensor):
             raise ValueError("dynamic MACs depend on the input: pass a batch of images, or a subnet index")
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode():
-                routing = model.route(inputs)
-        finally:
-            model.train(was_training)
+        with temporary_mode(model, False), torch.inference_mode():
+            routing = model.route(inputs)
         table = model.routing_macs(tuple(inputs.shape[1:])).to(torch.int64)
         return table[routing.choice.cpu()]
     if not dynamic and subnet is not None:
@@ -45,16 +42,11 @@ def count_macs(model: nn.Module, inputs: Sequence[int] | Tensor, subnet: int | N
     x = inputs if isinstance(inputs, Tensor) else torch.zeros(tuple(inputs), device=_device_of(model))
     if x.dim() < 1 or x.shape[0] < 1:
         raise ValueError(f"need a batch of at least one sample, got shape {tuple(x.shape)}")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            if dynamic:
-                model(x, subnet=subnet)
-            else:
-                model(x)
-    finally:
-        model.train(was_training)
+    with temporary_mode(model, False), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        if dynamic:
+            model(x, subnet=subnet)
+        else:
+            model(x)
     return int(counter.get_total_flops() // 2 // x.shape[0])
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_torch_save", "atomic_write_text", "atomic_write_json"]
+__all__ = ["atomic_torch_save", "atomic_write_text", "atomic_write_json", "atomic_copy"]
 
 
 def _atomic(path: str | os.PathLike, write) -> Path:
@@ -39,3 +39,10 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy ``src`` to ``dst`` so that ``dst`` is never seen half-written."""
+    with open(src, "rb") as f:
+        data = f.read()
+    return _atomic(dst, lambda out: out.write(data))

@@ -1,0 +1,137 @@
+"""What both training stages share: the run directory, logs, checkpoints, resume, accuracy."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from dsnet.train.checkpoint import read_checkpoint, save_checkpoint
+from dsnet.train.distributed import DistContext
+from dsnet.utils.io import atomic_write_text
+from dsnet.utils.modes import temporary_mode
+
+__all__ = ["RunDir", "seed_everything", "rng_state", "set_rng_state", "top1_accuracy", "unwrap"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def top1_accuracy(
+    model: nn.Module, loader: Iterable, device: torch.device, subnet: int | None = None, max_batches: int | None = None
+) -> float:
+    """Top-1 (%) of sub-network ``subnet``, or of dynamic routing when ``subnet`` is None."""
+    correct = total = 0
+    with temporary_mode(model, False):
+        for i, (images, labels) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images) if subnet is None else model(images, subnet=subnet)
+            correct += int((logits.argmax(1) == labels).sum())
+            total += labels.numel()
+    return 100.0 * correct / max(1, total)
+
+
+class RunDir:
+    """A run's output folder: resolved config, metrics (JSONL + CSV), TensorBoard, checkpoints.
+
+    Only the main process writes. A fresh run refuses a folder that already
+    holds a checkpoint (so a finished run is never overwritten by accident);
+    ``resume=True`` continues from its ``last.ckpt``.
+    """
+
+    def __init__(self, out: str | Path, cfg: dict, ctx: DistContext, resume: bool, stage: str) -> None:
+        self.out = Path(out)
+        self.ctx = ctx
+        self.stage = stage
+        self.last = self.out / "last.ckpt"
+        self.best = self.out / "best.ckpt"
+        if resume and not self.last.is_file():
+            raise FileNotFoundError(f"--resume: no {self.last} to resume from")
+        if not resume and self.last.is_file():
+            raise ValueError(
+                f"{self.out} already holds a run ({self.last.name}); pass --resume or choose another --out"
+            )
+        self.records: list[dict] = []
+        self._tb = None
+        if ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(yaml.safe_dump(cfg, sort_keys=False), self.out / "config.yaml")
+            metrics = self.out / "metrics.jsonl"
+            if resume and metrics.is_file():
+                self.records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            if cfg.get("log", {}).get("tensorboard", True):
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(self.out / "tensorboard"))
+                except (ImportError, ModuleNotFoundError):
+                    self._tb = None
+
+    def resume_state(self) -> dict[str, Any]:
+        return read_checkpoint(self.last)
+
+    def log(self, record: dict) -> None:
+        """One line per epoch: appended to metrics.jsonl, the CSV rewritten, scalars to TensorBoard."""
+        if not self.ctx.is_main:
+            return
+        record = {"stage": self.stage, "time": time.time(), **record}
+        # a resumed run replaces records of epochs it re-runs
+        self.records = [r for r in self.records if r.get("epoch") != record.get("epoch")] + [record]
+        atomic_write_text("".join(json.dumps(r) + "\n" for r in self.records), self.out / "metrics.jsonl")
+        keys = list(dict.fromkeys(k for r in self.records for k in r))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.records)
+        atomic_write_text(buf.getvalue(), self.out / "metrics.csv")
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "time"):
+                    self._tb.add_scalar(f"{self.stage}/{k}", v, record.get("epoch", 0))
+            self._tb.flush()
+
+    def save(self, payload: dict, best: bool) -> None:
+        if not self.ctx.is_main:
+            return
+        save_checkpoint(self.last, payload)
+        if best:
+            save_checkpoint(self.best, payload)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,309 @@
+"""Stage I: supernet training (SPEC section 3).
+
+Each step runs the **sandwich rule** -- the largest sub-network, ``n`` random
+ones and the smallest -- accumulating their gradients for one optimiser step.
+The largest learns from the labels (label-smoothed cross-entropy); the others
+learn from an EMA teacher's predictions (**in-place bootstrapping**, IB), or,
+with IEB, the smallest from the mean of the teacher at the largest and the
+sampled widths. With **MvCo** every image comes in two augmented views: the
+teacher's target is its mean prediction over both, and the students train on
+the view the largest did not see. Training ends with BN recalibration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from dsnet.models import create_model
+from dsnet.models.base import DynamicNet
+from dsnet.train.bn_calibration import calibrate_bn
+from dsnet.train.checkpoint import read_checkpoint, save_checkpoint
+from dsnet.train.config import load_config
+from dsnet.train.distributed import DistContext, all_reduce_sum, init_distributed
+from dsnet.train.ema import ModelEma
+from dsnet.train.losses import soft_cross_entropy
+from dsnet.train.optim import MaskedSGD, cosine_lr
+from dsnet.train.run import RunDir, rng_state, seed_everything, set_rng_state, top1_accuracy, unwrap
+from dsnet.utils.io import atomic_copy, atomic_write_json
+
+__all__ = ["sample_subnets", "supernet_step", "train_supernet", "build_model", "calibrate_checkpoint"]
+
+
+def sample_subnets(model: DynamicNet, step: int, seed: int, num_random: int) -> list[int]:
+    """Sandwich rule for one step: largest, ``num_random`` random routed ones, smallest.
+
+    Drawn from a generator seeded by (seed, step), so every DDP rank and a
+    resumed run draw the same sub-networks as an uninterrupted run.
+    """
+    routed = [s.index for s in model.subnets if s.routed]
+    pool = routed[1:] or routed
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    picks = torch.randint(len(pool), (num_random,), generator=g).tolist()
+    return [model.largest, *(pool[i] for i in picks), routed[0]]
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def supernet_step(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    views: list[Tensor],
+    labels: Tensor,
+    subnets: list[int],
+    *,
+    distill: str = "ib",
+    label_smoothing: float = 0.1,
+    amp: bool = False,
+) -> dict[str, float]:
+    """Forward + backward of every sub-network in ``subnets`` (gradients accumulate; no optimiser step).
+
+    ``subnets[0]`` is trained on the labels, the rest on bootstrapped targets.
+    ``views`` holds one batch of images, or two augmented views (MvCo). Under
+    DDP, gradients are all-reduced once, on the last backward.
+    """
+    core = unwrap(model)
+    device = labels.device
+    largest_view = views[0]
+    student_view = views[-1]  # with MvCo, the view the largest did not see
+    targets: dict[int, Tensor] = {}
+    with torch.no_grad(), _autocast(device, amp):
+        if distill in ("ib", "ieb"):
+            teacher_probs = torch.stack([F.softmax(teacher(v, subnet=core.largest).float(), -1) for v in views]).mean(0)
+            targets[core.largest] = teacher_probs
+            if distill == "ieb":
+                for k in subnets[1:-1]:
+                    targets[k] = torch.stack([F.softmax(teacher(v, subnet=k).float(), -1) for v in views]).mean(0)
+    losses: dict[str, float] = {}
+    last = len(subnets) - 1
+    for i, k in enumerate(subnets):
+        sync = contextlib.nullcontext() if (i == last or not hasattr(model, "no_sync")) else model.no_sync()
+        with sync:
+            with _autocast(device, amp):
+                if i == 0:
+                    logits = model(largest_view, subnet=k)
+                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+                    if distill == "inplace":
+                        targets[core.largest] = F.softmax(logits.detach().float(), -1)
+                else:
+                    logits = model(student_view, subnet=k)
+                    if distill == "none":
+                        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+                    else:
+                        if distill == "ieb" and i == last and len(subnets) > 2:
+                            # in-place ensemble bootstrapping: the smallest learns from the teacher's ensemble
+                            target = torch.stack([targets[core.largest]] + [targets[j] for j in subnets[1:-1]]).mean(0)
+                        else:
+                            target = targets[core.largest]
+                        loss = soft_cross_entropy(logits.float(), target)
+            loss.backward()
+        name = "largest" if i == 0 else ("smallest" if i == last else f"random{i}")
+        losses[f"loss_{name}"] = float(loss.detach())
+    return losses
+
+
+def build_model(cfg: dict, num_classes: int, in_chans: int) -> DynamicNet:
+    kwargs = {"num_classes": num_classes, "in_chans": in_chans, **cfg["model"]["kwargs"]}
+    model = create_model(cfg["model"]["name"], **kwargs)
+    if not isinstance(model, DynamicNet):
+        raise ValueError(f"{cfg['model']['name']} is not a dynamic dsnet model")
+    return model
+
+
+def _model_spec(cfg: dict, num_classes: int, in_chans: int) -> dict[str, Any]:
+    kwargs = {"num_classes": num_classes, "in_chans": in_chans, **cfg["model"]["kwargs"]}
+    return {"name": cfg["model"]["name"], "kwargs": kwargs}
+
+
+def _param_checksum(model: nn.Module) -> float:
+    return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
+
+
+def train_supernet(
+    cfg: dict | str | Path, out: str | Path, resume: bool = False, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Run stage I (and the BN recalibration that ends it). Returns the summary written to ``summary.json``."""
+    from dsnet.data import build_loader
+
+    if not isinstance(cfg, dict):
+        cfg = load_config(cfg, overrides)
+    sc = cfg["supernet"]
+    ctx, device = init_distributed(cfg["device"], cfg["distributed"]["backend"])
+    seed_everything(cfg["seed"])
+    views = 2 if sc["mvco"] else 1
+    train_loader, info = build_loader(
+        cfg["data"], "train", seed=cfg["seed"], rank=ctx.rank, world_size=ctx.world_size, device=device, views=views
+    )
+    val_loader, _ = build_loader(cfg["data"], "val", seed=cfg["seed"], device=device)
+    run = RunDir(out, cfg, ctx, resume, "supernet")
+    model = build_model(cfg, info.num_classes, info.in_chans).to(device)
+    if sc["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    model.gate.slim_head.requires_grad_(False)  # the slimming head trains in stage II
+    ema = ModelEma(model, sc["ema_decay"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    global_batch = train_loader.batch_size * ctx.world_size
+    base_lr = sc["lr"] * global_batch / sc["lr_reference_batch"]
+    optimizer = MaskedSGD(
+        params, base_lr, sc["momentum"], sc["weight_decay"], sc["nesterov"], mask_untouched=sc["mask_untouched"]
+    )
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError("the training set is smaller than one batch: lower data.batch_size or raise data.train_subset")
+    total_steps = sc["epochs"] * steps_per_epoch
+    warmup = sc["warmup_epochs"] * steps_per_epoch
+    start_epoch, best_metric = 0, -1.0
+    if resume:
+        state = run.resume_state()
+        model.load_state_dict(state["state_dict"])
+        ema.load_state_dict(state["ema_state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best_metric = state["epoch"] + 1, state["best_metric"]
+        set_rng_state(state["rng"])
+    ddp = (
+        nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if ctx.enabled
+        else model
+    )
+    routed = [s.index for s in model.subnets if s.routed]
+    spec = _model_spec(cfg, info.num_classes, info.in_chans)
+    for epoch in range(start_epoch, sc["epochs"]):
+        train_loader.sampler.set_epoch(epoch)
+        model.train()
+        t0 = time.time()
+        sums: dict[str, float] = {}
+        bar = tqdm(
+            train_loader,
+            desc=f"supernet {epoch + 1}/{sc['epochs']}",
+            disable=not (ctx.is_main and cfg["log"]["progress"]),
+            leave=False,
+        )
+        for i, (images, labels) in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            lr = cosine_lr(step, total_steps, base_lr, warmup, sc["min_lr"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            image_views = [v.to(device, non_blocking=True) for v in (images if views > 1 else [images])]
+            if sc["channels_last"]:
+                image_views = [v.contiguous(memory_format=torch.channels_last) for v in image_views]
+            labels = labels.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            losses = supernet_step(
+                ddp,
+                ema.module,
+                image_views,
+                labels,
+                sample_subnets(model, step, cfg["seed"], sc["num_random"]),
+                distill=sc["distill"],
+                label_smoothing=sc["label_smoothing"],
+                amp=sc["amp"],
+            )
+            if sc["grad_clip"]:
+                nn.utils.clip_grad_norm_(params, sc["grad_clip"])
+            optimizer.step()
+            ema.update(model)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if i % cfg["log"]["print_every"] == 0:
+                bar.set_postfix(lr=f"{lr:.4f}", **{k[5:]: f"{v:.3f}" for k, v in losses.items()})
+        epoch_time = time.time() - t0
+        keys = sorted(sums)
+        reduced = all_reduce_sum([sums[k] for k in keys], ctx, device)
+        record: dict[str, Any] = {"epoch": epoch, "lr": lr, "epoch_time_s": round(epoch_time, 2)}
+        record.update({k: v / (steps_per_epoch * ctx.world_size) for k, v in zip(keys, reduced, strict=True)})
+        if ctx.is_main:  # validation of the EMA teacher (BN statistics not yet recalibrated)
+            for name, k in (("slimmest", routed[0]), ("widest", routed[-1]), ("largest", model.largest)):
+                record[f"ema_top1_{name}"] = top1_accuracy(ema.module, val_loader, device, subnet=k)
+        metric = record.get("ema_top1_widest", -1.0)
+        is_best = metric > best_metric
+        best_metric = max(best_metric, metric)
+        record["best_metric"] = best_metric
+        run.log(record)
+        run.save(
+            {
+                "model": spec,
+                "state_dict": model.state_dict(),
+                "ema_state_dict": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "step": (epoch + 1) * steps_per_epoch,
+                "best_metric": best_metric,
+                "config": cfg,
+                "stage": "supernet",
+                "dataset": dataclasses.asdict(info),
+                "rng": rng_state(),
+                "bn_calibrated": False,
+                "metrics": record,
+            },
+            best=is_best,
+        )
+        if ctx.is_main:
+            summary = ", ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith(("loss", "ema")))
+            print(f"[supernet] epoch {epoch + 1}/{sc['epochs']} {epoch_time:.1f}s lr={lr:.4f} {summary}", flush=True)
+        ctx.barrier()
+    checksums = _gather_checksums(model, ctx, device)
+    result: dict[str, Any] = {"epochs": sc["epochs"], "best_metric": best_metric, "rank_param_checksums": checksums}
+    if ctx.enabled and len(set(checksums)) != 1:
+        raise RuntimeError(f"DDP ranks diverged: parameter checksums {checksums}")
+    if ctx.is_main:
+        show = cfg["log"]["progress"]
+        result["calibration"] = calibrate_checkpoint(run.best, run.best, cfg, device, progress=show)
+        if read_checkpoint(run.last)["epoch"] == read_checkpoint(run.best)["epoch"]:
+            atomic_copy(run.best, run.last)  # same weights: no need to calibrate twice
+        else:
+            calibrate_checkpoint(run.last, run.last, cfg, device, progress=show)
+        atomic_write_json(result, run.out / "summary.json")
+    run.close()
+    ctx.barrier()
+    return result
+
+
+def _gather_checksums(model: nn.Module, ctx: DistContext, device: torch.device) -> list[float]:
+    value = _param_checksum(model)
+    if not ctx.enabled:
+        return [value]
+    out = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(ctx.world_size)]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.float64, device=device))
+    return [float(t) for t in out]
+
+
+def calibrate_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    cfg: dict | None = None,
+    device: torch.device | str = "cpu",
+    num_batches: int | None = None,
+    data_overrides: dict | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Recalibrate the BN statistics of a checkpoint's weights (EMA when present) and save them to ``dst``."""
+    from dsnet.data import build_loader
+
+    ckpt = read_checkpoint(src, map_location="cpu")
+    cfg = cfg or ckpt["config"]
+    data_cfg = {**cfg["data"], **(data_overrides or {})}
+    num_batches = num_batches or cfg["supernet"]["bn_calibration_batches"]
+    loader, _ = build_loader(data_cfg, "train", seed=cfg["seed"], device=device)
+    model = create_model(ckpt["model"]["name"], **ckpt["model"]["kwargs"]).to(device)
+    key = "ema_state_dict" if ckpt.get("ema_state_dict") is not None else "state_dict"
+    model.load_state_dict(ckpt[key])
+    num_batches = min(num_batches, len(loader))
+    t0 = time.time()
+    calibrate_bn(model, loader, num_batches, device=device, progress=progress)
+    ckpt[key] = model.state_dict()
+    ckpt["bn_calibrated"] = True
+    save_checkpoint(dst, {k: v for k, v in ckpt.items() if k != "format"})
+    return {"batches_per_subnet": num_batches, "subnets": len(model.subnets), "seconds": round(time.time() - t0, 2)}

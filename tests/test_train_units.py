@@ -1,0 +1,187 @@
+"""Stage I/II building blocks: sandwich step, masked optimiser, EMA, SGS, losses, BN recalibration, config."""
+
+import pytest
+import torch
+
+import dsnet
+from dsnet.train.bn_calibration import calibrate_bn
+from dsnet.train.config import ConfigError, apply_overrides, resolve_config
+from dsnet.train.ema import ModelEma
+from dsnet.train.gate import freeze_backbone, gate_step
+from dsnet.train.losses import complexity_loss, sgs_targets, soft_cross_entropy
+from dsnet.train.optim import MaskedSGD, cosine_lr
+from dsnet.train.supernet import sample_subnets, supernet_step
+
+
+def _model():
+    torch.manual_seed(0)
+    # no zero-initialised residual BN: every layer gets a gradient on the first step
+    return dsnet.create_model("ds_resnet20_cifar", num_classes=4, zero_init_residual=False)
+
+
+def _batch(n=8):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_sandwich_sampling_is_deterministic_and_shaped():
+    model = _model()
+    picks = sample_subnets(model, step=7, seed=3, num_random=2)
+    assert picks[0] == model.largest and picks[-1] == 0 and len(picks) == 4
+    assert picks == sample_subnets(model, step=7, seed=3, num_random=2)
+    assert all(model.subnets[k].routed and k > 0 for k in picks[1:-1])
+    draws = {tuple(sample_subnets(model, s, 3, 2)) for s in range(30)}
+    assert len(draws) > 1
+
+
+def test_step_trains_every_sampled_width_and_leaves_untouched_channels_alone():
+    model = _model().train()
+    teacher = ModelEma(model, 0.9).module
+    opt = MaskedSGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9, weight_decay=0.1)
+    x, y = _batch()
+    conv = model.blocks[-1].conv1  # a routed layer; widths 32/64/96/128 output channels
+    before = conv.weight.detach().clone()
+    # no "largest" this step: sub-network 1 (64 channels) on labels, sub-network 0 (32) bootstrapped
+    supernet_step(model, teacher, [x], y, [1, 0], distill="ib")
+    opt.step()
+    moved = (conv.weight - before).flatten(1).abs().sum(1)
+    assert (moved[:32] > 0).all() and (moved[32:64] > 0).all(), "both sampled widths must be trained"
+    assert (moved[64:] == 0).all(), "channels no sampled sub-network reached must not move (no weight decay)"
+    buf = opt.state[conv.weight]["momentum_buffer"]
+    assert buf[64:].abs().sum() == 0 and buf[:64].abs().sum() > 0
+    # a second step keeps the untouched momentum at zero and the untouched weights fixed
+    opt.zero_grad()
+    supernet_step(model, teacher, [x], y, [1, 0], distill="ib")
+    opt.step()
+    assert torch.equal(conv.weight[64:], before[64:])
+
+
+def test_masked_sgd_equals_sgd_when_everything_is_touched():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5, 3))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = MaskedSGD([a], lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
+    ref = torch.optim.SGD([b], lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
+    for _ in range(3):
+        g = torch.randn(5, 3)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(a, b)
+
+
+def test_ema_teacher_update():
+    model = _model()
+    ema = ModelEma(model, decay=0.75)
+    p0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model.blocks[0].bn1.running_mean.add_(5.0)
+    ema.update(model)
+    for n, p in ema.module.named_parameters():
+        torch.testing.assert_close(p, 0.75 * p0[n] + 0.25 * (p0[n] + 1.0))
+        assert not p.requires_grad
+    assert torch.equal(ema.module.blocks[0].bn1.running_mean, model.blocks[0].bn1.running_mean)
+    assert not ema.module.training
+
+
+def test_ieb_and_inplace_targets_run_and_differ_from_ib():
+    x, y = _batch()
+    grads = {}
+    for mode in ("ib", "ieb", "inplace", "none"):
+        model = _model().train()
+        teacher = ModelEma(model, 0.9).module
+        losses = supernet_step(model, teacher, [x], y, [model.largest, 2, 0], distill=mode)
+        assert set(losses) == {"loss_largest", "loss_random1", "loss_smallest"}
+        grads[mode] = model.blocks[-1].conv1.weight.grad[:32].clone()
+    assert not torch.allclose(grads["ib"], grads["ieb"])  # the smallest's target differs
+
+
+def test_mvco_students_see_the_other_view():
+    model = _model().train()
+    teacher = ModelEma(model, 0.9).module
+    x, y = _batch()
+    one = supernet_step(model, teacher, [x, x], y, [model.largest, 0])
+    model.zero_grad()
+    two = supernet_step(model, teacher, [x, torch.flip(x, dims=[3])], y, [model.largest, 0])
+    assert one["loss_largest"] == pytest.approx(two["loss_largest"])
+    assert one["loss_smallest"] != pytest.approx(two["loss_smallest"])
+
+
+def test_sgs_targets_hand_made_case():
+    labels = torch.tensor([0, 1, 2, 3])
+    eye = torch.eye(4)
+    slim = eye[[0, 0, 0, 1]]  # right, wrong, wrong, wrong
+    wide = eye[[0, 1, 0, 0]]  # right, right, wrong, wrong
+    # easy -> slimmest(0); needs width -> widest(3); hopeless -> slimmest(0); hopeless -> slimmest(0)
+    assert sgs_targets(slim, wide, labels, num_choices=4).tolist() == [0, 3, 0, 0]
+
+
+def test_soft_cross_entropy_and_complexity_loss():
+    logits = torch.randn(3, 5)
+    onehot = torch.nn.functional.one_hot(torch.tensor([1, 2, 4]), 5).float()
+    torch.testing.assert_close(
+        soft_cross_entropy(logits, onehot), torch.nn.functional.cross_entropy(logits, onehot.argmax(1))
+    )
+    macs = torch.tensor([1e9, 2e9, 3e9], requires_grad=True)
+    assert complexity_loss(macs, 0.5, 1e9).item() == pytest.approx(0.5 * 4.0)
+    assert complexity_loss(macs, 0.5, 1e9, target_macs=2e9).item() == pytest.approx(0.0)
+
+
+def test_gate_step_trains_only_the_slimming_head():
+    model = _model()
+    model.train()
+    head = freeze_backbone(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats_before = [bn.running_mean.clone() for bn in model.sliced_batchnorms()]
+    opt = MaskedSGD(head, lr=1.0, momentum=0.0, mask_untouched=False)
+    x, y = _batch(16)
+    gc = {"tau": 1.0, "sgs_weight": 1.0, "task_weight": 1.0, "macs_weight": 0.5, "target_mmacs": None}
+    stats = gate_step(model, x, y, model.routing_macs((3, 32, 32)), gc, unit_macs=1e6)
+    assert model.gate.slim_head.weight.grad.abs().sum() > 0
+    opt.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != n.endswith("slim_head.weight"), n
+    for bn, s in zip(model.sliced_batchnorms(), stats_before):
+        assert torch.equal(bn.running_mean, s)  # BN stays in eval mode
+    assert 0.0 <= stats["sgs_wide_frac"] <= 1.0 and stats["loss_macs"] > 0
+
+
+def test_bn_recalibration_changes_only_statistics():
+    model = _model().eval()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loader = [_batch(16) for _ in range(3)]
+    calibrate_bn(model, loader, num_batches=3, progress=False)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n])
+    assert model.stem_bn.momentum == 0.1 and not model.training  # settings restored
+    # the routed sub-networks share the stem's slot: its mean is the plain average of the batch means
+    slot, width = model.slots(0)[0], model.subnets[0].widths[0]
+    with torch.no_grad():
+        expected = torch.stack([model.stem(b[0], width).mean((0, 2, 3)) for b in loader]).mean(0)
+    torch.testing.assert_close(model.stem_bn.running_mean[slot, :width], expected)
+    assert model.stem_bn.num_batches_tracked[slot] == 3 * len(model.routing_space)
+
+
+def test_cosine_schedule_with_warmup():
+    lrs = [cosine_lr(s, 100, 1.0, warmup_steps=10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[-1] < 0.01
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_config_validation_names_the_key():
+    with pytest.raises(ConfigError, match="supernet.epoch: unknown key"):
+        resolve_config({"supernet": {"epoch": 3}})
+    with pytest.raises(ConfigError, match="supernet.epochs: expected int, got str"):
+        resolve_config({"supernet": {"epochs": "ten"}})
+    with pytest.raises(ConfigError, match="supernet.distill: must be one of ib, ieb, inplace, none"):
+        resolve_config({"supernet": {"distill": "kd"}})
+    with pytest.raises(ConfigError, match="modle: unknown key"):
+        resolve_config({"modle": {}})
+    with pytest.raises(ValueError, match="data.*batchsize"):
+        resolve_config({"data": {"batchsize": 3}})
+    cfg = resolve_config(apply_overrides({}, ["supernet.lr=0.5", "gate.target_mmacs=12", "supernet.mvco=true"]))
+    assert cfg["supernet"]["lr"] == 0.5 and cfg["gate"]["target_mmacs"] == 12 and cfg["supernet"]["mvco"] is True
+    assert isinstance(resolve_config({"supernet": {"lr": 1}})["supernet"]["lr"], float)

@@ -1,0 +1,27 @@
+"""Datasets, deterministic augmentation and loaders for dsnet.
+
+Public API (other modules code against exactly this)::
+
+    DatasetInfo                       # what a model/training loop needs to know about a split
+    DATA_DEFAULTS                     # every key of the ``data:`` config section with its default
+    resolve_data_config(cfg)          # defaults merged with cfg, validated (errors name the key)
+    build_dataset(cfg, split)         # (raw dataset of (uint8 CHW, label), DatasetInfo)
+    build_loader(cfg, split, *, seed=0, rank=0, world_size=1, device="cpu", views=1)
+
+Datasets: ``fashion_mnist`` (default; Debian's ``dataset-fashion-mnist`` is
+found automatically), ``mnist``, ``cifar10``, ``cifar100``, ``imagefolder``
+(``root/train/<class>/...``, ``root/val/<class>/...``) and ``synthetic``.
+"""
+
+from dsnet.data.config import DATA_DEFAULTS, DATASET_NAMES, resolve_data_config
+from dsnet.data.loader import DatasetInfo, SeededBatchSampler, build_dataset, build_loader
+
+__all__ = [
+    "DATA_DEFAULTS",
+    "DATASET_NAMES",
+    "DatasetInfo",
+    "SeededBatchSampler",
+    "build_dataset",
+    "build_loader",
+    "resolve_data_config",
+]

@@ -1,0 +1,376 @@
+"""Building datasets and deterministic, shardable loaders from the ``data:`` config section.
+
+The loader hands whole batches to the workers: its sampler yields
+``BatchRequest(indices, epoch)`` items and the dataset side (``BatchFetcher``)
+turns each request into an augmented batch. Carrying the epoch inside the
+request, rather than setting it on the dataset, is what keeps persistent
+workers (which hold their own copy of the dataset) in step with
+``sampler.set_epoch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dsnet.data.config import resolve_data_config
+from dsnet.data.datasets import (
+    FASHION_MNIST_CLASSES,
+    ImageFolderDataset,
+    InMemoryDataset,
+    _find_file,
+    load_cifar,
+    load_idx_dataset,
+    make_synthetic,
+)
+from dsnet.data.download import RESOURCES, default_data_dir, download_dataset
+from dsnet.data.transforms import AugmentSpec, BatchTransform, augment_defaults
+
+__all__ = ["DatasetInfo", "BatchRequest", "SeededBatchSampler", "BatchFetcher", "build_dataset", "build_loader"]
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+# name -> (native size, channels, mean, std)
+_STATS: dict[str, tuple[int, int, tuple[float, ...], tuple[float, ...]]] = {
+    "fashion_mnist": (28, 1, (0.2860,), (0.3530,)),
+    "mnist": (28, 1, (0.1307,), (0.3081,)),
+    "cifar10": (32, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": (32, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagefolder": (224, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+_PRETTY = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and a training loop need to know about a dataset split."""
+
+    name: str
+    num_classes: int
+    in_chans: int
+    image_size: int  # the size images come out of the loader at (eval/native size unless configured)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: list[str]
+    num_samples: int
+
+
+# ---------------------------------------------------------------------------------------------------- locating data
+def _root_candidates(name: str, root: str | None) -> list[Path]:
+    if name in ("fashion_mnist", "mnist"):
+        sub = {"fashion_mnist": ("fashion-mnist", "fashion_mnist", "FashionMNIST/raw"), "mnist": ("mnist", "MNIST/raw")}
+        if root is not None:
+            r = Path(root).expanduser()
+            return [r, *(r / s for s in sub[name])]
+        cands = [DEBIAN_FASHION_MNIST] if name == "fashion_mnist" else []
+        return [*cands, default_data_dir() / name]
+    folder = RESOURCES[name][2]
+    r = Path(root).expanduser() if root is not None else default_data_dir() / name
+    return [r / folder, r]
+
+
+def _how_to_get(name: str, root: str | None) -> str:
+    target = root if root is not None else default_data_dir() / name
+    steps = []
+    if name == "fashion_mnist":
+        steps.append(
+            "install the Debian/Ubuntu package (apt-get install dataset-fashion-mnist; "
+            f"files land in {DEBIAN_FASHION_MNIST})"
+        )
+    steps.append(f"set data.download=true to fetch it from {RESOURCES[name][0][0]} into {target} (md5-checked)")
+    kind = (
+        "the four IDX files (train-/t10k- images/labels .gz)"
+        if name in ("fashion_mnist", "mnist")
+        else (f"the extracted {RESOURCES[name][2]}/ folder")
+    )
+    steps.append(f"point data.root (CLI: --data DIR) at a folder holding {kind}")
+    return "To get it: " + "; or ".join(steps) + "."
+
+
+def _locate(name: str, root: str | None, split: str, download: bool) -> Path:
+    """The folder holding ``name``'s files for ``split``; downloads if allowed, else a helpful FileNotFoundError."""
+    if name in ("fashion_mnist", "mnist"):
+        prefix = "train" if split == "train" else "t10k"
+        needed = [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"]
+        present = lambda d: all(_find_file(d, f) for f in needed)  # noqa: E731
+    else:
+        needed = ["batches.meta" if name == "cifar10" else "meta", "test_batch" if name == "cifar10" else "test"]
+        present = lambda d: all((d / f).is_file() for f in needed)  # noqa: E731
+    candidates = _root_candidates(name, root)
+    for d in candidates:
+        if present(d):
+            return d
+    if download:
+        target = Path(root).expanduser() if root is not None else default_data_dir() / name
+        got = download_dataset(name, target)
+        if present(got):
+            return got
+        raise FileNotFoundError(f"{_PRETTY[name]}: downloaded into {got} but {', '.join(needed)} are still missing")
+    looked = ", ".join(str(d) for d in dict.fromkeys(candidates))
+    raise FileNotFoundError(
+        f"{_PRETTY[name]} not found: looked for {' and '.join(needed)} in {looked}. {_how_to_get(name, root)}"
+    )
+
+
+def _subset(ds: InMemoryDataset | ImageFolderDataset, k: int | None, salt: int) -> Any:
+    """A fixed seeded subset of ``k`` samples (the same for every run and training seed), in dataset order."""
+    if k is None or k >= len(ds):
+        return ds
+    g = torch.Generator().manual_seed(0x5EED + salt)
+    idx = torch.randperm(len(ds), generator=g)[:k].sort().values
+    return ds.subset(idx)
+
+
+# ---------------------------------------------------------------------------------------------------- datasets
+def build_dataset(cfg: dict | None, split: str) -> tuple[Dataset, DatasetInfo]:
+    """The raw dataset for ``split`` ("train" or "val") and its ``DatasetInfo``.
+
+    Items are ``(uint8 CHW tensor, int label)``, unaugmented, at native size;
+    ``build_loader`` does resizing, augmentation and normalisation.
+    ``train_subset``/``val_subset`` are applied here.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    cfg = resolve_data_config(cfg)
+    name, root = cfg["dataset"], cfg["root"]
+    if name == "synthetic":
+        s = cfg["synthetic"]
+        n = s["num_train"] if split == "train" else s["num_val"]
+        ds: InMemoryDataset | ImageFolderDataset = make_synthetic(
+            s["num_classes"], n, s["channels"], s["image_size"], s["seed"], split
+        )
+        c = s["channels"]
+        native, in_chans, mean, std = s["image_size"], c, (0.5,) * c, (0.25,) * c
+    else:
+        native, in_chans, mean, std = _STATS[name]
+        if name in ("fashion_mnist", "mnist"):
+            classes = FASHION_MNIST_CLASSES if name == "fashion_mnist" else [str(i) for i in range(10)]
+            ds = load_idx_dataset(_locate(name, root, split, cfg["download"]), split, classes)
+        elif name in ("cifar10", "cifar100"):
+            ds = load_cifar(_locate(name, root, split, cfg["download"]), split, fine=name == "cifar100")
+        else:
+            ds = _image_folder(root, split)
+    ds = _subset(ds, cfg["train_subset"] if split == "train" else cfg["val_subset"], 0 if split == "train" else 1)
+    info = DatasetInfo(
+        name=name,
+        num_classes=len(ds.class_names),
+        in_chans=in_chans,
+        image_size=cfg["image_size"] or native,
+        mean=tuple(mean),
+        std=tuple(std),
+        class_names=list(ds.class_names),
+        num_samples=len(ds),
+    )
+    return ds, info
+
+
+def _image_folder(root: str | None, split: str) -> ImageFolderDataset:
+    layout = "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg"
+    if root is None:
+        raise FileNotFoundError(f"imagefolder needs data.root (CLI: --data DIR): a folder laid out as {layout}")
+    r = Path(root).expanduser()
+    train_dir = r / "train"
+    if not train_dir.is_dir():
+        raise FileNotFoundError(f"{train_dir} not found; data.root (--data DIR) must be laid out as {layout}")
+    # class order always comes from train, so that label i means the same class in both splits
+    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if split == "train":
+        return ImageFolderDataset(train_dir, classes)
+    for name in ("val", "validation"):
+        if (r / name).is_dir():
+            return ImageFolderDataset(r / name, classes)
+    raise FileNotFoundError(f"{r / 'val'} not found; data.root (--data DIR) must be laid out as {layout}")
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+class BatchRequest(NamedTuple):
+    """One batch to produce: which samples, and the epoch that (with the seed) fixes their augmentation."""
+
+    indices: tuple[int, ...]
+    epoch: int
+
+
+class SeededBatchSampler(Sampler[BatchRequest]):
+    """Batches of this rank's samples in a seeded order.
+
+    The order is a pure function of ``(seed, epoch, rank, world_size)``:
+    ``torch.Generator().manual_seed(seed + epoch)`` permutes the dataset (when
+    shuffling), the permutation is padded by wrapping around to a multiple of
+    ``world_size`` (as ``DistributedSampler`` does, so every rank gets the same
+    number of batches) and rank ``r`` takes every ``world_size``-th index from
+    ``r``. ``set_epoch`` also changes the augmentation, since the epoch travels
+    with every ``BatchRequest``.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if num_samples < 1:
+            raise ValueError("cannot sample from an empty dataset")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def per_rank(self) -> int:
+        return -(-self.num_samples // self.world_size)
+
+    def indices(self) -> list[int]:
+        """This rank's sample indices for the current epoch, in order."""
+        if self.shuffle:
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.num_samples)
+        total = self.per_rank * self.world_size
+        if total > self.num_samples:
+            order = order.repeat(-(-total // self.num_samples))[:total]
+        return order[self.rank : total : self.world_size].tolist()
+
+    def __iter__(self):
+        idx = self.indices()
+        n = len(self)
+        for b in range(n):
+            yield BatchRequest(tuple(idx[b * self.batch_size : (b + 1) * self.batch_size]), self.epoch)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.per_rank // self.batch_size
+        return -(-self.per_rank // self.batch_size)
+
+
+class BatchFetcher(Dataset):
+    """Turns a ``BatchRequest`` into ``(images, labels)`` (or ``([view, ...], labels)`` when ``views > 1``)."""
+
+    def __init__(
+        self, dataset: InMemoryDataset | ImageFolderDataset, transform: BatchTransform, seed: int, views: int
+    ) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, request: BatchRequest) -> tuple[Tensor | list[Tensor], Tensor]:
+        # Batch transforms are many small ops: intra-op threads only add synchronisation, and on a
+        # busy machine a descheduled OpenMP thread stalls every op (measured: 40 ms instead of 0.2 ms
+        # for one uint8->float conversion on 2 shared cores). Workers already run single-threaded;
+        # with workers=0 the training step is not running concurrently, so nothing is lost.
+        threads = torch.get_num_threads()
+        if threads > 1:
+            torch.set_num_threads(1)
+        try:
+            return self._fetch(request)
+        finally:
+            if threads > 1:
+                torch.set_num_threads(threads)
+
+    def _fetch(self, request: BatchRequest) -> tuple[Tensor | list[Tensor], Tensor]:
+        idx = torch.tensor(request.indices, dtype=torch.int64)
+        labels = self.dataset.labels[idx]
+        if isinstance(self.dataset, InMemoryDataset):
+            raw: Any = self.dataset.images[idx]
+        else:
+            raw = [self.dataset.load(i) for i in request.indices]
+        if not self.transform.train:  # deterministic: every view is the same image
+            x = self.transform(raw, idx, self.seed, request.epoch, 0)
+            return ([x] * self.views if self.views > 1 else x), labels
+        xs = [self.transform(raw, idx, self.seed, request.epoch, v) for v in range(self.views)]
+        return (xs if self.views > 1 else xs[0]), labels
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+def _augment_spec(cfg: dict) -> AugmentSpec:
+    aug = cfg["augment"]
+    defaults = augment_defaults(cfg["dataset"])
+    pick = lambda k: defaults[k] if aug[k] is None else aug[k]  # noqa: E731
+    return AugmentSpec(
+        random_resized_crop=bool(pick("random_resized_crop")),
+        scale=(float(aug["scale"][0]), float(aug["scale"][1])),
+        ratio=(float(aug["ratio"][0]), float(aug["ratio"][1])),
+        crop_padding=int(pick("crop_padding")),
+        hflip=bool(pick("hflip")),
+        randaugment_n=int(aug["randaugment_n"]),
+        randaugment_m=float(aug["randaugment_m"]),
+        random_erasing=float(aug["random_erasing"]),
+    )
+
+
+def build_loader(
+    cfg: dict | None,
+    split: str,
+    *,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    views: int = 1,
+) -> tuple[DataLoader, DatasetInfo]:
+    """A ``DataLoader`` of ``(float32 NCHW normalised images, int64 labels)`` for ``split`` and its info.
+
+    Train: shuffled by a ``SeededBatchSampler`` (``loader.sampler.set_epoch(e)``
+    reshuffles and reseeds augmentation), augmented, last partial batch
+    dropped. Val: in order, unaugmented, nothing dropped. With ``views > 1``
+    each batch is ``([V image tensors], labels)``, every view augmented
+    independently. Everything random is a function of ``(seed, epoch, index,
+    view)``, so the stream is identical across restarts, worker counts and
+    processes; with ``world_size > 1`` ranks get disjoint shards.
+    """
+    if views < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
+    cfg = resolve_data_config(cfg)
+    dataset, info = build_dataset(cfg, split)
+    train = split == "train"
+    transform = BatchTransform(
+        train=train, image_size=info.image_size, mean=info.mean, std=info.std, augment=_augment_spec(cfg)
+    )
+    batch_size = cfg["batch_size"] if train else cfg["eval_batch_size"]
+    sampler = SeededBatchSampler(
+        len(dataset), batch_size, shuffle=train, drop_last=train, seed=seed, rank=rank, world_size=world_size
+    )
+    if len(sampler) == 0:
+        raise ValueError(
+            f"data: the {split} split has {sampler.per_rank} samples per rank, fewer than data.batch_size="
+            f"{batch_size}, so no full batch exists; lower data.batch_size or raise data.train_subset"
+        )
+    workers = cfg["workers"]
+    loader = DataLoader(
+        BatchFetcher(dataset, transform, seed, views),
+        batch_size=None,  # the sampler yields whole batches
+        sampler=sampler,
+        collate_fn=_identity,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.device(device).type == "cuda",
+        # the loader draws a base seed per epoch; from its own generator, never the global RNG a
+        # resumed training run must not see disturbed (nothing here uses worker seeds anyway)
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return loader, info

@@ -22,6 +22,8 @@ from dsnet.data.datasets import read_idx
 from dsnet.data.loader import DEBIAN_FASHION_MNIST
 from dsnet.data.transforms import (
     RANDAUGMENT_OPS,
+    AugmentSpec,
+    BatchTransform,
     apply_randaugment_op,
     random_resized_crop_boxes,
     sample_uniforms,
@@ -420,3 +422,25 @@ def test_download_and_extract_offline(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="md5 checksum mismatch"):
         build_dataset({"dataset": "cifar10", "root": str(tmp_path / "other"), "download": True}, "train")
     assert not (tmp_path / "other" / "cifar-10-batches-py").exists()
+
+
+def test_geometry_of_tensor_crops():
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 256, (16, 2, 12, 12), dtype=torch.uint8, generator=g)
+    idx = torch.arange(16)
+    mean, std = (0.0, 0.0), (1.0, 1.0)
+    pad = BatchTransform(train=True, image_size=12, mean=mean, std=std, augment=AugmentSpec(crop_padding=2))
+    out = (pad(batch, idx, seed=0, epoch=0, view=0) * 255).round().to(torch.uint8)
+    padded = torch.nn.functional.pad(batch, (2, 2, 2, 2))
+    shifts = set()
+    for i in range(16):  # every output is one of the 25 crops of the zero-padded image
+        crops = {(dy, dx): padded[i, :, dy : dy + 12, dx : dx + 12] for dy in range(5) for dx in range(5)}
+        match = [k for k, crop in crops.items() if torch.equal(out[i], crop)]
+        assert match, i
+        shifts.add(match[0])
+    assert len(shifts) > 5
+    full = AugmentSpec(random_resized_crop=True, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    rrc = BatchTransform(train=True, image_size=12, mean=mean, std=std, augment=full)
+    assert (rrc(batch, idx, seed=0, epoch=0, view=0) * 255 - batch.float()).abs().max() < 1e-3  # whole image
+    evaluate = BatchTransform(train=False, image_size=12, mean=mean, std=std)
+    assert torch.equal(evaluate(batch, idx, seed=0, epoch=0, view=0), batch.float() / 255)

@@ -1,0 +1,211 @@
+"""``dsnet eval``: accuracy and compute of a checkpoint's sub-networks, its gate, and a gate-bias budget sweep.
+
+The data comes from the checkpoint's own resolved ``data`` config (the run
+evaluates on what it was trained for), with command-line overrides for the
+location, dataset, subset and batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import sys
+from typing import Any
+
+import torch
+
+from dsnet.utils.table import format_table
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint: static sub-networks, dynamic routing, gate-bias sweep",
+        description=(
+            "Evaluate every sub-network of a checkpoint, its dynamic (gated) inference and a sweep of the gate "
+            "bias b (gate bias vector = b * linspace(+1, -1, R): b > 0 favours slimmer sub-networks) in one pass "
+            "over the validation data."
+        ),
+    )
+    # let "--biases -2,-1,0" through: argparse otherwise takes "-2,-1,0" for an option (it only knows "-2")
+    if hasattr(p, "_negative_number_matcher"):
+        p._negative_number_matcher = re.compile(r"^-\.?\d[\d.,eE+\-]*$")
+    p.add_argument("--checkpoint", required=True, help="a dsnet checkpoint (e.g. runs/x/best.ckpt)")
+    p.add_argument("--data", metavar="DIR", help="dataset root (overrides the checkpoint's data.root)")
+    p.add_argument("--dataset", metavar="NAME", help="dataset (overrides the checkpoint's data.dataset)")
+    p.add_argument("--subset", type=int, metavar="N", help="evaluate a fixed subset of N validation images")
+    p.add_argument("--batch-size", type=int, metavar="B", help="evaluation batch size")
+    p.add_argument("--workers", type=int, metavar="W", help="data-loading workers")
+    bias = p.add_mutually_exclusive_group()
+    bias.add_argument(
+        "--biases", type=_parse_biases, metavar="B1,B2,..", help="explicit sweep biases, e.g. --biases -2,-1,0,1,2"
+    )
+    bias.add_argument(
+        "--sweep", type=int, default=21, metavar="N", help="N biases chosen from the gate's logits (default 21)"
+    )
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    p.add_argument("--plot", metavar="FILE", help="write a top-1 vs MMACs plot (PNG)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _parse_biases(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one bias")
+    return values
+
+
+def data_config(ckpt: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The checkpoint's ``data`` section with the command line's overrides applied."""
+    config = ckpt.get("config") or {}
+    cfg = copy.deepcopy(config.get("data") or {})
+    if not cfg and not args.dataset:
+        raise ValueError(f"{args.checkpoint} records no data config: pass --dataset (and --data)")
+    overrides = {
+        "root": args.data,
+        "dataset": args.dataset,
+        "val_subset": args.subset,
+        "eval_batch_size": args.batch_size,
+        "workers": args.workers,
+    }
+    if args.dataset and cfg.get("dataset") not in (None, args.dataset):
+        cfg.pop("root", None)  # another dataset's location would be wrong for this one
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return cfg
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def run(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: the plot is only ever written to a file
+
+    from dsnet.evaluation import evaluate, plot_report
+    from dsnet.models.base import DynamicNet
+    from dsnet.train.checkpoint import load_model
+    from dsnet.utils.io import atomic_write_json
+
+    if args.sweep < 1:
+        raise ValueError(f"--sweep needs at least one point, got {args.sweep}")
+    device = _device(args.device)
+    model, ckpt = load_model(args.checkpoint, use_ema=not args.no_ema, map_location=device)
+    if not isinstance(model, DynamicNet):
+        raise ValueError(f"{args.checkpoint} holds a {type(model).__name__}, not a dynamic dsnet model")
+    name = ckpt["model"]["name"]
+    cfg = data_config(ckpt, args)
+
+    from dsnet.data import build_loader
+
+    loader, info = build_loader(cfg, "val", seed=0, device=str(device))
+    if info.num_classes != model.num_classes:
+        raise ValueError(f"{info.name} has {info.num_classes} classes but the model has {model.num_classes}")
+    if info.in_chans != model.in_chans:
+        raise ValueError(f"{info.name} has {info.in_chans}-channel images but the model takes {model.in_chans}")
+    report = evaluate(
+        model,
+        loader,
+        biases=args.biases,
+        sweep=args.sweep,
+        device=device,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        model_name=name,
+        dataset_name=info.name,
+        class_names=list(info.class_names) if info.class_names else None,
+    )
+    print(format_report(report))
+    if args.json:
+        atomic_write_json(report, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _pct(fractions: list[float]) -> str:
+    return " / ".join(f"{100 * f:.0f}" for f in fractions)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as console tables: static sub-networks, dynamic routing (overall and per class), the sweep."""
+    k = report["top5_k"]
+    choices = report["routing_choices"]
+    size = "x".join(str(v) for v in report["input_size"])
+    ds = report["dataset"]
+    out = []
+    rows = [
+        [
+            s["index"],
+            " ".join(f"{n}={w}" for n, w in s["widths"].items()),
+            round(s["macs"] / 1e6, 2),
+            round(s["top1"], 2),
+            round(s["top5"], 2),
+            "gate choice" if s["in_routing_space"] else ("routed" if s["routed"] else "training only"),
+        ]
+        for s in report["static"]
+    ]
+    title = f"{report['model']['name']} on {ds['name']} {ds['split']} ({ds['num_samples']} images, {size})"
+    out.append(format_table(["#", "widths", "MMACs", "top-1 %", f"top-{k} %", "role"], rows, title=title))
+
+    dyn = report["dynamic"]
+    rows = [
+        [c["choice"], c["subnet"], round(c["macs"] / 1e6, 2), n, round(100 * f, 1)]
+        for c, n, f in zip(choices, dyn["histogram"]["counts"], dyn["histogram"]["fractions"])
+    ]
+    title = (
+        f"dynamic (trained gate, b=0): top-1 {dyn['top1']:.2f}%, top-{k} {dyn['top5']:.2f}%, "
+        f"mean {dyn['mean_macs'] / 1e6:.2f} MMACs per sample"
+    )
+    out.append(format_table(["choice", "subnet", "MMACs (+gate)", "samples", "%"], rows, title="\n" + title))
+
+    if len(dyn["per_class"]) <= 20:
+        rows = [[c["name"], c["count"], _pct(c["histogram"]["fractions"])] for c in dyn["per_class"]]
+        head = "% per choice (" + " / ".join(f"#{c['subnet']}" for c in choices) + ")"
+        out.append(format_table(["class", "samples", head], rows, title="\nrouting per class"))
+    else:
+        out.append(f"\n(routing per class for {len(dyn['per_class'])} classes: see the JSON report)")
+
+    rows = [
+        [
+            f"{p['bias']:+.4g}",
+            round(p["top1"], 2),
+            round(p["top5"], 2),
+            round(p["mean_macs"] / 1e6, 2),
+            _pct(p["histogram"]["fractions"]),
+        ]
+        for p in report["sweep"]
+    ]
+    out.append(
+        format_table(
+            ["bias", "top-1 %", f"top-{k} %", "mean MMACs", "% per choice"],
+            rows,
+            title="\ngate-bias sweep (gate bias = b * " + str([round(r, 3) for r in report["bias_ramp"]]) + ")",
+        )
+    )
+    s = report["summary"]
+    w = s["widest_routed"]
+    out.append(
+        f"\nwidest routed #{w['index']}: top-1 {w['top1']:.2f}% at {w['macs'] / 1e6:.2f} MMACs; "
+        f"dynamic: {s['dynamic_top1']:.2f}% at {s['dynamic_mean_macs'] / 1e6:.2f} MMACs "
+        f"({s['mac_reduction']:.2f}x fewer MACs)\n"
+        f"static sub-networks interpolated at the same MACs: {s['static_top1_at_dynamic_macs']:.2f}% "
+        f"-> dynamic {s['top1_gain_at_equal_macs']:+.2f} points"
+        + (" (outside the static range: clamped)" if s["interpolation_clamped"] else "")
+    )
+    return "\n".join(out)

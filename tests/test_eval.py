@@ -238,3 +238,19 @@ def test_cli_checkpoint_without_data_config(tmp_path, capsys):
     _write_checkpoint(ckpt, None)
     assert main(["eval", "--checkpoint", str(ckpt)]) == 2
     assert "records no data config" in capsys.readouterr().err
+
+
+def test_cli_data_overrides():
+    import argparse
+
+    from dsnet.cli.eval import data_config
+
+    ckpt = {"config": {"data": {"dataset": "cifar10", "root": "/data/c10", "val_subset": None, "workers": 2}}}
+    args = argparse.Namespace(checkpoint="c", data=None, dataset=None, subset=100, batch_size=64, workers=0)
+    cfg = data_config(ckpt, args)
+    assert cfg == {"dataset": "cifar10", "root": "/data/c10", "val_subset": 100, "workers": 0, "eval_batch_size": 64}
+    assert ckpt["config"]["data"]["val_subset"] is None  # the checkpoint's config is not modified
+    args.dataset = "cifar100"  # another dataset: the recorded root no longer applies
+    assert "root" not in data_config(ckpt, args)
+    args.data = "/elsewhere"
+    assert data_config(ckpt, args)["root"] == "/elsewhere"

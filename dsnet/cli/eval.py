@@ -75,10 +75,20 @@ def data_config(ckpt: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
         "eval_batch_size": args.batch_size,
         "workers": args.workers,
     }
-    if args.dataset and cfg.get("dataset") not in (None, args.dataset):
+    if args.dataset and cfg.get("dataset") and _canonical(cfg["dataset"]) != _canonical(args.dataset):
         cfg.pop("root", None)  # another dataset's location would be wrong for this one
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return cfg
+
+
+def _canonical(dataset: str) -> str:
+    """The data package's canonical dataset name (``cifar-10`` -> ``cifar10``), or the name as given."""
+    try:
+        from dsnet.data.config import resolve_data_config
+
+        return resolve_data_config({"dataset": dataset})["dataset"]
+    except (ImportError, ValueError):
+        return dataset
 
 
 def _device(name: str) -> torch.device:

@@ -1,0 +1,291 @@
+"""DS-ViT++: vision transformers with dynamic weight slicing (DS-Net++).
+
+At full width every layer has the shape (and the timm parameter names) of the
+standard timm/DeiT ``VisionTransformer``: ``ds_vit_small`` is DeiT-S
+(patch 16, 224 px, dim 384, 6 heads of 64, depth 12, MLP ratio 4, qkv bias,
+class token, LayerNorm eps 1e-6; 22,050,664 parameters) plus the gate.
+
+**Widths.** Heads and embedding dims slice *together*: a width is a number of
+embedding dims ``w`` that is a multiple of the fixed ``head_dim`` (64 for
+ViT-S/Ti), and a block at width ``w`` runs ``w / head_dim`` heads, an MLP of
+``mlp_ratio * w`` hidden units and LayerNorms over the first ``w`` dims. This
+keeps every sub-network a well-formed ViT (``embed = heads * head_dim``,
+``mlp = 4 * embed``, as the DeiT family itself scales). Routed choices default
+to ``num_heads // 3 .. num_heads`` heads: 2..6 for ViT-S (embed 128..384, width
+ratios 1/3..1), 1..3 for ViT-Ti.
+
+**Stages.** ``embed`` (patch embedding, class token, position embedding) is
+stage 0; the blocks are split into groups (``depths``, default 3 + 9 for
+12 blocks), each a stage. Stages before ``gate_stage`` (default 2: the gate
+sits after the first group of 3 blocks, a quarter of the depth, where the
+DS-Net gate of MobileNetV1 and DS-ResNet sit relative to their compute) run
+once per batch at the pre-gate width ``pre_gate_heads`` (default: the slimmest
+routed choice). Routed stages use index-aligned choices. As the pre-gate stages
+also have the full width, the full network is the training-only largest
+sub-network (the in-place distillation teacher).
+
+**Dynamic idle slicing** (``idle_slicing=True``, the default, DS-Net++): the
+patch embedding always produces all ``D`` dims (stage ``embed`` has the single
+width ``D``); a block at width ``w`` computes on dims ``:w``, adds its result
+to them and carries dims ``w:`` through untouched, so a slim sub-network keeps
+the whole residual stream; the final norm and head read all ``D`` dims. With
+``idle_slicing=False`` (plain embedding slicing) the stream itself is ``w``
+wide: the embedding runs at the pre-gate width, each block cuts or zero-pads
+the stream to its width, and the final norm and head read ``w`` dims. Block
+compute is identical in both modes, so they can be compared like for like.
+
+**Gate.** A :class:`~dsnet.layers.transformer.TokenGate` after the pre-gate
+blocks, on the mean of the patch tokens (``gate_pool="avg"``, the ViT analogue
+of the CNN gate's global pooling) or the class token (``"token"``). Its
+attention head rescales the embedding channels of every token (all ``D`` under
+idle slicing); its slimming head picks among ``routing_space`` (default: every
+routed sub-network). Argmax at evaluation, straight-through Gumbel in training
+(both in :class:`~dsnet.models.base.DynamicNet`).
+
+**Resolution.** A 224-px model accepts other sizes: the position embedding is
+resampled bicubically (as timm's dynamic image size), and cached per grid size
+for inference.
+
+**MACs.** ``FlopCounterMode`` does not count CPU ``scaled_dot_product_attention``
+(no formula for its CPU kernel), so ``count_macs`` on a CPU reports the linear
+and convolution MACs only: 4.24 G for DeiT-S, the standard model's number under
+the same counter; the attention matmuls add ``2 * L^2 * w`` per block
+(0.36 G for DeiT-S at 224 px).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dsnet.layers.sliced import SlicedLayerNorm, SlicedLinear
+from dsnet.layers.transformer import (
+    DSViTBlock,
+    SlicedQKV,
+    StaticTokenEmbed,
+    StaticViTHead,
+    TensorCache,
+    TokenGate,
+    check_pool,
+    patch_embed_conv,
+    pool_tokens,
+    resample_pos_embed,
+)
+from dsnet.models.base import DynamicNet
+from dsnet.models.registry import register_model
+
+__all__ = ["DSViT", "ds_vit_small", "ds_vit_tiny", "ds_vit_cifar"]
+
+
+class DSViT(DynamicNet):
+    """Dynamic slimmable vision transformer.
+
+    Args:
+        img_size: native resolution (position-embedding grid).
+        patch_size: patch (and patch-embedding stride) size.
+        embed_dim, num_heads: full width; ``head_dim = embed_dim // num_heads``.
+        depths: blocks per stage (stage 0 is the embedding).
+        mlp_ratio: MLP hidden units per embedding dim.
+        head_choices: routed widths, in heads (default ``num_heads // 3 .. num_heads``).
+        pre_gate_heads: heads of the pre-gate stages (default: the slimmest choice).
+        gate_stage: first routed stage.
+        idle_slicing: carry idle dims (DS-Net++) or narrow the stream (plain slicing).
+        global_pool: ``"token"`` (class token) or ``"avg"`` (mean of patch tokens) for the classifier.
+        gate_pool: the same choice for the gate's input.
+        gate_bn: BatchNorm on the gate's pooled input (see ``TokenGate``).
+        routing_space: sub-networks the gate picks among (default: every routed one).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 384,
+        num_heads: int = 6,
+        depths: Sequence[int] = (3, 9),
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        class_token: bool = True,
+        global_pool: str = "token",
+        norm_eps: float = 1e-6,
+        head_choices: Sequence[int] | None = None,
+        pre_gate_heads: int | None = None,
+        gate_stage: int = 2,
+        idle_slicing: bool = True,
+        gate_pool: str = "avg",
+        gate_bn: bool = True,
+        se_ratio: float = 0.25,
+        routing_space: Sequence[int] | None = None,
+    ) -> None:
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
+        if not depths or min(depths) < 1:
+            raise ValueError(f"depths needs one positive block count per stage, got {list(depths)}")
+        num_prefix = 1 if class_token else 0
+        check_pool(global_pool, num_prefix)
+        check_pool(gate_pool, num_prefix)
+        head_dim = embed_dim // num_heads
+        choices = sorted(set(head_choices or range(max(1, num_heads // 3), num_heads + 1)))
+        if choices[0] < 1 or choices[-1] > num_heads:
+            raise ValueError(f"head_choices must lie in 1..{num_heads}, got {choices}")
+        pre_heads = choices[0] if pre_gate_heads is None else pre_gate_heads
+        if not 0 < pre_heads <= num_heads:
+            raise ValueError(f"pre_gate_heads must lie in 1..{num_heads}, got {pre_heads}")
+        full, pre = embed_dim, pre_heads * head_dim
+        pre_widths = tuple(sorted({pre, full}))
+        block_widths = [
+            pre_widths if s < gate_stage else tuple(h * head_dim for h in choices) for s in range(1, len(depths) + 1)
+        ]
+        stage_widths = [(full,) if idle_slicing else pre_widths, *block_widths]
+        bounds = [sum(depths[:i]) for i in range(len(depths) + 1)]
+        stage_names = ("embed",) + tuple(f"blocks{bounds[i]}-{bounds[i + 1] - 1}" for i in range(len(depths)))
+        n_routed = len(choices)
+        super().__init__(
+            stage_names,
+            stage_widths,
+            gate_stage,
+            in_chans,
+            num_classes,
+            (in_chans, img_size, img_size),
+            list(range(n_routed)) if routing_space is None else routing_space,
+        )
+        self.embed_dim = embed_dim
+        self.head_dim = head_dim
+        self.patch_size = patch_size
+        self.grid = (img_size // patch_size, img_size // patch_size)
+        self.num_prefix_tokens = num_prefix
+        self.global_pool = global_pool
+        self.idle_slicing = idle_slicing
+        self.head_choices = choices
+
+        # timm parameter names, so timm/DeiT state dicts load (gate aside)
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = patch_embed_conv(in_chans, embed_dim, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_prefix + self.grid[0] * self.grid[1], embed_dim))
+        self.blocks = nn.ModuleList(
+            DSViTBlock(embed_dim, num_heads, head_dim, mlp_ratio, qkv_bias, norm_eps) for _ in range(bounds[-1])
+        )
+        self._block_stage = [s for s in range(1, len(depths) + 1) for _ in range(depths[s - 1])]
+        self.gate_block = bounds[gate_stage - 1]  # the gate runs before this block
+        self._gate = TokenGate(
+            embed_dim, len(self.routing_space), self.num_slots, se_ratio, gate_pool, num_prefix, gate_bn
+        )
+        self.norm = SlicedLayerNorm(embed_dim, norm_eps)
+        self.head = SlicedLinear(embed_dim, num_classes)
+        self._pos_cache = TensorCache()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """timm's default ViT initialisation: truncated normal (0.02) weights, zero biases, tiny class token."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for module in [*self.blocks.modules(), self.head]:
+            if isinstance(module, SlicedLinear | SlicedQKV):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    @property
+    def gate(self) -> TokenGate:  # type: ignore[override]
+        return self._gate
+
+    # ------------------------------------------------------------- widths
+    def _stream_width(self, subnet: int, stage: int) -> int:
+        """Width of the token stream after ``stage``: always ``D`` under idle slicing."""
+        widths = self.subnets[subnet].widths
+        return widths[0] if self.idle_slicing else widths[stage]
+
+    def _pos(self, grid: tuple[int, int]) -> Tensor:
+        def make() -> Tensor:
+            return resample_pos_embed(self.pos_embed, grid, self.grid, self.num_prefix_tokens)
+
+        if grid == self.grid:
+            return self.pos_embed
+        return self._pos_cache.get(self.pos_embed, grid, make)
+
+    # ------------------------------------------------------------- forward
+    def _embed(self, x: Tensor, width: int) -> Tensor:
+        x = self.patch_embed.proj(x, width)
+        grid = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token[..., :width].expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self._pos(grid)[..., :width]
+
+    def _run_blocks(self, x: Tensor, subnet: int, start: int, stop: int) -> Tensor:
+        widths = self.subnets[subnet].widths
+        for i in range(start, stop):
+            x = self.blocks[i](x, widths[self._block_stage[i]], self.idle_slicing)
+        return x
+
+    def forward_pre(self, x: Tensor, subnet: int) -> tuple[Tensor, Tensor]:
+        widths, slots = self.subnets[subnet].widths, self.slots(subnet)
+        x = self._run_blocks(self._embed(x, widths[0]), subnet, 0, self.gate_block)
+        z = self._gate.encode(x, slots[self.gate_stage - 1])
+        return self._gate.attend(x, z), z
+
+    def forward_post(self, h: Tensor, subnet: int) -> Tensor:
+        x = self._run_blocks(h, subnet, self.gate_block, len(self.blocks))
+        return self.head(self.norm(pool_tokens(x, self.global_pool, self.num_prefix_tokens)))
+
+    # ----------------------------------------------------------- extraction
+    def build_static(self, subnet: int) -> nn.Sequential:
+        widths, slots = self.subnets[subnet].widths, self.slots(subnet)
+        w0 = widths[0]
+        cls = None if self.cls_token is None else self.cls_token[..., :w0]
+        layers: list[nn.Module] = [
+            StaticTokenEmbed(
+                self.patch_embed.proj.to_static(self.in_chans, w0), cls, self.pos_embed[..., :w0], self.grid
+            )
+        ]
+        for i, block in enumerate(self.blocks):
+            if i == self.gate_block:
+                gate_width = self._stream_width(subnet, self.gate_stage - 1)
+                layers.append(self._gate.to_static(gate_width, slots[self.gate_stage - 1]))
+            layers.append(block.to_static(widths[self._block_stage[i]], self.idle_slicing))
+        out = self._stream_width(subnet, len(widths) - 1)
+        layers.append(
+            StaticViTHead(self.norm.to_static(out), self.head.to_static(out), self.global_pool, self.num_prefix_tokens)
+        )
+        return nn.Sequential(*layers).to(self.pos_embed.device, self.pos_embed.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, embed_dim={self.embed_dim}, head_dim={self.head_dim}, "
+            f"idle_slicing={self.idle_slicing}"
+        )
+
+
+@register_model(input_size=224)
+def ds_vit_small(**kwargs) -> DSViT:
+    """DS-ViT-S (DeiT-S shape, 22.05M + gate): 2..6 heads of 64 after a 3-block pre-gate, idle slicing."""
+    kwargs.setdefault("embed_dim", 384)
+    kwargs.setdefault("num_heads", 6)
+    return DSViT(**kwargs)
+
+
+@register_model(input_size=224)
+def ds_vit_tiny(**kwargs) -> DSViT:
+    """DS-ViT-Ti (DeiT-Ti shape, 5.72M + gate): 1..3 heads of 64 after a 3-block pre-gate, idle slicing."""
+    kwargs.setdefault("embed_dim", 192)
+    kwargs.setdefault("num_heads", 3)
+    return DSViT(**kwargs)
+
+
+@register_model(input_size=32)
+def ds_vit_cifar(**kwargs) -> DSViT:
+    """DS-ViT for 28-32 px images (patch 4, dim 128, 4 heads of 32, depth 6): trains on a CPU in minutes."""
+    kwargs.setdefault("img_size", 32)
+    kwargs.setdefault("patch_size", 4)
+    kwargs.setdefault("embed_dim", 128)
+    kwargs.setdefault("num_heads", 4)
+    kwargs.setdefault("depths", (2, 4))
+    kwargs.setdefault("mlp_ratio", 2.0)
+    kwargs.setdefault("num_classes", 10)
+    return DSViT(**kwargs)

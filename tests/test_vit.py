@@ -156,3 +156,11 @@ def test_bad_widths_are_rejected():
     block = DSViTBlock(dim=128, num_heads=4, head_dim=32, mlp_ratio=2.0)
     with pytest.raises(ValueError, match="multiple of head_dim"):
         block(torch.randn(1, 3, 128), 48, idle=True)
+
+
+def test_training_batch_of_one_image():
+    """The gate's BN takes statistics over tokens, so a trailing batch of one image trains."""
+    model = dsnet.create_model("ds_vit_cifar").train()
+    result = model(torch.randn(1, 3, 32, 32), return_routing=True)
+    result.logits.sum().backward()
+    assert model.gate.bn.num_batches_tracked.sum() == 1

@@ -50,6 +50,7 @@ __all__ = [
     "pool_tokens",
     "patch_embed_conv",
     "check_pool",
+    "normalized_pool",
     "TensorCache",
 ]
 
@@ -130,6 +131,21 @@ def pool_tokens(x: Tensor, pool: str, num_prefix: int) -> Tensor:
     if pool == "token":
         return x[:, 0]
     return x[:, num_prefix:].mean(dim=1)
+
+
+def normalized_pool(h: Tensor, pool: str, num_prefix: int, bn: Callable[[Tensor], Tensor] | nn.Module | None) -> Tensor:
+    """The gate's input: pooled tokens, BatchNorm-ed per channel first when ``bn`` is given.
+
+    The statistics are taken over every token that is pooled (all patch
+    tokens for ``"avg"``), not over the pooled vectors: the result is the same
+    per-channel affine map of the mean, but a training batch of one image still
+    has many values per channel, so it does not fail as a BN over one pooled
+    vector per image would.
+    """
+    if bn is None:
+        return pool_tokens(h, pool, num_prefix)
+    tokens = h[:, :1] if pool == "token" else h[:, num_prefix:]
+    return bn(tokens.transpose(1, 2).unsqueeze(-1)).mean((2, 3))  # (N, T, C) -> (N, C, T, 1) -> (N, C)
 
 
 def check_pool(pool: str, num_prefix: int) -> None:
@@ -310,8 +326,9 @@ class DSViTBlock(nn.Module):
 class TokenGate(DynamicGate):
     """The double-headed DS-Net gate for token streams ``(N, L, D)``.
 
-    Encoder ``z = ReLU(FC_r(BN(pool(h))))``: ``pool`` is the mean over patch
-    tokens (``"avg"``) or the class token (``"token"``). The BatchNorm (on by
+    Encoder ``z = ReLU(FC_r(pool(BN(h))))``: ``pool`` is the mean over patch
+    tokens (``"avg"``) or the class token (``"token"``); the BN's statistics are
+    over the pooled tokens (see :func:`normalized_pool`). The BatchNorm (on by
     default) is there because a ViT's residual stream is unnormalised and its
     channels differ in scale by orders of magnitude (and grow with depth);
     a per-channel, dataset-level normalisation puts the gate's input on one
@@ -341,8 +358,8 @@ class TokenGate(DynamicGate):
         self.bn = SlicedBatchNorm2d(channels, num_slots) if batch_norm else None
 
     def pooled(self, h: Tensor, slot: int = 0) -> Tensor:
-        p = pool_tokens(h, self.pool, self.num_prefix_tokens)
-        return p if self.bn is None else self.bn(p[:, :, None, None], slot).flatten(1)
+        bn = None if self.bn is None else lambda t: self.bn(t, slot)
+        return normalized_pool(h, self.pool, self.num_prefix_tokens, bn)
 
     def encode(self, h: Tensor, slot: int = 0) -> Tensor:  # type: ignore[override]
         """The shared encoder; ``slot`` picks the BN statistics of the stage the gate sits after."""
@@ -448,10 +465,7 @@ class StaticTokenGate(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
 
     def forward(self, x: Tensor) -> Tensor:
-        p = pool_tokens(x, self.pool, self.num_prefix_tokens)
-        if self.bn is not None:
-            p = self.bn(p[:, :, None, None]).flatten(1)
-        z = F.relu(self.reduce(p))
+        z = F.relu(self.reduce(normalized_pool(x, self.pool, self.num_prefix_tokens, self.bn)))
         return x * torch.sigmoid(self.expand(z))[:, None, :]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -28,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, IndexError, TypeError) as err:
-        # user errors (bad config, missing data, unknown model...) get one clear line, not a traceback
+    except (ValueError, FileNotFoundError, IndexError) as err:
+        # user errors (bad config, missing data, unknown model...) get one clear line, not a traceback;
+        # DSNET_DEBUG=1 shows the traceback
+        if os.environ.get("DSNET_DEBUG"):
+            raise
         print(f"dsnet {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -123,8 +123,12 @@ def train_gate(
     out: str | Path,
     resume: bool = False,
     overrides: list[str] | None = None,
+    stop_after_epoch: int | None = None,
 ) -> dict[str, Any]:
-    """Run stage II on a (BN-recalibrated) supernet checkpoint. Returns the summary."""
+    """Run stage II on a (BN-recalibrated) supernet checkpoint. Returns the summary.
+
+    ``stop_after_epoch`` as in :func:`dsnet.train.supernet.train_supernet`.
+    """
     from dsnet.data import build_loader
 
     if not isinstance(cfg, dict):
@@ -152,7 +156,7 @@ def train_gate(
     input_size = (info.in_chans, info.image_size, info.image_size)
     macs_table = model.routing_macs(input_size).to(device)
     unit = 1e9 if gc["macs_unit"] == "gmacs" else float(macs_table[-1])
-    global_batch = train_loader.batch_size * ctx.world_size
+    global_batch = cfg["data"]["batch_size"] * ctx.world_size
     base_lr = gc["lr"] * global_batch / gc["lr_reference_batch"]
     optimizer = MaskedSGD(head, base_lr, gc["momentum"], gc["weight_decay"], mask_untouched=False)
     steps_per_epoch = len(train_loader)
@@ -233,6 +237,9 @@ def train_gate(
                 flush=True,
             )
         ctx.barrier()
+        if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch + 1 < gc["epochs"]:
+            run.close()
+            return {"stopped_after_epoch": epoch}
     result = {"epochs": gc["epochs"], "best_metric": best_metric}
     if ctx.is_main:
         from dsnet.utils.io import atomic_write_json

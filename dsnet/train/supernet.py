@@ -133,9 +133,17 @@ def _param_checksum(model: nn.Module) -> float:
 
 
 def train_supernet(
-    cfg: dict | str | Path, out: str | Path, resume: bool = False, overrides: list[str] | None = None
+    cfg: dict | str | Path,
+    out: str | Path,
+    resume: bool = False,
+    overrides: list[str] | None = None,
+    stop_after_epoch: int | None = None,
 ) -> dict[str, Any]:
-    """Run stage I (and the BN recalibration that ends it). Returns the summary written to ``summary.json``."""
+    """Run stage I (and the BN recalibration that ends it). Returns the summary written to ``summary.json``.
+
+    ``stop_after_epoch=e`` ends the process after epoch ``e`` is checkpointed, as if it had been killed
+    there (time-boxed jobs; resume with ``resume=True``).
+    """
     from dsnet.data import build_loader
 
     if not isinstance(cfg, dict):
@@ -155,7 +163,7 @@ def train_supernet(
     model.gate.slim_head.requires_grad_(False)  # the slimming head trains in stage II
     ema = ModelEma(model, sc["ema_decay"])
     params = [p for p in model.parameters() if p.requires_grad]
-    global_batch = train_loader.batch_size * ctx.world_size
+    global_batch = cfg["data"]["batch_size"] * ctx.world_size
     base_lr = sc["lr"] * global_batch / sc["lr_reference_batch"]
     optimizer = MaskedSGD(
         params, base_lr, sc["momentum"], sc["weight_decay"], sc["nesterov"], mask_untouched=sc["mask_untouched"]
@@ -254,6 +262,9 @@ def train_supernet(
             summary = ", ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith(("loss", "ema")))
             print(f"[supernet] epoch {epoch + 1}/{sc['epochs']} {epoch_time:.1f}s lr={lr:.4f} {summary}", flush=True)
         ctx.barrier()
+        if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch + 1 < sc["epochs"]:
+            run.close()
+            return {"stopped_after_epoch": epoch}
     checksums = _gather_checksums(model, ctx, device)
     result: dict[str, Any] = {"epochs": sc["epochs"], "best_metric": best_metric, "rank_param_checksums": checksums}
     if ctx.enabled and len(set(checksums)) != 1:

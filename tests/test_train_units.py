@@ -72,7 +72,7 @@ def test_masked_sgd_equals_sgd_when_everything_is_touched():
 
 def test_ema_teacher_update():
     model = _model()
-    ema = ModelEma(model, decay=0.75)
+    ema = ModelEma(model, decay=0.75, warmup=False)
     p0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         for p in model.parameters():
@@ -84,6 +84,10 @@ def test_ema_teacher_update():
         assert not p.requires_grad
     assert torch.equal(ema.module.blocks[0].bn1.running_mean, model.blocks[0].bn1.running_mean)
     assert not ema.module.training
+    warm = ModelEma(model, decay=0.997)
+    assert warm.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0): follows the student at first
+    warm.updates = 10_000
+    assert warm.current_decay() == 0.997
 
 
 def test_ieb_and_inplace_targets_run_and_differ_from_ib():
@@ -185,3 +189,15 @@ def test_config_validation_names_the_key():
     cfg = resolve_config(apply_overrides({}, ["supernet.lr=0.5", "gate.target_mmacs=12", "supernet.mvco=true"]))
     assert cfg["supernet"]["lr"] == 0.5 and cfg["gate"]["target_mmacs"] == 12 and cfg["supernet"]["mvco"] is True
     assert isinstance(resolve_config({"supernet": {"lr": 1}})["supernet"]["lr"], float)
+
+
+def test_every_shipped_recipe_validates():
+    from pathlib import Path
+
+    from dsnet.train.config import load_config
+
+    recipes = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
+    assert len(recipes) >= 4
+    for path in recipes:
+        cfg = load_config(path)
+        assert cfg["model"]["name"] in dsnet.list_models(), path

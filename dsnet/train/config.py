@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
         "num_random": 2,  # sandwich rule: largest + n random + smallest
         "distill": "ib",  # ib | ieb | inplace | none
         "ema_decay": 0.997,
+        "ema_warmup": True,  # decay min(ema_decay, (1+t)/(10+t)): a usable teacher from the first epoch
         "mvco": False,  # multi-view consistency (two augmented views per image)
         "mask_untouched": True,  # no weight decay / momentum for channels that got no gradient
         "amp": True,  # bfloat16 autocast on CUDA; ignored on CPU

@@ -161,7 +161,7 @@ def train_supernet(
     if sc["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     model.gate.slim_head.requires_grad_(False)  # the slimming head trains in stage II
-    ema = ModelEma(model, sc["ema_decay"])
+    ema = ModelEma(model, sc["ema_decay"], warmup=sc["ema_warmup"])
     params = [p for p in model.parameters() if p.requires_grad]
     global_batch = cfg["data"]["batch_size"] * ctx.world_size
     base_lr = sc["lr"] * global_batch / sc["lr_reference_batch"]
@@ -177,7 +177,7 @@ def train_supernet(
     if resume:
         state = run.resume_state()
         model.load_state_dict(state["state_dict"])
-        ema.load_state_dict(state["ema_state_dict"])
+        ema.load_state_dict(state["ema_state_dict"], updates=state["step"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best_metric = state["epoch"] + 1, state["best_metric"]
         set_rng_state(state["rng"])

@@ -1,0 +1,305 @@
+"""``dsnet quickstart``: the whole method on Fashion-MNIST in minutes, ending with "did it work?".
+
+Stage I trains the supernet (sandwich rule + in-place bootstrapping), BN
+statistics are recalibrated per sub-network, stage II trains the gate (SGS +
+task + MACs losses), then the run is evaluated (static curve, dynamic
+accuracy, a budget sweep of the gate bias) and timed (dynamic routing against
+the widest routed sub-network, interleaved). A re-run with the same ``--out``
+continues where the last one stopped: finished stages are reused, an
+interrupted one resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dsnet.evaluation import routed_curve
+from dsnet.train.config import apply_overrides, resolve_config
+from dsnet.utils.io import atomic_write_json
+from dsnet.utils.table import format_table
+
+__all__ = ["QUICKSTART", "FAST", "quickstart_config", "run_quickstart"]
+
+# The recipe. Every choice here was measured: see the quickstart notes in README.md.
+QUICKSTART: dict[str, Any] = {
+    "seed": 0,
+    "model": {"name": "ds_resnet8_tiny", "kwargs": {}},
+    "data": {"dataset": "fashion_mnist", "batch_size": 128, "eval_batch_size": 500, "workers": 0},
+    "supernet": {
+        "epochs": 4,
+        "lr": 0.2,
+        "lr_reference_batch": 256,
+        "weight_decay": 5.0e-5,
+        "warmup_epochs": 1,
+        "num_random": 2,
+        "distill": "ib",
+        "ema_decay": 0.995,
+        "bn_calibration_batches": 40,
+    },
+    "gate": {
+        "epochs": 3,
+        "lr": 0.5,
+        "lr_reference_batch": 256,
+        "weight_decay": 0.0,
+        "macs_weight": 0.5,
+        "macs_unit": "relative",
+    },
+    "log": {"tensorboard": False},
+}
+
+# --fast: a fifth of the data, fewer epochs (accuracy lower; the pipeline is the same)
+FAST: list[str] = [
+    "data.train_subset=12800",
+    "data.val_subset=2000",
+    "supernet.epochs=2",
+    "supernet.bn_calibration_batches=10",
+    "gate.epochs=1",
+]
+
+
+def quickstart_config(fast: bool = False, data: str | None = None, overrides: list[str] | None = None) -> dict:
+    extra = list(FAST if fast else [])
+    if data:
+        extra.append(f"data.root={data}")
+    return resolve_config(apply_overrides(copy.deepcopy(QUICKSTART), extra + list(overrides or [])))
+
+
+def _stage(name: str, out: Path, run, fresh_msg: str) -> tuple[float, str]:
+    """Run a stage, or reuse/resume it from ``out``."""
+    t0 = time.time()
+    if (out / "summary.json").is_file():
+        print(f"[quickstart] {name}: reusing finished run in {out}")
+        return 0.0, "reused"
+    resume = (out / "last.ckpt").is_file()
+    print(f"[quickstart] {name}: {'resuming' if resume else fresh_msg} -> {out}", flush=True)
+    run(resume)
+    return time.time() - t0, "resumed" if resume else "trained"
+
+
+def _measure_speed(model, loader, device: torch.device, repeats: int, batches: int = 2) -> dict[str, Any]:
+    """Dynamic routing vs the widest routed sub-network on real test images, interleaved."""
+    from dsnet.bench.timing import interleaved, summarize
+
+    model.eval()
+    images = []
+    for i, (x, _) in enumerate(loader):
+        if i >= batches:
+            break
+        images.append(x.to(device))
+    x = torch.cat(images)
+    widest = model.routing_space[-1]
+    static_widest = model.extract(widest).eval()
+    with torch.inference_mode():
+        routed = model(x, return_routing=True).subnet
+        table = model.subnet_macs(tuple(x.shape[1:]))
+        mean_macs = float(sum(table[k] + model.gate_head_macs() for k in routed.tolist())) / len(routed)
+        samples = interleaved(
+            {
+                "dynamic": lambda: model(x),
+                "widest_sliced": lambda: model(x, subnet=widest),
+                "widest_static": lambda: static_widest(x),
+            },
+            repeats=repeats,
+            warmup=2,
+            device=device,
+        )
+    stats = {k: summarize(v) for k, v in samples.items()}
+    real = stats["widest_static"].median / stats["dynamic"].median
+    theory = table[widest] / mean_macs
+    return {
+        "batch_size": len(x),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "median_ms": {k: s.median for k, s in stats.items()},
+        "iqr_ms": {k: s.iqr for k, s in stats.items()},
+        "real_speedup": real,
+        "theoretical_speedup": theory,
+        "efficiency": real / theory,
+    }
+
+
+def run_quickstart(
+    out: str | Path = "runs/quickstart",
+    fast: bool = False,
+    data: str | None = None,
+    overrides: list[str] | None = None,
+    speed_repeats: int = 15,
+) -> dict[str, Any]:
+    """Train, calibrate, train the gate, evaluate, time. Returns (and writes) ``quickstart.json``."""
+    from dsnet.data import build_dataset, build_loader
+    from dsnet.evaluation import evaluate, plot_report
+    from dsnet.train.checkpoint import load_model
+    from dsnet.train.gate import train_gate
+    from dsnet.train.supernet import train_supernet
+
+    cfg = quickstart_config(fast, data, overrides)
+    out = Path(out)
+    t_start = time.time()
+    # fail in a second, with instructions, if the data is not there
+    _, info = build_dataset(cfg["data"], "val")
+    train_info = build_dataset(cfg["data"], "train")[1]
+    print(
+        f"[quickstart] {cfg['model']['name']} on {info.name}: {train_info.num_samples} training / "
+        f"{info.num_samples} test images{' (--fast)' if fast else ''}",
+        flush=True,
+    )
+    sup_dir, gate_dir = out / "supernet", out / "gate"
+    t_sup, how_sup = _stage(
+        "stage I (supernet + BN recalibration)",
+        sup_dir,
+        lambda resume: train_supernet(cfg, sup_dir, resume=resume),
+        f"training {cfg['supernet']['epochs']} epochs",
+    )
+    t_gate, how_gate = _stage(
+        "stage II (gate)",
+        gate_dir,
+        lambda resume: train_gate(cfg, sup_dir / "best.ckpt", gate_dir, resume=resume),
+        f"training {cfg['gate']['epochs']} epochs",
+    )
+    device = torch.device("cpu")
+    model, _ = load_model(gate_dir / "best.ckpt")
+    val_loader, _ = build_loader(cfg["data"], "val", seed=cfg["seed"])
+    print("[quickstart] evaluating static sub-networks, dynamic routing and the budget sweep", flush=True)
+    t0 = time.time()
+    report = evaluate(
+        model,
+        val_loader,
+        sweep=9,
+        progress=False,
+        model_name=cfg["model"]["name"],
+        dataset_name=info.name,
+        class_names=info.class_names,
+        split="test",
+    )
+    atomic_write_json(report, out / "report.json")
+    plot_report(report, out / "report.png")
+    t_eval = time.time() - t0
+    print("[quickstart] timing dynamic routing against the widest routed sub-network", flush=True)
+    speed = _measure_speed(model, val_loader, device, speed_repeats)
+    summary = _summarize(report, speed)
+    result = {
+        "config": cfg,
+        "fast": fast,
+        "timings_s": {
+            "supernet": round(t_sup, 1),
+            "gate": round(t_gate, 1),
+            "evaluation": round(t_eval, 1),
+            "total": round(time.time() - t_start, 1),
+        },
+        "stages": {"supernet": how_sup, "gate": how_gate},
+        "claims": summary,
+        "speed": speed,
+        "files": {
+            "report": str(out / "report.json"),
+            "plot": str(out / "report.png"),
+            "supernet": str(sup_dir / "best.ckpt"),
+            "gate": str(gate_dir / "best.ckpt"),
+        },
+    }
+    atomic_write_json(result, out / "quickstart.json")
+    print(render(report, result))
+    return result
+
+
+def _summarize(report: dict[str, Any], speed: dict[str, Any]) -> dict[str, Any]:
+    """The method's claim, checked on this run: accuracy of the widest at fewer MACs, above the static curve."""
+    widest = report["summary"]["widest_routed"]
+    best = None  # the cheapest sweep point within 0.3 points of the widest routed sub-network
+    for point in report["sweep"]:
+        if point["top1"] >= widest["top1"] - 0.3 and (best is None or point["mean_macs"] < best["mean_macs"]):
+            best = point
+    macs, accs = routed_curve(report["static"])
+    above = [
+        p
+        for p in report["sweep"]
+        if macs[0] <= p["mean_macs"] <= macs[-1] and p["top1"] > np.interp(p["mean_macs"], macs, accs)
+    ]
+    return {
+        "widest_routed_top1": widest["top1"],
+        "widest_routed_macs": widest["macs"],
+        "dynamic_top1": report["summary"]["dynamic_top1"],
+        "dynamic_mean_macs": report["summary"]["dynamic_mean_macs"],
+        "mac_reduction": report["summary"]["mac_reduction"],
+        "gain_over_static_curve": report["summary"]["top1_gain_at_equal_macs"],
+        "matches_widest_at_fewer_macs": best is not None and widest["macs"] / best["mean_macs"] >= 1.5,
+        "best_matching_point": None
+        if best is None
+        else {"bias": best["bias"], "top1": best["top1"], "mac_reduction": widest["macs"] / best["mean_macs"]},
+        "sweep_points_above_static_curve": len(above),
+        "real_speedup": speed["real_speedup"],
+        "theoretical_speedup": speed["theoretical_speedup"],
+    }
+
+
+def render(report: dict[str, Any], result: dict[str, Any]) -> str:
+    """The final screen."""
+    c = result["claims"]
+    t = result["timings_s"]
+    static_rows = [
+        [
+            s["index"],
+            " ".join(f"{k}={v}" for k, v in s["widths"].items()),
+            round(s["macs"] / 1e6, 2),
+            s["top1"],
+            "routed" if s["in_routing_space"] else ("training only" if not s["routed"] else ""),
+        ]
+        for s in report["static"]
+    ]
+    sweep_rows = [
+        [
+            p["bias"],
+            p["top1"],
+            round(p["mean_macs"] / 1e6, 2),
+            round(c["widest_routed_macs"] / p["mean_macs"], 2),
+            " ".join(f"{f:.2f}" for f in p["histogram"]["fractions"]),
+        ]
+        for p in report["sweep"]
+    ]
+    ok = "yes" if c["matches_widest_at_fewer_macs"] else "no"
+    lines = [
+        "",
+        "=" * 78,
+        f"dsnet quickstart: {report['model']['name']} on {report['dataset']['name']} "
+        f"({report['dataset']['num_samples']} test images)",
+        f"time: stage I {t['supernet']:.0f}s, stage II {t['gate']:.0f}s, evaluation {t['evaluation']:.0f}s, "
+        f"total {t['total']:.0f}s",
+        "",
+        format_table(["#", "widths", "MMACs", "top-1 %", "role"], static_rows, title="Static sub-networks"),
+        "",
+        format_table(
+            ["gate bias", "top-1 %", "MMACs", "MAC reduction", "routing (slim -> wide)"],
+            sweep_rows,
+            title="Dynamic model at several budget settings (bias > 0 favours slim sub-networks)",
+        ),
+        "",
+        "Did it work?",
+        f"  dynamic (bias 0): {c['dynamic_top1']:.2f}% at {c['dynamic_mean_macs'] / 1e6:.2f} MMACs; widest routed "
+        f"sub-network {c['widest_routed_top1']:.2f}% at {c['widest_routed_macs'] / 1e6:.2f} MMACs "
+        f"({c['mac_reduction']:.2f}x fewer MACs)",
+        f"  vs the static curve at equal MACs: {c['gain_over_static_curve']:+.2f} points",
+    ]
+    if c["best_matching_point"]:
+        b = c["best_matching_point"]
+        lines.append(
+            f"  widest accuracy (within 0.3) with >=1.5x fewer MACs: {ok} "
+            f"(bias {b['bias']:+.2f}: {b['top1']:.2f}% with {b['mac_reduction']:.2f}x fewer MACs)"
+        )
+    else:
+        lines.append("  widest accuracy (within 0.3) with >=1.5x fewer MACs: no sweep point gets there")
+    s = result["speed"]
+    lines += [
+        f"  measured speed (batch {s['batch_size']}, {s['threads']} threads, {s['device']}): dynamic "
+        f"{s['median_ms']['dynamic']:.1f} ms vs widest {s['median_ms']['widest_static']:.1f} ms -> "
+        f"{s['real_speedup']:.2f}x real for {s['theoretical_speedup']:.2f}x fewer MACs",
+        "",
+        f"files: {result['files']['report']}  {result['files']['plot']}",
+        f"       {result['files']['supernet']}  {result['files']['gate']}",
+        "=" * 78,
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""``dsnet quickstart`` end to end on a tiny synthetic dataset."""
+
+import json
+
+from dsnet.cli import main
+
+TINY = [
+    "data.dataset=synthetic",
+    "data.synthetic.num_train=256",
+    "data.synthetic.num_val=128",
+    "data.synthetic.channels=1",
+    "data.synthetic.image_size=28",
+    "data.batch_size=32",
+    "data.eval_batch_size=64",
+    "supernet.epochs=1",
+    "supernet.warmup_epochs=0",
+    "supernet.bn_calibration_batches=2",
+    "gate.epochs=1",
+    "log.progress=false",
+]
+
+
+def test_quickstart_end_to_end(tmp_path, capsys):
+    out = tmp_path / "qs"
+    args = ["quickstart", "--out", str(out)] + [a for kv in TINY for a in ("--set", kv)]
+    assert main(args) == 0
+    screen = capsys.readouterr().out
+    assert "Did it work?" in screen and "Static sub-networks" in screen and "measured speed" in screen
+    result = json.loads((out / "quickstart.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for key in ("supernet", "gate"):
+        assert (tmp_path / "qs" / key / "best.ckpt").is_file()
+    claims = result["claims"]
+    assert claims["widest_routed_top1"] == report["summary"]["widest_routed"]["top1"]
+    assert claims["dynamic_top1"] == report["dynamic"]["top1"]
+    assert claims["mac_reduction"] >= 1.0 - 1e-9  # routing never costs more than the widest routed choice
+    assert len(report["static"]) == 5 and len(report["sweep"]) >= 3
+    speed = result["speed"]
+    assert speed["real_speedup"] > 0 and speed["theoretical_speedup"] >= 1.0 - 1e-9
+    assert abs(speed["efficiency"] - speed["real_speedup"] / speed["theoretical_speedup"]) < 1e-9
+    # a re-run reuses the finished stages instead of training again
+    assert main(args) == 0
+    assert "reusing finished run" in capsys.readouterr().out
+
+
+def test_quickstart_without_data_says_how_to_get_it(tmp_path, capsys):
+    assert main(["quickstart", "--out", str(tmp_path / "q"), "--data", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "apt-get install dataset-fashion-mnist" in err and "Traceback" not in err

@@ -249,27 +249,36 @@ class DynamicNet(nn.Module):
         return RoutingResult(logits, space[choice], choice, gate_logits, onehot)
 
     def _run_groups(self, h: Tensor, choice: Tensor, onehot: Tensor | None) -> Tensor:
-        """Run each group of samples that chose the same sub-network as one dense batch."""
+        """Run each group of samples that chose the same sub-network as one dense batch.
+
+        One gather sorts the batch by decision (the groups are then views of
+        it), one ``index_copy`` puts the outputs back in input order. A
+        channels-last feature map is gathered as NHWC so the groups stay
+        channels-last (``index_select`` on the NCHW view would hand back
+        NCHW-contiguous groups, and every later convolution would run in the
+        slower layout).
+        """
         counts = torch.bincount(choice, minlength=len(self.routing_space)).tolist()
         if max(counts) == h.shape[0]:  # the whole batch agrees: no gather/scatter
             j = counts.index(h.shape[0])
             out = self.forward_post(h, self.routing_space[j])
             return out if onehot is None else out * onehot[:, j : j + 1]
         order = torch.argsort(choice, stable=True)
+        if h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last):
+            grouped = h.permute(0, 2, 3, 1).index_select(0, order).permute(0, 3, 1, 2)
+        else:
+            grouped = h.index_select(0, order)
+        weights = None if onehot is None else onehot.index_select(0, order).split(counts)
         outs = []
-        start = 0
-        for j, count in enumerate(counts):
-            if count == 0:
+        for j, part in enumerate(grouped.split(counts)):
+            if part.shape[0] == 0:
                 continue
-            idx = order[start : start + count]
-            out = self.forward_post(h.index_select(0, idx), self.routing_space[j])
-            if onehot is not None:
-                out = out * onehot.index_select(0, idx)[:, j : j + 1]
+            out = self.forward_post(part, self.routing_space[j])
+            if weights is not None:
+                out = out * weights[j][:, j : j + 1]
             outs.append(out)
-            start += count
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return torch.cat(outs).index_select(0, inverse)
+        sorted_out = torch.cat(outs)
+        return sorted_out.new_empty(sorted_out.shape).index_copy(0, order, sorted_out)
 
     # ----------------------------------------------------------- extraction
     def extract(self, subnet: int) -> nn.Module:

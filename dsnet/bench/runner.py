@@ -1,0 +1,309 @@
+"""``dsnet bench``: sliced vs extracted vs zero-masked vs dynamic, measured side by side.
+
+For every batch size, one interleaved timing loop covers, per sub-network
+``k``: the sliced model ``model(x, subnet=k)``, the extracted static network
+``model.extract(k)``, the zero-masking baseline (full width of the widest
+routed sub-network, channels beyond ``k`` masked), optionally the static
+network in ONNX Runtime; plus the shared pre-gate part and the dynamic model
+on a forced routing mix. From the medians it derives
+
+* ``sliced_vs_static``: the cost of slicing itself (1.0 = none);
+* ``real_speedup``: widest routed sub-network's latency / ``k``'s, and
+  ``slicing_efficiency`` = real speed-up / theoretical MAC reduction;
+* the dynamic model's latency against the mix-weighted prediction
+  ``pre + sum_j w_j (static_j - pre)``, i.e. gate, grouping and scatter overhead.
+
+Inputs are channels-last on CPU by default (measured faster for these models
+on oneDNN; see BENCHMARKS.md); every method gets the same tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dsnet.bench.masking import ZeroMaskBaseline
+from dsnet.bench.routing import forced_routing, mix_choices, mix_counts
+from dsnet.bench.timing import interleaved, summarize
+from dsnet.models.base import DynamicNet
+from dsnet.utils.table import format_table
+
+__all__ = ["SCHEMA", "BenchConfig", "default_mix", "run_benchmark", "format_report", "cpu_name"]
+
+SCHEMA = "dsnet-bench-v1"
+BATCH1_CYCLE = 10  # batch-1 dynamic latency: a cycle of this many single-image calls over the mix
+
+
+@dataclass
+class BenchConfig:
+    """What to measure. ``repeats=None`` picks 30 rounds at batch 1 and 7 at larger batches."""
+
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    threads: int | None = None
+    device: str = "cpu"
+    subnets: list[int] | None = None  # default: the routing space
+    mix: list[float] | None = None  # default: default_mix(routing space)
+    repeats: int | None = None
+    warmup: int = 2
+    input_size: tuple[int, ...] | None = None
+    channels_last: bool | None = None  # None: on for CPU
+    masked: bool = True
+    dynamic: bool = True
+    onnx: bool = False
+    seed: int = 0
+
+    def repeats_for(self, batch: int) -> int:
+        return self.repeats if self.repeats is not None else (30 if batch == 1 else 7)
+
+
+def default_mix(n: int) -> list[float]:
+    """40/30/20/10 % for a four-way routing space, uniform otherwise."""
+    return [0.4, 0.3, 0.2, 0.1] if n == 4 else [1.0 / n] * n
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _stats(samples: list[float]) -> dict[str, float | int]:
+    return summarize(samples).as_dict()
+
+
+def run_benchmark(
+    model: DynamicNet,
+    config: BenchConfig,
+    model_name: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Measure ``model`` as ``config`` says; returns the report (the ``--json`` schema, see BENCHMARKS.md)."""
+    log = log or (lambda _msg: None)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    model = model.to(device).eval()
+    space = list(model.routing_space)
+    subnets = sorted(set(config.subnets if config.subnets is not None else space))
+    for k in subnets:
+        model.check_subnet(k)
+    input_size = tuple(config.input_size or model.default_input_size)
+    macs = model.subnet_macs(input_size)
+    widest = max(space, key=lambda k: macs[k])
+    measured = sorted(set(subnets) | {widest})
+    mix = list(config.mix) if config.mix is not None else default_mix(len(space))
+    if len(mix) != len(space):
+        raise ValueError(f"--mix needs one fraction per routing choice ({len(space)}), got {len(mix)}")
+    channels_last = device.type == "cpu" if config.channels_last is None else config.channels_last
+    statics = {k: model.extract(k).eval() for k in measured}
+
+    onnx_sessions: dict[int, Any] = {}
+    tmp = None
+    if config.onnx:
+        from dsnet.export.onnx import export_static, ort_session
+
+        tmp = tempfile.TemporaryDirectory(prefix="dsnet-bench-")
+        for k in measured:
+            log(f"exporting sub-network {k} to ONNX")
+            path = export_static(model, k, os.path.join(tmp.name, f"subnet{k}.onnx"), input_size)
+            onnx_sessions[k] = ort_session(path, config.threads)
+
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "model": model_name or type(model).__name__,
+        "input_size": list(input_size),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "channels_last": channels_last,
+        "routing_space": space,
+        "subnets": measured,
+        "widest_routed": widest,
+        "mix": mix,
+        "macs": {str(k): macs[k] for k in measured},
+        "results": [],
+    }
+    gen = torch.Generator().manual_seed(config.seed)
+    try:
+        for batch in config.batch_sizes:
+            x = torch.randn(batch, *input_size, generator=gen).to(device)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            report["results"].append(
+                _bench_batch(model, statics, onnx_sessions, x, measured, widest, mix, macs, config, device, log)
+            )
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return report
+
+
+def _bench_batch(
+    model: DynamicNet,
+    statics: dict[int, torch.nn.Module],
+    onnx_sessions: dict[int, Any],
+    x: Tensor,
+    measured: Sequence[int],
+    widest: int,
+    mix: Sequence[float],
+    macs: Sequence[int],
+    config: BenchConfig,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    batch = x.shape[0]
+    space = model.routing_space
+    fns: dict[str, Callable[[], object]] = {}
+    for k in measured:
+        fns[f"sliced/{k}"] = lambda k=k: model(x, subnet=k)
+        fns[f"static/{k}"] = lambda k=k: statics[k](x)
+        if config.masked:
+            baseline = ZeroMaskBaseline(model, k, x, wide=widest)
+            fns[f"masked/{k}"] = lambda b=baseline: b(x)
+        if k in onnx_sessions:
+            x_np = x.detach().cpu().contiguous().numpy()
+            fns[f"onnx/{k}"] = lambda k=k, x_np=x_np: onnx_sessions[k].run(None, {"input": x_np})
+
+    dynamic: dict[str, Any] | None = None
+    cycle = BATCH1_CYCLE if batch == 1 else 1
+    if config.dynamic:
+        choices = mix_choices(mix, batch * cycle, seed=config.seed)
+        counts = mix_counts(mix, batch * cycle)
+
+        def pre() -> object:
+            h, z = model.forward_pre(x, space[0])
+            return type(model.gate).logits(model.gate, z)  # the real head, not the forced one
+
+        def dyn() -> object:
+            for _ in range(cycle):
+                out = model(x)
+            return out
+
+        fns["pre_gate"] = pre
+        fns["dynamic"] = dyn
+
+    repeats = config.repeats_for(batch)
+    log(f"batch {batch}: {len(fns)} methods x {repeats} interleaved rounds")
+    with torch.inference_mode():
+        if config.dynamic:
+            with forced_routing(model, choices, batch):
+                samples = interleaved(fns, repeats, config.warmup, device)
+        else:
+            samples = interleaved(fns, repeats, config.warmup, device)
+    if config.dynamic:
+        samples["dynamic"] = [t / cycle for t in samples["dynamic"]]
+    methods = {name: _stats(ts) for name, ts in samples.items()}
+
+    def med(name: str) -> float | None:
+        return methods[name]["median"] if name in methods else None
+
+    rows = []
+    for k in measured:
+        theo = macs[widest] / macs[k]
+        sliced, static = med(f"sliced/{k}"), med(f"static/{k}")
+        real = med(f"sliced/{widest}") / sliced
+        static_real = med(f"static/{widest}") / static
+        rows.append(
+            {
+                "subnet": k,
+                "macs": macs[k],
+                "theoretical_speedup": theo,
+                "sliced_ms": sliced,
+                "static_ms": static,
+                "masked_ms": med(f"masked/{k}"),
+                "onnx_ms": med(f"onnx/{k}"),
+                "sliced_vs_static": sliced / static,
+                "real_speedup": real,
+                "slicing_efficiency": real / theo,
+                "static_real_speedup": static_real,
+                "static_efficiency": static_real / theo,
+                "throughput_img_s": batch / (sliced / 1e3),
+            }
+        )
+    result: dict[str, Any] = {"batch_size": batch, "repeats": repeats, "methods": methods, "per_subnet": rows}
+    if config.dynamic:
+        pre_ms = med("pre_gate")
+        total = sum(counts)
+        weights = [c / total for c in counts]
+        missing = [k for k in space if f"static/{k}" not in methods]
+        if missing:
+            predicted = None
+        else:
+            predicted = pre_ms + sum(w * (med(f"static/{k}") - pre_ms) for w, k in zip(weights, space))
+        dyn_ms = med("dynamic")
+        dynamic = {
+            "mix": weights,
+            "counts": counts,
+            "samples_per_call": batch,
+            "calls_per_cycle": cycle,
+            "latency_ms": dyn_ms,
+            "pre_gate_ms": pre_ms,
+            "predicted_ms": predicted,
+            "vs_predicted": None if predicted is None else dyn_ms / predicted,
+            "overhead_ms": None if predicted is None else dyn_ms - predicted,
+            "throughput_img_s": batch / (dyn_ms / 1e3),
+        }
+        result["dynamic"] = dynamic
+    return result
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Console tables, one per batch size."""
+    out = [
+        f"{report['model']} at {'x'.join(map(str, report['input_size']))} on {report['device_name']} "
+        f"({report['device']}, {report['threads']} threads, channels_last={report['channels_last']}); "
+        f"widest routed sub-network #{report['widest_routed']}; medians in ms"
+    ]
+    for res in report["results"]:
+        rows = []
+        for r in res["per_subnet"]:
+            iqr = res["methods"][f"sliced/{r['subnet']}"]["iqr"]
+            rows.append(
+                [
+                    r["subnet"],
+                    round(r["macs"] / 1e6, 1),
+                    f"{_ms(r['sliced_ms'])} ±{iqr / 2:.2f}",
+                    _ms(r["static_ms"]),
+                    f"{r['sliced_vs_static']:.3f}",
+                    _ms(r["masked_ms"]),
+                    _ms(r["onnx_ms"]),
+                    f"{r['theoretical_speedup']:.2f}x",
+                    f"{r['real_speedup']:.2f}x",
+                    f"{r['slicing_efficiency']:.2f}",
+                    round(r["throughput_img_s"], 1),
+                ]
+            )
+        headers = [
+            "subnet", "MMACs", "sliced (±IQR/2)", "static", "sliced/static", "masked", "onnx",
+            "MAC red.", "real", "efficiency", "img/s",
+        ]  # fmt: skip
+        out.append("")
+        out.append(format_table(headers, rows, title=f"batch {res['batch_size']} ({res['repeats']} rounds)"))
+        dyn = res.get("dynamic")
+        if dyn:
+            mix = "/".join(f"{w:.2f}" for w in dyn["mix"])
+            vs = "-" if dyn["vs_predicted"] is None else f"{dyn['vs_predicted']:.3f}"
+            out.append(
+                f"dynamic, mix {mix}: {dyn['latency_ms']:.2f} ms per batch of {dyn['samples_per_call']} "
+                f"vs predicted {_ms(dyn['predicted_ms'])} (ratio {vs}; pre-gate part {dyn['pre_gate_ms']:.2f} ms)"
+            )
+    return "\n".join(out)

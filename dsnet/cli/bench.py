@@ -1,0 +1,84 @@
+"""``dsnet bench``: latency and throughput of sliced, extracted, zero-masked and dynamic inference."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dsnet.utils.io import atomic_write_json
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure sliced vs static vs zero-masked vs dynamic inference speed")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="registered model name (random weights)")
+    src.add_argument("--checkpoint", help="dsnet checkpoint to load (EMA weights if present)")
+    p.add_argument("--batch-sizes", type=_ints, default=[1, 32], help="comma-separated (default 1,32)")
+    p.add_argument("--threads", type=int, default=None, help="torch / onnxruntime intra-op threads")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--subnets", type=_ints, default=None, help="sub-network indices (default: the routing space)")
+    p.add_argument("--mix", type=_floats, default=None, help="routing mix over the routing space, e.g. 0.4,0.3,0.2,0.1")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per batch size (default 30 at 1, else 7)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    p.add_argument("--input-size", type=int, default=None, help="image side (default: the model's)")
+    p.add_argument("--no-channels-last", action="store_true", help="feed NCHW-contiguous inputs on CPU")
+    p.add_argument("--no-masked", action="store_true", help="skip the zero-masking baseline")
+    p.add_argument("--onnx", action="store_true", help="also time the static sub-networks in ONNX Runtime")
+    p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsnet.bench import BenchConfig, format_report, run_benchmark
+    from dsnet.models import create_model
+    from dsnet.models.base import DynamicNet
+
+    if args.checkpoint:
+        from dsnet.train.checkpoint import load_model
+
+        model, ckpt = load_model(args.checkpoint)
+        name = ckpt["model"]["name"]
+    else:
+        model, name = create_model(args.model), args.model
+    if not isinstance(model, DynamicNet):
+        raise ValueError(f"{name} is not a dynamic dsnet model")
+    if any(b < 1 for b in args.batch_sizes) or not args.batch_sizes:
+        raise ValueError(f"batch sizes must be positive, got {args.batch_sizes}")
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+    input_size = None
+    if args.input_size:
+        input_size = (model.in_chans, args.input_size, args.input_size)
+    config = BenchConfig(
+        batch_sizes=args.batch_sizes,
+        threads=args.threads,
+        device=args.device,
+        subnets=args.subnets,
+        mix=args.mix,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        input_size=input_size,
+        channels_last=False if args.no_channels_last else None,
+        masked=not args.no_masked,
+        onnx=args.onnx,
+    )
+    report = run_benchmark(model, config, model_name=name, log=lambda m: print(m, file=sys.stderr, flush=True))
+    report["command"] = "dsnet " + " ".join(sys.argv[1:])
+    print(format_report(report))
+    if args.json:
+        atomic_write_json(report, args.json)
+    return 0

@@ -1,0 +1,175 @@
+"""dsnet.bench: fast-path caches, zero-mask baseline, forced routing, report schema. No wall-clock asserts."""
+
+import json
+
+import pytest
+import torch
+
+import dsnet
+from dsnet.bench import (
+    SCHEMA,
+    BenchConfig,
+    ZeroMaskBaseline,
+    forced_routing,
+    format_report,
+    mix_choices,
+    mix_counts,
+    run_benchmark,
+    summarize,
+)
+from dsnet.cli import main
+from dsnet.layers.sliced import SlicedConv2d
+from tests.conftest import perturb, small_input
+
+TINY = ["ds_resnet20_cifar", "ds_mobilenet_v1_cifar"]
+
+
+@pytest.fixture(scope="module", params=TINY)
+def tiny(request):
+    return perturb(dsnet.create_model(request.param))
+
+
+def test_model_level_caches_follow_optimiser_step_and_load_state_dict():
+    name = "ds_mobilenet_v1_cifar"
+    model = perturb(dsnet.create_model(name))
+    x = small_input(model, 4).contiguous(memory_format=torch.channels_last)
+    k = model.routing_space[1]
+    with torch.inference_mode():
+        before = model(x, subnet=k)
+    assert sum(len(m._args) for m in model.modules() if hasattr(m, "_args")) > 0  # the fast path cached
+    # an optimiser step changes the weights in place: the next inference must see them
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    model(small_input(model, 8, seed=3), subnet=k).square().mean().backward()
+    opt.step()
+    model.eval()
+    with torch.inference_mode():
+        after_step = model(x, subnet=k)
+    fresh = model.extract(k).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(after_step, fresh(x), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(after_step, before)
+    # load_state_dict back to other weights: again no stale cache entry
+    other = perturb(dsnet.create_model(name), seed=7)
+    model.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x, subnet=k), other(x, subnet=k), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x), other(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_routing_keeps_channels_last_through_grouping(tiny):
+    model = tiny
+    if model.gate_block is None or not hasattr(model.blocks[model.gate_block], "conv1"):
+        pytest.skip("checks a ResNet block after the gate")
+    x = small_input(model, 8).contiguous(memory_format=torch.channels_last)
+    seen = []
+    conv = next(m for n, m in model.named_modules() if n.startswith(f"blocks.{model.gate_block}.conv1"))
+    conv.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    with torch.inference_mode(), forced_routing(model, torch.arange(8) % len(model.routing_space)):
+        out = model(x)
+    assert seen and all(seen)
+    with torch.inference_mode():
+        ref = torch.cat([model(x[i : i + 1], subnet=model.routing_space[i % 4]) for i in range(8)])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_zero_mask_baseline_equals_sliced_subnet_but_computes_full_width(tiny):
+    model = tiny
+    x = small_input(model, 4)
+    widest = max(model.routing_space)
+    widths = []
+    for k in model.routing_space:
+        baseline = ZeroMaskBaseline(model, k, x)
+        convs = [c for c in baseline.calls if isinstance(c.module, SlicedConv2d)]
+        widths.append([c.wide for c in convs])
+        with torch.inference_mode():
+            torch.testing.assert_close(baseline(x), model(x, subnet=k), rtol=1e-5, atol=1e-5)
+        assert (baseline.masked_layers > 0) == (k != widest)
+    # every baseline computes the widest routed sub-network's widths, whatever k
+    assert all(w == widths[-1] for w in widths)
+    # and the conv outputs really are full width: hook one routed conv during the masked run
+    out_widths = []
+    conv = [c.module for c in ZeroMaskBaseline(model, 0, x).calls if isinstance(c.module, SlicedConv2d)][-1]
+    handle = conv.register_forward_hook(lambda _m, _i, y: out_widths.append(y.shape[1]))
+    with torch.inference_mode():
+        ZeroMaskBaseline(model, 0, x)(x)
+        model(x, subnet=0)
+    handle.remove()
+    assert out_widths[-2] > out_widths[-1]
+
+
+def test_mix_counts_and_forced_routing_are_exact():
+    assert mix_counts([0.4, 0.3, 0.2, 0.1], 32) == [13, 10, 6, 3]
+    assert sum(mix_counts([1, 1, 1], 10)) == 10
+    with pytest.raises(ValueError):
+        mix_counts([-1, 2], 4)
+    model = dsnet.create_model("ds_resnet20_cifar").eval()
+    choices = mix_choices([0.4, 0.3, 0.2, 0.1], 20)
+    x = small_input(model, 20)
+    with torch.inference_mode(), forced_routing(model, choices):
+        res = model(x, return_routing=True)
+    assert torch.equal(res.choice, choices)
+    assert "logits" not in vars(model.gate)  # restored
+    # batch-1 cycling: successive calls take successive choices
+    with torch.inference_mode(), forced_routing(model, torch.tensor([3, 1, 2]), batch_size=1):
+        got = [int(model(x[:1], return_routing=True).choice) for _ in range(4)]
+    assert got == [3, 1, 2, 3]
+
+
+def test_summarize_median_and_iqr():
+    s = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s.median, s.q1, s.q3, s.iqr, s.min, s.n) == (3.0, 2.0, 4.0, 2.0, 1.0, 5)
+
+
+def _check_report(report, model):
+    assert report["schema"] == SCHEMA
+    assert report["widest_routed"] == max(model.routing_space)
+    macs = {int(k): v for k, v in report["macs"].items()}
+    for res in report["results"]:
+        rows = {r["subnet"]: r for r in res["per_subnet"]}
+        w = report["widest_routed"]
+        for k, r in rows.items():
+            for key in ("sliced_ms", "static_ms", "masked_ms"):
+                assert r[key] > 0
+            for method in ("sliced", "static", "masked"):
+                st = res["methods"][f"{method}/{k}"]
+                assert st["q1"] <= st["median"] <= st["q3"] and st["n"] == res["repeats"]
+            assert r["theoretical_speedup"] == pytest.approx(macs[w] / macs[k])
+            assert r["real_speedup"] == pytest.approx(rows[w]["sliced_ms"] / r["sliced_ms"])
+            assert r["slicing_efficiency"] == pytest.approx(r["real_speedup"] / r["theoretical_speedup"])
+            assert r["sliced_vs_static"] == pytest.approx(r["sliced_ms"] / r["static_ms"])
+        assert rows[w]["slicing_efficiency"] == pytest.approx(1.0)
+        dyn = res["dynamic"]
+        assert sum(dyn["counts"]) == res["batch_size"] * dyn["calls_per_cycle"]
+        pre = dyn["pre_gate_ms"]
+        expect = pre + sum(
+            c / sum(dyn["counts"]) * (rows[k]["static_ms"] - pre) for c, k in zip(dyn["counts"], model.routing_space)
+        )
+        assert dyn["predicted_ms"] == pytest.approx(expect)
+        assert dyn["latency_ms"] > 0 and dyn["vs_predicted"] == pytest.approx(dyn["latency_ms"] / expect)
+
+
+def test_run_benchmark_report_schema():
+    model = dsnet.create_model("ds_mobilenet_v1_cifar")
+    config = BenchConfig(batch_sizes=[1, 4], threads=1, repeats=2, warmup=0, input_size=(3, 16, 16))
+    report = run_benchmark(model, config, model_name="ds_mobilenet_v1_cifar")
+    _check_report(report, model)
+    assert [r["batch_size"] for r in report["results"]] == [1, 4]
+    assert report["results"][0]["dynamic"]["calls_per_cycle"] == 10
+    assert "batch 4" in format_report(report)
+
+
+def test_cli_bench_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(
+        ["bench", "--model", "ds_resnet20_cifar", "--batch-sizes", "2", "--threads", "1", "--repeats", "2",
+         "--warmup", "0", "--input-size", "16", "--subnets", "0,3", "--mix", "0.25,0.25,0.25,0.25", "--json", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["subnets"] == [0, 3] and report["command"].startswith("dsnet")
+    assert "efficiency" in capsys.readouterr().out
+    assert main(["bench", "--model", "ds_resnet20_cifar", "--subnets", "99"]) == 2
+    assert "out of range" in capsys.readouterr().err

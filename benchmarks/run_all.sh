@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The runs behind BENCHMARKS.md (2-core CPU; a few minutes each). Output: benchmarks/results/<model>.{txt,json}
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p benchmarks/results
+.venv/bin/dsnet bench --model ds_mobilenet_v1 --batch-sizes 1,32 --threads 2 --repeats 7 --warmup 1 --onnx \
+    --json benchmarks/results/ds_mobilenet_v1.json 2>/dev/null | tee benchmarks/results/ds_mobilenet_v1.txt
+.venv/bin/dsnet bench --model ds_resnet50 --batch-sizes 1,32 --threads 2 --repeats 5 --warmup 1 \
+    --json benchmarks/results/ds_resnet50.json 2>/dev/null | tee benchmarks/results/ds_resnet50.txt

@@ -126,7 +126,7 @@ class SlicedConv2d(SliceableModule):
         return in_ch, out_ch
 
     def forward(self, x: Tensor, out_channels: int | None = None) -> Tensor:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # inference fast path: the sliced (weight, bias, groups) of this width pair are built
             # once, so a call costs one dict lookup instead of validation plus 2-4 slicing ops
             key = (x.shape[1], out_channels)
@@ -192,7 +192,7 @@ class SlicedLinear(SliceableModule):
         self._args: dict[tuple, tuple] = {}
 
     def forward(self, x: Tensor, out_features: int | None = None) -> Tensor:
-        if not torch.is_grad_enabled():  # inference fast path, as SlicedConv2d's
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():  # inference fast path, as SlicedConv2d's
             key = (x.shape[-1], out_features)
             stamp = _stamp(self.weight, self.bias)
             hit = self._args.get(key)
@@ -260,7 +260,7 @@ class SlicedBatchNorm2d(SliceableModule):
         self.num_batches_tracked.zero_()
 
     def forward(self, x: Tensor, slot: int) -> Tensor:
-        if not self.training and not torch.is_grad_enabled():
+        if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # inference fast path: the four (slot, width) views are built once, not per call
             key = (slot, x.shape[1])
             stamp = _stamp(self.weight, self.bias, self.running_mean, self.running_var)

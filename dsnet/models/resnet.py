@@ -121,6 +121,8 @@ class DSResNet(DynamicNet):
         gate_stage: first routed stage (the stem is stage 0).
         stem: ``"imagenet"`` (7x7/2 conv + max-pool) or ``"cifar"`` (3x3 conv).
         stem_stride: stride of the ``"cifar"`` stem (2 quarters the compute of small images).
+        gate_se_ratio: width of the gate's shared encoder as a fraction of its input channels
+            (0.25 as squeeze-excitation; narrow networks need more to tell easy inputs from hard ones).
     """
 
     def __init__(
@@ -139,6 +141,7 @@ class DSResNet(DynamicNet):
         stem_stride: int = 1,
         input_size: int = 224,
         zero_init_residual: bool = True,
+        gate_se_ratio: float = 0.25,
     ) -> None:
         if block not in ("basic", "bottleneck"):
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
@@ -185,7 +188,7 @@ class DSResNet(DynamicNet):
         self.expansion = block_cls.expansion
         self.gate_block = self._block_stage.index(gate_stage)
         gate_channels = stem_width if gate_stage == 1 else planes[gate_stage - 2] * block_cls.expansion
-        self._gate = DynamicGate(gate_channels, len(self.routing_space))
+        self._gate = DynamicGate(gate_channels, len(self.routing_space), gate_se_ratio)
         self.classifier = SlicedLinear(in_ch, num_classes)
         if zero_init_residual:  # each residual branch starts as identity, as timm does
             for blk in self.blocks:

@@ -11,11 +11,14 @@ Each layer can hand back its static equivalent (``to_static``): a plain
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "TensorCache",
     "SliceableModule",
     "SlicedConv2d",
     "SlicedLinear",
@@ -28,21 +31,26 @@ class SliceableModule(nn.Module):
     """Marker base class: a module whose weights are used as prefix slices."""
 
 
-class _ContiguousSliceCache:
-    """Contiguous copies of non-contiguous weight slices, for inference only.
+class TensorCache:
+    """Contiguous tensors derived from a parameter, for inference only.
 
     Slicing the *input* dimension of a weight (``W[:, :k_in]``) gives a strided
     view; convolution kernels copy such a view on every call. At inference we
-    keep one contiguous copy per slice shape instead. An entry is valid only for
-    the exact storage and version counter of the parameter it was made from, so
-    any in-place update (optimiser step, ``load_state_dict``, ``.to()``)
-    invalidates it without anyone having to remember to clear it.
+    keep one contiguous copy per slice shape instead (the ViT also keeps its
+    resampled position embeddings here). An entry is valid only for the exact
+    storage and version counter of the parameter it was made from, so any
+    in-place update (optimiser step, ``load_state_dict``, ``.to()``)
+    invalidates it without anyone having to remember to clear it. While a
+    gradient is being recorded for the parameter the cache is bypassed:
+    training must differentiate through the slicing.
     """
 
     def __init__(self) -> None:
         self._entries: dict[tuple, tuple[tuple, Tensor]] = {}
 
-    def get(self, param: Tensor, key: tuple, make) -> Tensor:
+    def get(self, param: Tensor, key: tuple, make: Callable[[], Tensor]) -> Tensor:
+        if torch.is_grad_enabled() and param.requires_grad:
+            return make()
         stamp = (param._version, param.data_ptr(), param.dtype, param.device)
         entry = self._entries.get(key)
         if entry is None or entry[0] != stamp:
@@ -63,7 +71,7 @@ def _stamp(*tensors: Tensor | None) -> tuple:
     return tuple((t._version, t.data_ptr()) for t in tensors if t is not None)
 
 
-def _slice_rows_cols(param: Tensor, rows: int, cols: int | None, cache: _ContiguousSliceCache) -> Tensor:
+def _slice_rows_cols(param: Tensor, rows: int, cols: int | None, cache: TensorCache) -> Tensor:
     """``param[:rows, :cols]``, contiguous and cached when no gradient is being recorded."""
     full_rows = rows == param.shape[0]
     full_cols = cols is None or cols == param.shape[1]
@@ -111,7 +119,7 @@ class SlicedConv2d(SliceableModule):
         # would count k*k*channels, as it cannot see the groups, and start it near zero)
         fan_out = kernel_size * kernel_size * (1 if depthwise else out_channels)
         nn.init.normal_(self.weight, std=(2.0 / fan_out) ** 0.5)
-        self._cache = _ContiguousSliceCache()
+        self._cache = TensorCache()
         self._args: dict[tuple, tuple] = {}
 
     def _widths(self, x: Tensor, out_channels: int | None) -> tuple[int, int]:
@@ -188,7 +196,7 @@ class SlicedLinear(SliceableModule):
         ref = nn.Linear(in_features, out_features, bias=bias)  # torch's default initialisation
         self.weight = nn.Parameter(ref.weight.detach().clone())
         self.bias = nn.Parameter(ref.bias.detach().clone()) if bias else None
-        self._cache = _ContiguousSliceCache()
+        self._cache = TensorCache()
         self._args: dict[tuple, tuple] = {}
 
     def forward(self, x: Tensor, out_features: int | None = None) -> Tensor:

@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsnet.layers.gate import DynamicGate
-from dsnet.layers.sliced import SliceableModule, SlicedBatchNorm2d, SlicedConv2d, SlicedLayerNorm, SlicedLinear
+from dsnet.layers.sliced import (
+    SliceableModule,
+    SlicedBatchNorm2d,
+    SlicedConv2d,
+    SlicedLayerNorm,
+    SlicedLinear,
+    TensorCache,
+)
 
 __all__ = [
     "SlicedQKV",
@@ -55,35 +62,6 @@ __all__ = [
 ]
 
 
-class TensorCache:
-    """Derived tensors (contiguous weight slices, resampled position embeddings) kept for inference.
-
-    An entry is valid only for the exact storage and version counter of the
-    parameter it was derived from, so an optimiser step, ``load_state_dict`` or
-    ``.to()`` invalidates it without anyone having to clear it. Entries are only
-    used while no gradient is recorded (training must differentiate through the
-    slicing or interpolation).
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple, tuple[tuple, Tensor]] = {}
-
-    def get(self, param: Tensor, key: tuple, make: Callable[[], Tensor]) -> Tensor:
-        if torch.is_grad_enabled() and param.requires_grad:
-            return make()
-        stamp = (param._version, param.data_ptr(), param.dtype, param.device)
-        entry = self._entries.get(key)
-        if entry is None or entry[0] != stamp:
-            with torch.inference_mode(False), torch.no_grad():
-                entry = (stamp, make().contiguous())
-            self._entries[key] = entry
-        return entry[1]
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-# --------------------------------------------------------------------------- helpers
 def residual_at_width(x: Tensor, width: int, idle: bool, body: Callable[[Tensor], Tensor]) -> Tensor:
     """Apply a residual ``body`` to the first ``width`` embedding dims of the token stream ``x``.
 

@@ -28,16 +28,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from dsnet.layers.gate import straight_through_gumbel
 from dsnet.models.base import DynamicNet
 from dsnet.train.checkpoint import load_model
 from dsnet.train.config import load_config
-from dsnet.train.distributed import all_reduce_sum, init_distributed
+from dsnet.train.distributed import init_distributed
 from dsnet.train.losses import complexity_loss, sgs_targets
 from dsnet.train.optim import MaskedSGD, cosine_lr
-from dsnet.train.run import RunDir, rng_state, seed_everything, set_rng_state
+from dsnet.train.run import RunDir, epoch_record, rng_state, seed_everything, set_rng_state, train_epoch
 from dsnet.utils.modes import temporary_mode
 
 __all__ = ["gate_step", "train_gate", "freeze_backbone", "evaluate_dynamic"]
@@ -170,38 +169,33 @@ def train_gate(
         start_epoch, best_metric = state["epoch"] + 1, state["best_metric"]
         set_rng_state(state["rng"])
     spec = sup["model"]
+
+    def step(batch) -> dict[str, float]:
+        images, labels = batch
+        optimizer.zero_grad(set_to_none=True)
+        stats = gate_step(model, images.to(device), labels.to(device), macs_table, gc, unit)
+        if ctx.enabled:  # only the head trains: average its gradient by hand
+            for p in head:
+                dist.all_reduce(p.grad)
+                p.grad /= ctx.world_size
+        optimizer.step()
+        return stats
+
     for epoch in range(start_epoch, gc["epochs"]):
-        train_loader.sampler.set_epoch(epoch)
         model.train()
         freeze_backbone(model)
         t0 = time.time()
-        sums: dict[str, float] = {}
-        bar = tqdm(
+        sums, lr = train_epoch(
             train_loader,
-            desc=f"gate {epoch + 1}/{gc['epochs']}",
-            disable=not (ctx.is_main and cfg["log"]["progress"]),
-            leave=False,
+            epoch,
+            lambda s: cosine_lr(s, total_steps, base_lr, warmup, gc["min_lr"]),
+            optimizer,
+            step,
+            f"gate {epoch + 1}/{gc['epochs']}",
+            ctx.is_main and cfg["log"]["progress"],
+            cfg["log"]["print_every"],
         )
-        for i, (images, labels) in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            lr = cosine_lr(step, total_steps, base_lr, warmup, gc["min_lr"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            stats = gate_step(model, images.to(device), labels.to(device), macs_table, gc, unit)
-            if ctx.enabled:  # only the head trains: average its gradient by hand
-                for p in head:
-                    dist.all_reduce(p.grad)
-                    p.grad /= ctx.world_size
-            optimizer.step()
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if i % cfg["log"]["print_every"] == 0:
-                bar.set_postfix(**{k: f"{v:.3f}" for k, v in stats.items() if k.startswith("loss")})
-        keys = sorted(sums)
-        reduced = all_reduce_sum([sums[k] for k in keys], ctx, device)
-        record: dict[str, Any] = {"epoch": epoch, "lr": lr, "epoch_time_s": round(time.time() - t0, 2)}
-        record.update({k: v / (steps_per_epoch * ctx.world_size) for k, v in zip(keys, reduced, strict=True)})
+        record = epoch_record(epoch, lr, time.time() - t0, sums, steps_per_epoch, ctx, device)
         if ctx.is_main:
             val = evaluate_dynamic(model, val_loader, device, macs_table)
             record.update({f"val_{k}": v for k, v in val.items()})

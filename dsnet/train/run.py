@@ -7,7 +7,7 @@ import io
 import json
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +15,23 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
+from tqdm.auto import tqdm
 
 from dsnet.train.checkpoint import read_checkpoint, save_checkpoint
-from dsnet.train.distributed import DistContext
+from dsnet.train.distributed import DistContext, all_reduce_sum
 from dsnet.utils.io import atomic_write_text
 from dsnet.utils.modes import temporary_mode
 
-__all__ = ["RunDir", "seed_everything", "rng_state", "set_rng_state", "top1_accuracy", "unwrap"]
+__all__ = [
+    "RunDir",
+    "seed_everything",
+    "rng_state",
+    "set_rng_state",
+    "top1_accuracy",
+    "unwrap",
+    "train_epoch",
+    "epoch_record",
+]
 
 
 def seed_everything(seed: int) -> None:
@@ -135,3 +145,46 @@ class RunDir:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def train_epoch(
+    loader,
+    epoch: int,
+    lr_at: Callable[[int], float],
+    optimizer: torch.optim.Optimizer,
+    step: Callable[[Any], dict[str, float]],
+    desc: str,
+    show: bool,
+    print_every: int,
+) -> tuple[dict[str, float], float]:
+    """One pass over ``loader``: set the scheduled learning rate, run ``step(batch)``, sum its statistics.
+
+    ``step`` does the forward, backward and optimiser step and returns scalars
+    to log. Returns the summed statistics and the last learning rate.
+    """
+    loader.sampler.set_epoch(epoch)
+    steps_per_epoch = len(loader)
+    sums: dict[str, float] = {}
+    lr = optimizer.param_groups[0]["lr"]
+    bar = tqdm(loader, desc=desc, disable=not show, leave=False)
+    for i, batch in enumerate(bar):
+        lr = lr_at(epoch * steps_per_epoch + i)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        stats = step(batch)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if i % print_every == 0:
+            bar.set_postfix(lr=f"{lr:.4f}", **{k: f"{v:.3f}" for k, v in stats.items() if k.startswith("loss")})
+    return sums, lr
+
+
+def epoch_record(
+    epoch: int, lr: float, seconds: float, sums: dict[str, float], steps: int, ctx: DistContext, device: torch.device
+) -> dict[str, Any]:
+    """The epoch's log line: step statistics averaged over steps and ranks."""
+    keys = sorted(sums)
+    reduced = all_reduce_sum([sums[k] for k in keys], ctx, device)
+    record: dict[str, Any] = {"epoch": epoch, "lr": lr, "epoch_time_s": round(seconds, 2)}
+    record.update({k: v / (steps * ctx.world_size) for k, v in zip(keys, reduced, strict=True)})
+    return record

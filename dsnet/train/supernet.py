@@ -22,18 +22,26 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from dsnet.models import create_model
 from dsnet.models.base import DynamicNet
 from dsnet.train.bn_calibration import calibrate_bn
 from dsnet.train.checkpoint import read_checkpoint, save_checkpoint
 from dsnet.train.config import load_config
-from dsnet.train.distributed import DistContext, all_reduce_sum, init_distributed
+from dsnet.train.distributed import DistContext, init_distributed
 from dsnet.train.ema import ModelEma
 from dsnet.train.losses import soft_cross_entropy
 from dsnet.train.optim import MaskedSGD, cosine_lr
-from dsnet.train.run import RunDir, rng_state, seed_everything, set_rng_state, top1_accuracy, unwrap
+from dsnet.train.run import (
+    RunDir,
+    epoch_record,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    top1_accuracy,
+    train_epoch,
+    unwrap,
+)
 from dsnet.utils.io import atomic_copy, atomic_write_json
 
 __all__ = ["sample_subnets", "supernet_step", "train_supernet", "build_model", "calibrate_checkpoint"]
@@ -188,50 +196,46 @@ def train_supernet(
     )
     routed = [s.index for s in model.subnets if s.routed]
     spec = _model_spec(cfg, info.num_classes, info.in_chans)
+
+    def step(batch) -> dict[str, float]:
+        images, labels = batch
+        image_views = [v.to(device, non_blocking=True) for v in (images if views > 1 else [images])]
+        if sc["channels_last"]:
+            image_views = [v.contiguous(memory_format=torch.channels_last) for v in image_views]
+        optimizer.zero_grad(set_to_none=True)
+        losses = supernet_step(
+            ddp,
+            ema.module,
+            image_views,
+            labels.to(device, non_blocking=True),
+            sample_subnets(model, step.count, cfg["seed"], sc["num_random"]),
+            distill=sc["distill"],
+            label_smoothing=sc["label_smoothing"],
+            amp=sc["amp"],
+        )
+        if sc["grad_clip"]:
+            nn.utils.clip_grad_norm_(params, sc["grad_clip"])
+        optimizer.step()
+        ema.update(model)
+        step.count += 1
+        return losses
+
     for epoch in range(start_epoch, sc["epochs"]):
-        train_loader.sampler.set_epoch(epoch)
         model.train()
         t0 = time.time()
-        sums: dict[str, float] = {}
-        bar = tqdm(
+        step.count = epoch * steps_per_epoch  # global step: seeds the sandwich sampling
+        sums, lr = train_epoch(
             train_loader,
-            desc=f"supernet {epoch + 1}/{sc['epochs']}",
-            disable=not (ctx.is_main and cfg["log"]["progress"]),
-            leave=False,
+            epoch,
+            lambda s: cosine_lr(s, total_steps, base_lr, warmup, sc["min_lr"]),
+            optimizer,
+            step,
+            f"supernet {epoch + 1}/{sc['epochs']}",
+            ctx.is_main and cfg["log"]["progress"],
+            cfg["log"]["print_every"],
         )
-        for i, (images, labels) in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            lr = cosine_lr(step, total_steps, base_lr, warmup, sc["min_lr"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            image_views = [v.to(device, non_blocking=True) for v in (images if views > 1 else [images])]
-            if sc["channels_last"]:
-                image_views = [v.contiguous(memory_format=torch.channels_last) for v in image_views]
-            labels = labels.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            losses = supernet_step(
-                ddp,
-                ema.module,
-                image_views,
-                labels,
-                sample_subnets(model, step, cfg["seed"], sc["num_random"]),
-                distill=sc["distill"],
-                label_smoothing=sc["label_smoothing"],
-                amp=sc["amp"],
-            )
-            if sc["grad_clip"]:
-                nn.utils.clip_grad_norm_(params, sc["grad_clip"])
-            optimizer.step()
-            ema.update(model)
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if i % cfg["log"]["print_every"] == 0:
-                bar.set_postfix(lr=f"{lr:.4f}", **{k[5:]: f"{v:.3f}" for k, v in losses.items()})
         epoch_time = time.time() - t0
-        keys = sorted(sums)
-        reduced = all_reduce_sum([sums[k] for k in keys], ctx, device)
-        record: dict[str, Any] = {"epoch": epoch, "lr": lr, "epoch_time_s": round(epoch_time, 2)}
-        record.update({k: v / (steps_per_epoch * ctx.world_size) for k, v in zip(keys, reduced, strict=True)})
+        record = epoch_record(epoch, lr, epoch_time, sums, steps_per_epoch, ctx, device)
         if ctx.is_main:  # validation of the EMA teacher (BN statistics not yet recalibrated)
             for name, k in (("slimmest", routed[0]), ("widest", routed[-1]), ("largest", model.largest)):
                 record[f"ema_top1_{name}"] = top1_accuracy(ema.module, val_loader, device, subnet=k)

@@ -49,6 +49,7 @@ QUICKSTART: dict[str, Any] = {
         "weight_decay": 0.0,
         "macs_weight": 0.5,
         "macs_unit": "relative",
+        "target_fraction": 0.6,  # budget: 60% of the widest routed sub-network's MACs
     },
     "log": {"tensorboard": False},
 }

@@ -201,3 +201,27 @@ def test_every_shipped_recipe_validates():
     for path in recipes:
         cfg = load_config(path)
         assert cfg["model"]["name"] in dsnet.list_models(), path
+
+
+def test_budget_calibration_meets_the_target_on_training_images():
+    from dsnet.train.gate import calibrate_budget
+
+    model = _model().eval()
+    with torch.no_grad():
+        model.gate.slim_head.weight.normal_(0, 3.0)
+    loader = [_batch(32) for _ in range(2)]
+    table = model.routing_macs((3, 32, 32))
+    target = 0.5 * float(table[0] + table[-1])
+    b = calibrate_budget(model, loader, torch.device("cpu"), table, target)
+    x = torch.cat([xb for xb, _ in loader])
+    with torch.no_grad():
+        routed = model(x, return_routing=True)
+    mean = float(table[routed.choice].mean())
+    assert mean <= target  # the budget is met ...
+    step = float(table[-1] - table[0]) / len(x)
+    assert mean >= target - 2 * step  # ... as tightly as the sample count allows
+    torch.testing.assert_close(model.gate.budget_bias, b * torch.linspace(1, -1, len(model.routing_space)))
+    # the stored bias travels with the weights
+    clone = dsnet.create_model("ds_resnet20_cifar", num_classes=4, zero_init_residual=False)
+    clone.load_state_dict(model.state_dict())
+    assert torch.equal(clone.gate.budget_bias, model.gate.budget_bias)

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dsnet.layers.gate import bias_ramp
 from dsnet.models.base import DynamicNet
 
 __all__ = ["SCHEMA_VERSION", "evaluate", "bias_ramp", "auto_biases", "sweep_point", "routed_curve"]
@@ -70,19 +71,6 @@ SCHEMA_VERSION = 1
 # Dynamic and static logits of the same sub-network differ only by float rounding (group batch sizes,
 # TF32 on GPUs). Anything beyond this fraction of the logit scale means the two paths compute different things.
 _LOGIT_TOLERANCE = 0.05
-
-
-def bias_ramp(num_choices: int) -> Tensor:
-    """``linspace(+1, -1, R)``: the direction a scalar budget bias moves the gate in.
-
-    Positive on slim choices and negative on wide ones, so ``b > 0`` saves
-    compute; antisymmetric, so ``b = 0`` is the trained gate.
-    """
-    if num_choices < 1:
-        raise ValueError(f"need at least one routing choice, got {num_choices}")
-    if num_choices == 1:
-        return torch.zeros(1)
-    return torch.linspace(1.0, -1.0, num_choices)
 
 
 def sweep_point(

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from dsnet.layers.sliced import SliceableModule, SlicedLinear
 
-__all__ = ["SqueezeExcite", "DynamicGate", "straight_through_gumbel", "make_divisible"]
+__all__ = ["SqueezeExcite", "DynamicGate", "bias_ramp", "straight_through_gumbel", "make_divisible"]
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -60,17 +60,47 @@ class SqueezeExcite(SliceableModule):
         return StaticSqueezeExcite(self.reduce.to_static(channels), self.expand.to_static(self.reduced, channels))
 
 
+def bias_ramp(num_choices: int) -> Tensor:
+    """``linspace(+1, -1, R)``: the direction a scalar budget bias moves the gate in.
+
+    Positive on slim choices and negative on wide ones, so ``b > 0`` saves
+    compute; antisymmetric, so ``b = 0`` leaves the gate as trained.
+    """
+    if num_choices < 1:
+        raise ValueError(f"need at least one routing choice, got {num_choices}")
+    if num_choices == 1:
+        return torch.zeros(1)
+    return torch.linspace(1.0, -1.0, num_choices)
+
+
 class DynamicGate(SqueezeExcite):
-    """Squeeze-excitation plus a slimming head over ``num_choices`` widths."""
+    """Squeeze-excitation plus a slimming head over ``num_choices`` widths.
+
+    ``budget_bias`` (a buffer, saved with the model) is added to the slimming
+    head's logits at every call: stage II sets it so the trained gate meets a
+    target mean-MACs budget (see ``dsnet.train.gate.calibrate_budget``); it is
+    zero otherwise.
+    """
 
     def __init__(self, channels: int, num_choices: int, se_ratio: float = 0.25) -> None:
         super().__init__(channels, se_ratio)
         self.num_choices = num_choices
-        # bias-free, as the official gate head; a run-time bias is added to the logits instead
+        # bias-free, as the official gate head; budget and run-time biases are added to the logits instead
         self.slim_head = nn.Linear(self.reduced, num_choices, bias=False)  # FC_g
+        self.register_buffer("budget_bias", torch.zeros(num_choices))
+
+    def raw_logits(self, z: Tensor) -> Tensor:
+        """The slimming head alone (what stage II trains)."""
+        return self.slim_head(z)
 
     def logits(self, z: Tensor) -> Tensor:
-        return self.slim_head(z)
+        """Routing logits: the slimming head plus the stored budget bias."""
+        return self.slim_head(z) + self.budget_bias
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        # checkpoints written before the budget bias existed load with a zero bias
+        state_dict.setdefault(prefix + "budget_bias", torch.zeros_like(self.budget_bias))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, reduced={self.reduced}, num_choices={self.num_choices}"

@@ -66,7 +66,9 @@ DEFAULTS: dict[str, Any] = {
         "task_weight": 1.0,  # CE of the dynamically routed output
         "macs_weight": 0.5,  # lambda of the complexity loss
         "macs_unit": "gmacs",  # gmacs (official: (mean GMACs)^2) | relative (mean MACs / widest routed)
-        "target_mmacs": None,  # optional budget: penalise (mean - target)^2 instead of mean^2
+        "target_mmacs": None,  # optional budget: penalise (mean - target)^2 instead of mean^2, then set
+        # the gate's stored bias so the trained gate averages this many MMACs on training images
+        "target_fraction": None,  # the same budget as a fraction of the widest routing choice's MACs
         "amp": True,
     },
     "log": {
@@ -83,6 +85,7 @@ DEFAULTS: dict[str, Any] = {
 _NONE_TYPES: dict[str, tuple[type, ...]] = {
     "supernet.grad_clip": (float, int),
     "gate.target_mmacs": (float, int),
+    "gate.target_fraction": (float, int),
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from dsnet.layers.gate import straight_through_gumbel
+from dsnet.layers.gate import bias_ramp, straight_through_gumbel
 from dsnet.models.base import DynamicNet
 from dsnet.train.checkpoint import load_model
 from dsnet.train.config import load_config
@@ -70,7 +70,7 @@ def gate_step(
         slim = model.forward_post(h, space[0])
         wide = model.forward_post(h, space[-1])
         target = sgs_targets(slim, wide, labels, n)
-    gate_logits = model.gate.logits(z)
+    gate_logits = model.gate.raw_logits(z)  # the stored budget bias is set after training, not trained through
     onehot = straight_through_gumbel(gate_logits, gc["tau"])
     choice = onehot.argmax(1)
     with torch.no_grad():
@@ -95,7 +95,59 @@ def gate_step(
 
 
 def _target(gc: dict[str, Any]) -> float | None:
-    return None if gc["target_mmacs"] is None else gc["target_mmacs"] * 1e6
+    return gc.get("_target_macs")
+
+
+def target_macs(gc: dict[str, Any], macs_table: Tensor) -> float | None:
+    """The budget in MACs per sample: ``target_mmacs``, or ``target_fraction`` of the widest routing choice."""
+    if gc["target_mmacs"] is not None and gc["target_fraction"] is not None:
+        raise ValueError("gate.target_mmacs and gate.target_fraction are alternatives: set one")
+    if gc["target_mmacs"] is not None:
+        return gc["target_mmacs"] * 1e6
+    if gc["target_fraction"] is not None:
+        if not 0.0 < gc["target_fraction"] <= 1.0:
+            raise ValueError(f"gate.target_fraction must be in (0, 1], got {gc['target_fraction']}")
+        return gc["target_fraction"] * float(macs_table[-1])
+    return None
+
+
+@torch.no_grad()
+def calibrate_budget(
+    model: DynamicNet, loader, device: torch.device, macs_table: Tensor, target: float, max_batches: int = 50
+) -> float:
+    """Set the gate's stored budget bias so dynamic inference averages ``target`` MACs on training images.
+
+    The bias is ``b * bias_ramp`` (favouring slim choices for ``b > 0``); the
+    mean routed MACs fall monotonically with ``b``, so bisection finds the
+    smallest ``b`` that meets the budget. Returns ``b``.
+    """
+    ramp = bias_ramp(len(model.routing_space)).to(device)
+    logits = []
+    with temporary_mode(model, False):
+        for i, (images, _) in enumerate(loader):
+            if i >= max_batches:
+                break
+            _, z = model.forward_pre(images.to(device), model.routing_space[0])
+            logits.append(model.gate.raw_logits(z))
+    g = torch.cat(logits)
+    table = macs_table.to(device)
+
+    def mean_macs(b: float) -> float:
+        return float(table[(g + b * ramp).argmax(1)].mean())
+
+    lo, hi = -1.0, 1.0
+    while mean_macs(lo) < target and lo > -1e6:
+        lo *= 2
+    while mean_macs(hi) > target and hi < 1e6:
+        hi *= 2
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if mean_macs(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    model.gate.budget_bias.copy_(hi * ramp)
+    return hi
 
 
 @torch.no_grad()
@@ -155,6 +207,11 @@ def train_gate(
     input_size = (info.in_chans, info.image_size, info.image_size)
     macs_table = model.routing_macs(input_size).to(device)
     unit = 1e9 if gc["macs_unit"] == "gmacs" else float(macs_table[-1])
+    gc = {**gc, "_target_macs": target_macs(gc, macs_table)}
+    budget_loader = None
+    if gc["_target_macs"] is not None:  # a separate, fixed pass over training images to calibrate the budget bias
+        budget_loader, _ = build_loader(cfg["data"], "train", seed=cfg["seed"] + 7, device=device)
+        budget_loader.sampler.set_epoch(0)
     global_batch = cfg["data"]["batch_size"] * ctx.world_size
     base_lr = gc["lr"] * global_batch / gc["lr_reference_batch"]
     optimizer = MaskedSGD(head, base_lr, gc["momentum"], gc["weight_decay"], mask_untouched=False)
@@ -196,6 +253,9 @@ def train_gate(
             cfg["log"]["print_every"],
         )
         record = epoch_record(epoch, lr, time.time() - t0, sums, steps_per_epoch, ctx, device)
+        if budget_loader is not None:
+            record["budget_bias"] = calibrate_budget(model, budget_loader, device, macs_table, gc["_target_macs"])
+            record["target_mmacs"] = gc["_target_macs"] / 1e6
         if ctx.is_main:
             val = evaluate_dynamic(model, val_loader, device, macs_table)
             record.update({f"val_{k}": v for k, v in val.items()})

@@ -148,6 +148,11 @@ def _check_report(report, model):
         )
         assert dyn["predicted_ms"] == pytest.approx(expect)
         assert dyn["latency_ms"] > 0 and dyn["vs_predicted"] == pytest.approx(dyn["latency_ms"] / expect)
+        mix_macs = sum(c / sum(dyn["counts"]) * macs[k] for c, k in zip(dyn["counts"], model.routing_space))
+        assert dyn["mean_macs"] == pytest.approx(mix_macs + model.gate_head_macs())
+        assert dyn["theoretical_speedup"] == pytest.approx(macs[w] / dyn["mean_macs"])
+        assert dyn["real_speedup"] == pytest.approx(rows[w]["sliced_ms"] / dyn["latency_ms"])
+        assert dyn["efficiency"] == pytest.approx(dyn["real_speedup"] / dyn["theoretical_speedup"])
 
 
 def test_run_benchmark_report_schema():

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -260,6 +261,7 @@ class SlicedBatchNorm2d(SliceableModule):
         self.register_buffer("running_mean", torch.zeros(num_slots, num_features))
         self.register_buffer("running_var", torch.ones(num_slots, num_features))
         self.register_buffer("num_batches_tracked", torch.zeros(num_slots, dtype=torch.long))
+        self.sync = False  # statistics over all DDP ranks (set by dsnet.train on multi-GPU runs; CUDA only)
         self._args: dict[tuple, tuple] = {}
 
     def reset_running_stats(self) -> None:
@@ -291,6 +293,14 @@ class SlicedBatchNorm2d(SliceableModule):
         if self.training:
             self.num_batches_tracked[slot] += 1
             factor = 1.0 / float(self.num_batches_tracked[slot]) if self.momentum is None else self.momentum
+        if self.training and self.sync and x.is_cuda and dist.is_available() and dist.is_initialized():
+            # synchronised statistics across DDP ranks, with torch's own SyncBatchNorm kernels (CUDA only)
+            from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm
+
+            group = dist.group.WORLD
+            return sync_batch_norm.apply(
+                x, self.weight[:ch], self.bias[:ch], mean, var, self.eps, factor, group, dist.get_world_size(group)
+            )
         return F.batch_norm(x, mean, var, self.weight[:ch], self.bias[:ch], self.training, factor, self.eps)
 
     def to_static(self, num_features: int, slot: int) -> nn.BatchNorm2d:

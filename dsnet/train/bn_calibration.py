@@ -48,7 +48,9 @@ def calibrate_bn(
         bn.num_batches_tracked[slots] = 0
         bn.momentum = None  # cumulative average
     model.train()
-    bar = tqdm(total=num_batches * len(subnets), desc="BN recalibration", disable=not progress, leave=False)
+    bar = tqdm(
+        total=num_batches * len(subnets), desc="BN recalibration", disable=None if progress else True, leave=False
+    )
     try:
         for k in subnets:
             for i, batch in enumerate(loader):

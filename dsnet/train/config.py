@@ -34,10 +34,12 @@ DEFAULTS: dict[str, Any] = {
     "data": {},  # validated by dsnet.data.resolve_data_config
     "supernet": {
         "epochs": 10,
+        "optimizer": "sgd",  # sgd (masked, as official) | adamw (for vision transformers)
         "lr": 0.1,
         "lr_reference_batch": 256,  # lr is for this global batch size; scaled linearly to the real one
         "momentum": 0.9,
         "nesterov": False,
+        "betas": [0.9, 0.999],  # adamw only
         "weight_decay": 1e-4,
         "warmup_epochs": 1,
         "min_lr": 0.0,
@@ -90,6 +92,7 @@ _NONE_TYPES: dict[str, tuple[type, ...]] = {
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "supernet.distill": ("ib", "ieb", "inplace", "none"),
+    "supernet.optimizer": ("sgd", "adamw"),
     "gate.macs_unit": ("gmacs", "relative"),
 }
 

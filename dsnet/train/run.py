@@ -166,7 +166,8 @@ def train_epoch(
     steps_per_epoch = len(loader)
     sums: dict[str, float] = {}
     lr = optimizer.param_groups[0]["lr"]
-    bar = tqdm(loader, desc=desc, disable=not show, leave=False)
+    # disable=None: tqdm turns itself off when stderr is not a terminal (CI logs get the epoch lines only)
+    bar = tqdm(loader, desc=desc, disable=None if show else True, leave=False)
     for i, batch in enumerate(bar):
         lr = lr_at(epoch * steps_per_epoch + i)
         for group in optimizer.param_groups:

@@ -123,6 +123,18 @@ def supernet_step(
     return losses
 
 
+def build_optimizer(params: list[nn.Parameter], lr: float, sc: dict[str, Any]) -> torch.optim.Optimizer:
+    """Masked SGD (the official recipe) or AdamW (transformers; decay on weight matrices only, as DeiT)."""
+    if sc["optimizer"] == "adamw":
+        decay = [p for p in params if p.dim() > 1]
+        no_decay = [p for p in params if p.dim() <= 1]
+        groups = [{"params": decay, "weight_decay": sc["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(sc["betas"]))
+    return MaskedSGD(
+        params, lr, sc["momentum"], sc["weight_decay"], sc["nesterov"], mask_untouched=sc["mask_untouched"]
+    )
+
+
 def build_model(cfg: dict, num_classes: int, in_chans: int) -> DynamicNet:
     kwargs = {"num_classes": num_classes, "in_chans": in_chans, **cfg["model"]["kwargs"]}
     model = create_model(cfg["model"]["name"], **kwargs)
@@ -173,9 +185,7 @@ def train_supernet(
     params = [p for p in model.parameters() if p.requires_grad]
     global_batch = cfg["data"]["batch_size"] * ctx.world_size
     base_lr = sc["lr"] * global_batch / sc["lr_reference_batch"]
-    optimizer = MaskedSGD(
-        params, base_lr, sc["momentum"], sc["weight_decay"], sc["nesterov"], mask_untouched=sc["mask_untouched"]
-    )
+    optimizer = build_optimizer(params, base_lr, sc)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ValueError("the training set is smaller than one batch: lower data.batch_size or raise data.train_subset")
@@ -189,6 +199,9 @@ def train_supernet(
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best_metric = state["epoch"] + 1, state["best_metric"]
         set_rng_state(state["rng"])
+    if ctx.enabled and device.type == "cuda":  # SyncBatchNorm: GPU only (gloo has no sync-BN kernels)
+        for bn in model.sliced_batchnorms():
+            bn.sync = True
     ddp = (
         nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         if ctx.enabled

@@ -15,10 +15,13 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 
-@pytest.fixture(scope="module")
-def model():
-    # two routing choices keep the bundle (and the test) small; the code is the same for four
-    return perturb(dsnet.create_model("ds_resnet20_cifar", routing_space=[0, 3]))
+# one small model per family, every routing choice: the export is generic over DynamicNet
+FAMILIES = ["ds_resnet20_cifar", "ds_mobilenet_v1_cifar", "ds_vit_cifar"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request):
+    return perturb(dsnet.create_model(request.param))
 
 
 def test_static_subnet_export_matches_eager_and_is_compact(model, tmp_path):
@@ -31,23 +34,25 @@ def test_static_subnet_export_matches_eager_and_is_compact(model, tmp_path):
 
 
 def test_dynamic_bundle_matches_eager_on_every_choice(model, tmp_path):
-    manifest = export_dynamic(model, tmp_path / "dynamic.onnx", model_name="ds_resnet20_cifar")
+    manifest = export_dynamic(model, tmp_path / "dynamic.onnx", model_name="test")
     meta = json.loads(manifest.read_text())
-    assert meta["routing_space"] == [0, 3] and len(meta["post"]) == 2
+    n = len(model.routing_space)
+    assert meta["routing_space"] == model.routing_space and len(meta["post"]) == n
     x = small_input(model, 8)
     res = check_dynamic(model, manifest, x)
-    assert res["choices_checked"] == [0, 1]
+    assert res["choices_checked"] == list(range(n))
     assert res["forced_max_abs_diff"] < 1e-4 and res["gate_max_abs_diff"] < 1e-4 and res["gate_choices_agree"]
     # the routed graphs hold compact weights: the slim one is much smaller than the wide one
     sizes = [os.path.getsize(tmp_path / p["file"]) for p in meta["post"]]
-    assert sizes[0] < sizes[1] / 3
+    assert sizes[0] < sizes[-1] / 2
     # gate bias shifts decisions as in eager
+    bias = [1e6] + [0.0] * (n - 1)
     bundle = OnnxDynamicModel(tmp_path / "dynamic.onnx")
-    _, choice = bundle(x.numpy(), gate_bias=[1e6, 0.0])
+    _, choice = bundle(x.numpy(), gate_bias=bias)
     assert (choice == 0).all()
     with torch.inference_mode():
-        eager = model(x, gate_bias=[1e6, 0.0])
-    out, _ = bundle(x.numpy(), gate_bias=[1e6, 0.0])
+        eager = model(x, gate_bias=bias)
+    out, _ = bundle(x.numpy(), gate_bias=bias)
     assert float(abs(out - eager.numpy()).max()) < 1e-4
 
 

@@ -50,8 +50,8 @@ class TensorCache:
         self._entries: dict[tuple, tuple[tuple, Tensor]] = {}
 
     def get(self, param: Tensor, key: tuple, make: Callable[[], Tensor]) -> Tensor:
-        if torch.is_grad_enabled() and param.requires_grad:
-            return make()
+        if (torch.is_grad_enabled() and param.requires_grad) or torch.compiler.is_compiling():
+            return make()  # training differentiates through it; export/compile trace it
         stamp = (param._version, param.data_ptr(), param.dtype, param.device)
         entry = self._entries.get(key)
         if entry is None or entry[0] != stamp:

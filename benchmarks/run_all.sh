@@ -7,3 +7,5 @@ mkdir -p benchmarks/results
     --json benchmarks/results/ds_mobilenet_v1.json 2>/dev/null | tee benchmarks/results/ds_mobilenet_v1.txt
 .venv/bin/dsnet bench --model ds_resnet50 --batch-sizes 1,32 --threads 2 --repeats 5 --warmup 1 \
     --json benchmarks/results/ds_resnet50.json 2>/dev/null | tee benchmarks/results/ds_resnet50.txt
+.venv/bin/dsnet bench --model ds_vit_small --batch-sizes 1,32 --threads 2 --repeats 5 --warmup 1 \
+    --json benchmarks/results/ds_vit_small.json 2>/dev/null | tee benchmarks/results/ds_vit_small.txt

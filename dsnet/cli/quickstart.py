@@ -10,7 +10,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "quickstart",
         help="the whole method on Fashion-MNIST in minutes (stage I, BN recalibration, stage II, eval, timing)",
     )
-    p.add_argument("--fast", action="store_true", help="25,600 training images, 3 + 1 epochs: under 3 minutes (lower accuracy)")
+    p.add_argument(
+        "--fast", action="store_true", help="25,600 training images, 3 + 1 epochs: under 3 minutes (lower accuracy)"
+    )
     p.add_argument("--data", help="Fashion-MNIST folder (default: /usr/share/datasets/fashion-mnist)")
     p.add_argument("--out", default="runs/quickstart", help="run directory; a re-run continues where it stopped")
     p.add_argument(

@@ -260,27 +260,23 @@ def train_gate(
             val = evaluate_dynamic(model, val_loader, device, macs_table)
             record.update({f"val_{k}": v for k, v in val.items()})
         metric = record.get("val_top1", -1.0)
-        is_best = metric > best_metric
-        best_metric = max(best_metric, metric)
-        record["best_metric"] = best_metric
-        run.log(record)
-        run.save(
+        best_metric = run.end_epoch(
+            record,
+            metric,
+            best_metric,
             {
                 "model": spec,
                 "state_dict": model.state_dict(),
                 "ema_state_dict": None,
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch,
-                "best_metric": best_metric,
                 "config": cfg,
                 "stage": "gate",
                 "supernet": str(supernet),
                 "dataset": dataclasses.asdict(info),
                 "rng": rng_state(),
                 "bn_calibrated": sup.get("bn_calibrated", False),
-                "metrics": record,
             },
-            best=is_best,
         )
         if ctx.is_main:
             print(

@@ -142,6 +142,14 @@ class RunDir:
         if best:
             save_checkpoint(self.best, payload)
 
+    def end_epoch(self, record: dict, metric: float, best_so_far: float, payload: dict) -> float:
+        """Track the best ``metric``, log the epoch, write ``last`` (and ``best``). Returns the best metric."""
+        best = max(best_so_far, metric)
+        record["best_metric"] = best
+        self.log(record)
+        self.save({**payload, "best_metric": best, "metrics": record}, best=metric > best_so_far)
+        return best
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

@@ -253,11 +253,10 @@ def train_supernet(
             for name, k in (("slimmest", routed[0]), ("widest", routed[-1]), ("largest", model.largest)):
                 record[f"ema_top1_{name}"] = top1_accuracy(ema.module, val_loader, device, subnet=k)
         metric = record.get("ema_top1_widest", -1.0)
-        is_best = metric > best_metric
-        best_metric = max(best_metric, metric)
-        record["best_metric"] = best_metric
-        run.log(record)
-        run.save(
+        best_metric = run.end_epoch(
+            record,
+            metric,
+            best_metric,
             {
                 "model": spec,
                 "state_dict": model.state_dict(),
@@ -265,15 +264,12 @@ def train_supernet(
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch,
                 "step": (epoch + 1) * steps_per_epoch,
-                "best_metric": best_metric,
                 "config": cfg,
                 "stage": "supernet",
                 "dataset": dataclasses.asdict(info),
                 "rng": rng_state(),
                 "bn_calibrated": False,
-                "metrics": record,
             },
-            best=is_best,
         )
         if ctx.is_main:
             summary = ", ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith(("loss", "ema")))

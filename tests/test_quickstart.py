@@ -48,3 +48,15 @@ def test_quickstart_without_data_says_how_to_get_it(tmp_path, capsys):
     assert main(["quickstart", "--out", str(tmp_path / "q"), "--data", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "apt-get install dataset-fashion-mnist" in err and "Traceback" not in err
+
+
+def test_quickstart_recipe_is_the_shipped_fashion_mnist_recipe():
+    from pathlib import Path
+
+    from dsnet.quickstart import quickstart_config
+    from dsnet.train.config import load_config
+
+    shipped = load_config(Path(__file__).parents[1] / "configs" / "fashion_mnist.yaml")
+    ours = quickstart_config()
+    for section in ("model", "supernet", "gate"):
+        assert shipped[section] == ours[section], section

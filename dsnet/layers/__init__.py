@@ -1,16 +1,25 @@
 """Sliceable layers and the dynamic gate: the building blocks of every dsnet model."""
 
-from dsnet.layers.gate import DynamicGate, SqueezeExcite, make_divisible, straight_through_gumbel
+from dsnet.layers.gate import DynamicGate, SqueezeExcite, bias_ramp, make_divisible, straight_through_gumbel
 from dsnet.layers.sliced import (
     SliceableModule,
     SlicedBatchNorm2d,
     SlicedConv2d,
     SlicedLayerNorm,
     SlicedLinear,
+    TensorCache,
 )
+from dsnet.layers.transformer import DSViTBlock, SlicedAttention, SlicedMlp, SlicedQKV, TokenGate
 
 __all__ = [
+    "DSViTBlock",
     "DynamicGate",
+    "SlicedAttention",
+    "SlicedMlp",
+    "SlicedQKV",
+    "TensorCache",
+    "TokenGate",
+    "bias_ramp",
     "SqueezeExcite",
     "SliceableModule",
     "SlicedBatchNorm2d",

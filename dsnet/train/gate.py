@@ -61,8 +61,12 @@ def gate_step(
     macs_table: Tensor,
     gc: dict[str, Any],
     unit_macs: float,
+    target_macs: float | None = None,
 ) -> dict[str, float]:
-    """Losses of one stage II step, backward included (no optimiser step)."""
+    """Losses of one stage II step, backward included (no optimiser step).
+
+    ``target_macs`` is the budget the complexity loss steers toward (None: plain ``(MACs / unit)^2``).
+    """
     space = model.routing_space
     n = len(space)
     with torch.no_grad():
@@ -80,7 +84,7 @@ def gate_step(
     sgs = F.cross_entropy(gate_logits, target)
     task = F.cross_entropy(logits, labels)
     expected_macs = onehot @ macs_table
-    cost = complexity_loss(expected_macs, gc["macs_weight"], unit_macs, _target(gc))
+    cost = complexity_loss(expected_macs, gc["macs_weight"], unit_macs, target_macs)
     loss = gc["sgs_weight"] * sgs + gc["task_weight"] * task + cost
     loss.backward()
     return {
@@ -92,10 +96,6 @@ def gate_step(
         "train_top1": 100.0 * float((routed.argmax(1) == labels).float().mean()),
         "sgs_wide_frac": float((target == n - 1).float().mean()),
     }
-
-
-def _target(gc: dict[str, Any]) -> float | None:
-    return gc.get("_target_macs")
 
 
 def target_macs(gc: dict[str, Any], macs_table: Tensor) -> float | None:
@@ -207,9 +207,9 @@ def train_gate(
     input_size = (info.in_chans, info.image_size, info.image_size)
     macs_table = model.routing_macs(input_size).to(device)
     unit = 1e9 if gc["macs_unit"] == "gmacs" else float(macs_table[-1])
-    gc = {**gc, "_target_macs": target_macs(gc, macs_table)}
+    target = target_macs(gc, macs_table)
     budget_loader = None
-    if gc["_target_macs"] is not None:  # a separate, fixed pass over training images to calibrate the budget bias
+    if target is not None:  # a separate, fixed pass over training images to calibrate the budget bias
         budget_loader, _ = build_loader(cfg["data"], "train", seed=cfg["seed"] + 7, device=device)
         budget_loader.sampler.set_epoch(0)
     global_batch = cfg["data"]["batch_size"] * ctx.world_size
@@ -230,7 +230,7 @@ def train_gate(
     def step(batch) -> dict[str, float]:
         images, labels = batch
         optimizer.zero_grad(set_to_none=True)
-        stats = gate_step(model, images.to(device), labels.to(device), macs_table, gc, unit)
+        stats = gate_step(model, images.to(device), labels.to(device), macs_table, gc, unit, target)
         if ctx.enabled:  # only the head trains: average its gradient by hand
             for p in head:
                 dist.all_reduce(p.grad)
@@ -254,8 +254,8 @@ def train_gate(
         )
         record = epoch_record(epoch, lr, time.time() - t0, sums, steps_per_epoch, ctx, device)
         if budget_loader is not None:
-            record["budget_bias"] = calibrate_budget(model, budget_loader, device, macs_table, gc["_target_macs"])
-            record["target_mmacs"] = gc["_target_macs"] / 1e6
+            record["budget_bias"] = calibrate_budget(model, budget_loader, device, macs_table, target)
+            record["target_mmacs"] = target / 1e6
         if ctx.is_main:
             val = evaluate_dynamic(model, val_loader, device, macs_table)
             record.update({f"val_{k}": v for k, v in val.items()})

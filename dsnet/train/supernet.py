@@ -135,17 +135,18 @@ def build_optimizer(params: list[nn.Parameter], lr: float, sc: dict[str, Any]) -
     )
 
 
-def build_model(cfg: dict, num_classes: int, in_chans: int) -> DynamicNet:
-    kwargs = {"num_classes": num_classes, "in_chans": in_chans, **cfg["model"]["kwargs"]}
-    model = create_model(cfg["model"]["name"], **kwargs)
-    if not isinstance(model, DynamicNet):
-        raise ValueError(f"{cfg['model']['name']} is not a dynamic dsnet model")
-    return model
-
-
 def _model_spec(cfg: dict, num_classes: int, in_chans: int) -> dict[str, Any]:
+    """What a checkpoint records to rebuild the model: the dataset's classes/channels unless the config overrides."""
     kwargs = {"num_classes": num_classes, "in_chans": in_chans, **cfg["model"]["kwargs"]}
     return {"name": cfg["model"]["name"], "kwargs": kwargs}
+
+
+def build_model(cfg: dict, num_classes: int, in_chans: int) -> DynamicNet:
+    spec = _model_spec(cfg, num_classes, in_chans)
+    model = create_model(spec["name"], **spec["kwargs"])
+    if not isinstance(model, DynamicNet):
+        raise ValueError(f"{spec['name']} is not a dynamic dsnet model")
+    return model
 
 
 def _param_checksum(model: nn.Module) -> float:

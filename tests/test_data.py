@@ -444,3 +444,23 @@ def test_geometry_of_tensor_crops():
     assert (rrc(batch, idx, seed=0, epoch=0, view=0) * 255 - batch.float()).abs().max() < 1e-3  # whole image
     evaluate = BatchTransform(train=False, image_size=12, mean=mean, std=std)
     assert torch.equal(evaluate(batch, idx, seed=0, epoch=0, view=0), batch.float() / 255)
+
+
+def test_holdout_is_carved_out_of_train_and_fixed_across_seeds():
+    cfg = {"dataset": "synthetic", "synthetic": {"num_train": 100, "num_val": 20}, "holdout": 30}
+    train, tinfo = build_dataset(cfg, "train")
+    hold, hinfo = build_dataset(cfg, "holdout")
+    full, _ = build_dataset({**cfg, "holdout": None}, "train")
+    assert (len(train), len(hold), tinfo.num_samples, hinfo.num_samples) == (70, 30, 70, 30)
+    # disjoint, and together exactly the training split
+    rows = {tuple(x.flatten().tolist()) for x in torch.cat([train.images, hold.images])}
+    assert rows == {tuple(x.flatten().tolist()) for x in full.images} and len(rows) == 100
+    # train_subset takes from what is left after the holdout; the holdout does not depend on it
+    sub, _ = build_dataset({**cfg, "train_subset": 10}, "train")
+    assert len(sub) == 10 and torch.equal(build_dataset({**cfg, "train_subset": 10}, "holdout")[0].images, hold.images)
+    loader, _ = build_loader(cfg, "holdout")  # unaugmented and in order, like val
+    assert torch.equal(torch.cat([y for _, y in loader]), hold.labels)
+    with pytest.raises(ValueError, match="data.holdout is not set"):
+        build_dataset({**cfg, "holdout": None}, "holdout")
+    with pytest.raises(ValueError, match="leaves no training images"):
+        build_dataset({**cfg, "holdout": 100}, "train")

@@ -37,6 +37,8 @@ DATA_DEFAULTS: dict[str, Any] = {
     "eval_batch_size": 256,
     "workers": 2,
     "train_subset": None,  # int: a fixed seeded subset of the training split (fast runs)
+    "holdout": None,  # int: training images held out (fixed, seeded) for model selection: best epoch,
+    # budget calibration, thresholds. They are never trained on; "val" (the reported split) is never selected on
     "val_subset": None,
     "download": False,
     "augment": {
@@ -69,6 +71,7 @@ _TYPES: dict[str, Any] = {
     "eval_batch_size": int,
     "workers": int,
     "train_subset": (int, type(None)),
+    "holdout": (int, type(None)),
     "val_subset": (int, type(None)),
     "download": bool,
     "augment.random_resized_crop": (bool, type(None)),
@@ -159,7 +162,7 @@ def resolve_data_config(cfg: dict | None) -> dict:
     for key in ("batch_size", "eval_batch_size"):
         _check_range(key, out[key] > 0, "must be positive", out[key])
     _check_range("workers", out["workers"] >= 0, "must be >= 0", out["workers"])
-    for key in ("image_size", "train_subset", "val_subset"):
+    for key in ("image_size", "train_subset", "val_subset", "holdout"):
         _check_range(key, out[key] is None or out[key] > 0, "must be positive or null", out[key])
     aug = out["augment"]
     lo, hi = aug["scale"]

@@ -34,6 +34,7 @@ from dsnet.data.transforms import AugmentSpec, BatchTransform, augment_defaults
 __all__ = ["DatasetInfo", "BatchRequest", "SeededBatchSampler", "BatchFetcher", "build_dataset", "build_loader"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+SPLITS = ("train", "holdout", "val")
 
 # name -> (native size, channels, mean, std)
 _STATS: dict[str, tuple[int, int, tuple[float, ...], tuple[float, ...]]] = {
@@ -126,23 +127,43 @@ def _subset(ds: InMemoryDataset | ImageFolderDataset, k: int | None, salt: int) 
     return ds.subset(idx)
 
 
+def _holdout_split(ds: InMemoryDataset | ImageFolderDataset, n: int | None, split: str) -> Any:
+    """The training images minus ``n`` held-out ones (``split="train"``), or those ``n`` (``"holdout"``)."""
+    if n is None:
+        if split == "holdout":
+            raise ValueError("data.holdout is not set: there is no held-out slice of the training set to use")
+        return ds
+    if n >= len(ds):
+        raise ValueError(f"data.holdout={n} leaves no training images (the training split has {len(ds)})")
+    g = torch.Generator().manual_seed(0x401D)
+    perm = torch.randperm(len(ds), generator=g)
+    keep = perm[:n] if split == "holdout" else perm[n:]
+    return ds.subset(keep.sort().values)
+
+
 # ---------------------------------------------------------------------------------------------------- datasets
 def build_dataset(cfg: dict | None, split: str) -> tuple[Dataset, DatasetInfo]:
-    """The raw dataset for ``split`` ("train" or "val") and its ``DatasetInfo``.
+    """The raw dataset for ``split`` ("train", "holdout" or "val") and its ``DatasetInfo``.
 
     Items are ``(uint8 CHW tensor, int label)``, unaugmented, at native size;
     ``build_loader`` does resizing, augmentation and normalisation.
-    ``train_subset``/``val_subset`` are applied here.
+
+    ``holdout: n`` splits ``n`` images off the training split, a fixed seeded
+    choice (the same for every training seed): "train" is the rest and
+    "holdout" those ``n``, for choosing epochs, budgets and thresholds without
+    looking at "val", the split results are reported on. ``train_subset`` then
+    takes a subset of what remains for training; ``val_subset`` of "val".
     """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     cfg = resolve_data_config(cfg)
     name, root = cfg["dataset"], cfg["root"]
+    source = "val" if split == "val" else "train"  # the holdout is carved out of the training split
     if name == "synthetic":
         s = cfg["synthetic"]
-        n = s["num_train"] if split == "train" else s["num_val"]
+        n = s["num_train"] if source == "train" else s["num_val"]
         ds: InMemoryDataset | ImageFolderDataset = make_synthetic(
-            s["num_classes"], n, s["channels"], s["image_size"], s["seed"], split
+            s["num_classes"], n, s["channels"], s["image_size"], s["seed"], source
         )
         c = s["channels"]
         native, in_chans, mean, std = s["image_size"], c, (0.5,) * c, (0.25,) * c
@@ -150,12 +171,17 @@ def build_dataset(cfg: dict | None, split: str) -> tuple[Dataset, DatasetInfo]:
         native, in_chans, mean, std = _STATS[name]
         if name in ("fashion_mnist", "mnist"):
             classes = FASHION_MNIST_CLASSES if name == "fashion_mnist" else [str(i) for i in range(10)]
-            ds = load_idx_dataset(_locate(name, root, split, cfg["download"]), split, classes)
+            ds = load_idx_dataset(_locate(name, root, source, cfg["download"]), source, classes)
         elif name in ("cifar10", "cifar100"):
-            ds = load_cifar(_locate(name, root, split, cfg["download"]), split, fine=name == "cifar100")
+            ds = load_cifar(_locate(name, root, source, cfg["download"]), source, fine=name == "cifar100")
         else:
-            ds = _image_folder(root, split)
-    ds = _subset(ds, cfg["train_subset"] if split == "train" else cfg["val_subset"], 0 if split == "train" else 1)
+            ds = _image_folder(root, source)
+    if source == "train":
+        ds = _holdout_split(ds, cfg["holdout"], split)
+        if split == "train":
+            ds = _subset(ds, cfg["train_subset"], 0)
+    else:
+        ds = _subset(ds, cfg["val_subset"], 1)
     info = DatasetInfo(
         name=name,
         num_classes=len(ds.class_names),

@@ -36,7 +36,15 @@ from dsnet.train.config import load_config
 from dsnet.train.distributed import init_distributed
 from dsnet.train.losses import complexity_loss, sgs_targets
 from dsnet.train.optim import MaskedSGD, cosine_lr
-from dsnet.train.run import RunDir, epoch_record, rng_state, seed_everything, set_rng_state, train_epoch
+from dsnet.train.run import (
+    RunDir,
+    epoch_record,
+    rng_state,
+    seed_everything,
+    selection_loader,
+    set_rng_state,
+    train_epoch,
+)
 from dsnet.utils.modes import temporary_mode
 
 __all__ = ["gate_step", "train_gate", "freeze_backbone", "evaluate_dynamic"]
@@ -195,7 +203,7 @@ def train_gate(
     train_loader, info = build_loader(
         cfg["data"], "train", seed=cfg["seed"] + 1, rank=ctx.rank, world_size=ctx.world_size, device=device
     )
-    val_loader, _ = build_loader(cfg["data"], "val", seed=cfg["seed"], device=device)
+    val_loader, val_split = selection_loader(cfg["data"], cfg["seed"], device)
     if info.num_classes != model.num_classes or info.in_chans != model.in_chans:
         raise ValueError(
             f"data ({info.name}: {info.num_classes} classes, {info.in_chans} channels) does not match the supernet "
@@ -209,7 +217,9 @@ def train_gate(
     unit = 1e9 if gc["macs_unit"] == "gmacs" else float(macs_table[-1])
     target = target_macs(gc, macs_table)
     budget_loader = None
-    if target is not None:  # a separate, fixed pass over training images to calibrate the budget bias
+    if target is not None and val_split == "holdout":  # calibrate the budget bias on held-out training images
+        budget_loader = val_loader
+    elif target is not None:  # no holdout: a separate, fixed pass over (augmented) training images
         budget_loader, _ = build_loader(cfg["data"], "train", seed=cfg["seed"] + 7, device=device)
         budget_loader.sampler.set_epoch(0)
     global_batch = cfg["data"]["batch_size"] * ctx.world_size
@@ -258,7 +268,7 @@ def train_gate(
             record["target_mmacs"] = target / 1e6
         if ctx.is_main:
             val = evaluate_dynamic(model, val_loader, device, macs_table)
-            record.update({f"val_{k}": v for k, v in val.items()})
+            record.update({f"val_{k}": v for k, v in val.items()}, selection_split=val_split)
         metric = record.get("val_top1", -1.0)
         best_metric = run.end_epoch(
             record,
@@ -290,7 +300,7 @@ def train_gate(
         if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch + 1 < gc["epochs"]:
             run.close()
             return {"stopped_after_epoch": epoch}
-    result = {"epochs": gc["epochs"], "best_metric": best_metric}
+    result = {"epochs": gc["epochs"], "best_metric": best_metric, "selection_split": val_split}
     if ctx.is_main:
         from dsnet.utils.io import atomic_write_json
 

@@ -25,6 +25,7 @@ from dsnet.utils.modes import temporary_mode
 __all__ = [
     "RunDir",
     "seed_everything",
+    "selection_loader",
     "rng_state",
     "set_rng_state",
     "top1_accuracy",
@@ -53,6 +54,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def selection_loader(data_cfg: dict, seed: int, device: torch.device) -> tuple[Any, str]:
+    """The loader model selection reads (best epoch, budget calibration) and its split's name.
+
+    The held-out slice of the training set when ``data.holdout`` is set, so the
+    reported split ("val") is never selected on; "val" otherwise (the run's
+    summary says so).
+    """
+    from dsnet.data import build_loader
+
+    split = "holdout" if data_cfg.get("holdout") else "val"
+    loader, _ = build_loader(data_cfg, split, seed=seed, device=device)
+    return loader, split
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -37,6 +37,7 @@ from dsnet.train.run import (
     epoch_record,
     rng_state,
     seed_everything,
+    selection_loader,
     set_rng_state,
     top1_accuracy,
     train_epoch,
@@ -176,7 +177,7 @@ def train_supernet(
     train_loader, info = build_loader(
         cfg["data"], "train", seed=cfg["seed"], rank=ctx.rank, world_size=ctx.world_size, device=device, views=views
     )
-    val_loader, _ = build_loader(cfg["data"], "val", seed=cfg["seed"], device=device)
+    val_loader, val_split = selection_loader(cfg["data"], cfg["seed"], device)
     run = RunDir(out, cfg, ctx, resume, "supernet")
     model = build_model(cfg, info.num_classes, info.in_chans).to(device)
     if sc["channels_last"]:
@@ -250,7 +251,8 @@ def train_supernet(
         )
         epoch_time = time.time() - t0
         record = epoch_record(epoch, lr, epoch_time, sums, steps_per_epoch, ctx, device)
-        if ctx.is_main:  # validation of the EMA teacher (BN statistics not yet recalibrated)
+        if ctx.is_main:  # the EMA teacher on the selection split (BN statistics not yet recalibrated)
+            record["selection_split"] = val_split
             for name, k in (("slimmest", routed[0]), ("widest", routed[-1]), ("largest", model.largest)):
                 record[f"ema_top1_{name}"] = top1_accuracy(ema.module, val_loader, device, subnet=k)
         metric = record.get("ema_top1_widest", -1.0)
@@ -280,7 +282,12 @@ def train_supernet(
             run.close()
             return {"stopped_after_epoch": epoch}
     checksums = _gather_checksums(model, ctx, device)
-    result: dict[str, Any] = {"epochs": sc["epochs"], "best_metric": best_metric, "rank_param_checksums": checksums}
+    result: dict[str, Any] = {
+        "epochs": sc["epochs"],
+        "best_metric": best_metric,
+        "selection_split": val_split,
+        "rank_param_checksums": checksums,
+    }
     if ctx.enabled and len(set(checksums)) != 1:
         raise RuntimeError(f"DDP ranks diverged: parameter checksums {checksums}")
     if ctx.is_main:

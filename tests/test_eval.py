@@ -49,8 +49,9 @@ def test_schema(setup):
     json.loads(json.dumps(report))  # JSON-serialisable, no tensors or numpy scalars
     assert set(report) == {
         "schema_version", "model", "dataset", "input_size", "top5_k", "bias_ramp", "routing_choices",
-        "static", "dynamic", "sweep", "summary", "consistency",
+        "gate_mode", "static", "dynamic", "sweep", "baselines", "summary", "consistency",
     }  # fmt: skip
+    assert report["gate_mode"] == "pre"
     assert report["schema_version"] == SCHEMA_VERSION
     assert report["model"] == {
         "name": NAME,
@@ -84,19 +85,36 @@ def test_schema(setup):
     assert [c["name"] for c in dyn["per_class"]] == list("abcd")
 
     for p in report["sweep"]:
-        assert set(p) == {"bias", "top1", "top5", "mean_macs", "histogram"}
-        assert all(_is_num(p[k]) for k in ("bias", "top1", "top5", "mean_macs"))
+        assert set(p) == {
+            "bias", "top1", "top5", "mean_macs", "histogram",
+            "static_top1_at_macs", "cascade_top1_at_macs", "oracle_top1_at_macs",
+        }  # fmt: skip
+        assert all(_is_num(v) for k, v in p.items() if k != "histogram")
         _check_histogram(p["histogram"], r, N)
     assert [p["bias"] for p in report["sweep"]] == sorted(BIASES + [0.0])
 
     s = report["summary"]
     assert set(s) == {
         "widest_routed", "dynamic_top1", "dynamic_mean_macs", "mac_reduction", "static_top1_at_dynamic_macs",
-        "top1_gain_at_equal_macs", "interpolation_clamped",
+        "top1_gain_at_equal_macs", "interpolation_clamped", "cascade_top1_at_dynamic_macs", "gain_over_cascade",
+        "oracle_top1_at_dynamic_macs", "oracle_capture", "random_router", "sweep_min_gain_over_static",
+        "sweep_min_gain_over_cascade",
     }  # fmt: skip
     assert set(s["widest_routed"]) == {"index", "macs", "top1"}
     assert isinstance(s["interpolation_clamped"], bool)
-    assert all(_is_num(s[k]) for k in s if k not in ("widest_routed", "interpolation_clamped"))
+    optional = ("oracle_capture", "sweep_min_gain_over_static", "sweep_min_gain_over_cascade")
+    assert all(
+        _is_num(s[k]) or (k in optional and s[k] is None)
+        for k in s
+        if k not in ("widest_routed", "interpolation_clamped", "random_router")
+    )
+    b = report["baselines"]
+    assert set(b) == {"pre_gate_macs", "cascade", "oracle", "random"}
+    assert 0 < b["pre_gate_macs"] < report["static"][0]["macs"]
+    assert [p["threshold"] for p in b["cascade"]] == sorted(p["threshold"] for p in b["cascade"])
+    assert b["cascade"][0]["escalated"] == 0.0 and b["cascade"][-1]["escalated"] == 1.0
+    assert [p["mean_macs"] for p in b["oracle"]] == sorted(p["mean_macs"] for p in b["oracle"])
+    assert b["random"]["mix"] == pytest.approx(dyn["histogram"]["fractions"])
     assert set(report["consistency"]) == {"top1_mismatches", "max_rel_logit_diff"}
 
 
@@ -254,3 +272,40 @@ def test_cli_data_overrides():
     assert "root" not in data_config(ckpt, args)
     args.data = "/elsewhere"
     assert data_config(ckpt, args)["root"] == "/elsewhere"
+
+
+def test_baselines_match_direct_forwards(setup):
+    """The report's cascade, oracle and random router agree with forwards of the slimmest and widest choices."""
+    model, x, y, report = setup
+    space = model.routing_space
+    macs = model.subnet_macs((3, 32, 32))
+    with torch.inference_mode():
+        slim, wide = model(x, subnet=space[0]), model(x, subnet=space[-1])
+        right = torch.stack([(model(x, subnet=k).argmax(1) == y) for k in space], dim=1)
+    conf = torch.softmax(slim, 1).max(1).values
+    pre = report["baselines"]["pre_gate_macs"]
+    for point in report["baselines"]["cascade"]:
+        esc = conf < point["threshold"]
+        out = torch.where(esc[:, None], wide, slim)
+        assert point["top1"] == pytest.approx(100 * (out.argmax(1) == y).double().mean().item())
+        assert point["mean_macs"] == pytest.approx(
+            macs[space[0]] + esc.double().mean().item() * (macs[space[-1]] - pre)
+        )
+    oracle = report["baselines"]["oracle"][-1]
+    assert oracle["top1"] == pytest.approx(100 * right.any(1).double().mean().item())
+    rand = report["baselines"]["random"]
+    mix = torch.tensor(report["dynamic"]["histogram"]["fractions"], dtype=torch.float64)
+    assert rand["top1"] == pytest.approx(100 * float((mix * right.double().mean(0)).sum()))
+    assert report["summary"]["oracle_top1_at_dynamic_macs"] >= report["dynamic"]["top1"] - 1e-9  # a ceiling
+
+
+def test_evaluate_restores_each_modules_mode():
+    """A stage II model (train mode, frozen BN in eval mode) comes back exactly as it was."""
+    from dsnet.train.gate import freeze_backbone
+
+    model = perturb(dsnet.create_model("ds_resnet8_tiny", num_classes=4)).train()
+    freeze_backbone(model)
+    before = [m.training for m in model.modules()]
+    x = small_input(model, batch=8, size=28)
+    evaluate(model, DataLoader(TensorDataset(x, torch.arange(8) % 4), batch_size=8), progress=False)
+    assert [m.training for m in model.modules()] == before

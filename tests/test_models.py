@@ -136,3 +136,42 @@ def test_grayscale_input_via_in_chans():
 def test_configurable_routing_window():
     model = dsnet.create_model("ds_mobilenet_v1", routing_space=[4, 5, 6, 7], num_classes=10)
     assert model.routing_space == [4, 5, 6, 7] and model.gate.num_choices == 4
+
+
+def test_basic_block_resnet_with_the_gate_before_stage_1():
+    """An identity shortcut between a slim pre-gate stem and a wider routed stage pads (or cuts) channels."""
+    model = perturb(dsnet.create_model("ds_resnet18", gate_stage=1, num_classes=10)).eval()
+    x = small_input(model, batch=3)
+    with torch.no_grad():
+        for k in range(len(model.subnets)):
+            torch.testing.assert_close(model(x, subnet=k), model.extract(k)(x), rtol=0, atol=1e-5)
+        assert model(x).shape == (3, 10)
+
+
+def test_inference_cache_follows_weight_updates():
+    """Cached weight slices follow optimiser steps; mode switches and clear_inference_cache cover the rest."""
+    model = perturb(dsnet.create_model("ds_resnet8_tiny")).eval()
+    x = small_input(model, batch=2, size=28)
+    k = model.routing_space[1]  # a sub-network with input-sliced (cached) weights
+
+    def fresh() -> torch.Tensor:
+        return model.extract(k).eval()(x)
+
+    with torch.no_grad():
+        model(x, subnet=k)  # fill the cache
+    params = [p for p in model.parameters() if p.dim() > 1]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    torch.optim.SGD(params, lr=0.1).step()  # version counters move: the cache notices
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, subnet=k), fresh())
+    # a fused optimiser does not bump version counters; switching modes (the train/eval loop) clears the cache
+    model.train()
+    torch.optim.SGD(params, lr=0.1, fused=True).step()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, subnet=k), fresh())
+        for p in params:  # a .data write in eval mode: documented as invisible until clear_inference_cache()
+            p.data.mul_(0.5)
+        model.clear_inference_cache()
+        torch.testing.assert_close(model(x, subnet=k), fresh())

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dsnet.cli import main
-from dsnet.train.checkpoint import read_checkpoint
+from dsnet.train.checkpoint import read_checkpoint, save_checkpoint
 from dsnet.train.config import load_config
 from dsnet.train.gate import train_gate
 from dsnet.train.supernet import train_supernet
@@ -89,8 +89,18 @@ def test_cli_pipeline_and_run_directory(tmp_path, capsys):
     # a finished run is not overwritten by accident
     assert main(["train", "supernet", *sets, "--out", str(out)]) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert main(["calibrate-bn", "--checkpoint", str(out / "best.ckpt"), "--out", str(tmp_path / "cal.ckpt")]) == 0
-    assert read_checkpoint(tmp_path / "cal.ckpt")["bn_calibrated"]
+    # spoil the statistics of both weight sets; calibrate-bn must re-estimate both (EMA teacher and raw student)
+    spoiled = read_checkpoint(out / "best.ckpt")
+    for key in ("ema_state_dict", "state_dict"):
+        spoiled[key] = {k: v + 7.0 if k.endswith("running_mean") else v for k, v in spoiled[key].items()}
+    save_checkpoint(tmp_path / "spoiled.ckpt", {k: v for k, v in spoiled.items() if k != "format"})
+    assert (
+        main(["calibrate-bn", "--checkpoint", str(tmp_path / "spoiled.ckpt"), "--out", str(tmp_path / "cal.ckpt")]) == 0
+    )
+    calibrated, good = read_checkpoint(tmp_path / "cal.ckpt"), read_checkpoint(out / "best.ckpt")
+    assert calibrated["bn_calibrated"] == ["ema_state_dict", "state_dict"]
+    for key in calibrated["bn_calibrated"]:
+        _assert_same_state(calibrated[key], good[key])
     gate_out = tmp_path / "gate"
     assert main(["train", "gate", *sets, "--supernet", str(tmp_path / "cal.ckpt"), "--out", str(gate_out)]) == 0
     record = json.loads((gate_out / "metrics.jsonl").read_text().splitlines()[-1])

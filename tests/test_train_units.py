@@ -7,8 +7,8 @@ import dsnet
 from dsnet.train.bn_calibration import calibrate_bn
 from dsnet.train.config import ConfigError, apply_overrides, resolve_config
 from dsnet.train.ema import ModelEma
-from dsnet.train.gate import freeze_backbone, gate_step
-from dsnet.train.losses import complexity_loss, sgs_targets, soft_cross_entropy
+from dsnet.train.gate import GateObjective, freeze_backbone, gate_step
+from dsnet.train.losses import cheapest_correct_targets, complexity_loss, sgs_targets, soft_cross_entropy
 from dsnet.train.optim import MaskedSGD, cosine_lr
 from dsnet.train.supernet import sample_subnets, supernet_step
 
@@ -133,23 +133,63 @@ def test_soft_cross_entropy_and_complexity_loss():
     assert complexity_loss(macs, 0.5, 1e9, target_macs=2e9).item() == pytest.approx(0.0)
 
 
-def test_gate_step_trains_only_the_slimming_head():
-    model = _model()
+@pytest.mark.parametrize("gate_mode", ["pre", "exit"])
+@pytest.mark.parametrize("task_loss", ["mixed", "routed", "expected"])
+def test_gate_step_trains_only_the_routing_head(gate_mode, task_loss):
+    torch.manual_seed(0)
+    model = dsnet.create_model("ds_resnet20_cifar", num_classes=4, zero_init_residual=False, gate_mode=gate_mode)
     model.train()
     head = freeze_backbone(model)
+    head_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    prefix = "exit_head." if gate_mode == "exit" else "_gate.slim_head."
+    assert head_names and all(n.startswith(prefix) for n in head_names)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     stats_before = [bn.running_mean.clone() for bn in model.sliced_batchnorms()]
     opt = MaskedSGD(head, lr=1.0, momentum=0.0, mask_untouched=False)
     x, y = _batch(16)
-    gc = {"tau": 1.0, "sgs_weight": 1.0, "task_weight": 1.0, "macs_weight": 0.5}
-    stats = gate_step(model, x, y, model.routing_macs((3, 32, 32)), gc, unit_macs=1e6)
-    assert model.gate.slim_head.weight.grad.abs().sum() > 0
+    objective = GateObjective(task_loss=task_loss, sgs_targets="cheapest")
+    stats = gate_step(model, x, y, model.routing_macs((3, 32, 32)), objective, unit_macs=1e6)
+    assert all(p.grad.abs().sum() > 0 for p in head if p.dim() > 1)
     opt.step()
     for n, p in model.named_parameters():
-        assert torch.equal(p, before[n]) != n.endswith("slim_head.weight"), n
+        assert torch.equal(p, before[n]) != (n in head_names), n
     for bn, s in zip(model.sliced_batchnorms(), stats_before):
         assert torch.equal(bn.running_mean, s)  # BN stays in eval mode
     assert 0.0 <= stats["sgs_wide_frac"] <= 1.0 and stats["loss_macs"] > 0
+    assert sum(stats[f"train_route_{k}"] for k in model.routing_space) == pytest.approx(1.0)
+
+
+def test_mixed_task_loss_gives_every_choice_a_gradient():
+    """The mixed task loss's forward is the chosen output; its gradient reaches every choice, not just the chosen."""
+    torch.manual_seed(0)
+    outs = torch.randn(6, 4, 5)  # (samples, choices, classes)
+    labels = torch.randint(0, 5, (6,))
+    choice = torch.randint(0, 4, (6,))
+    onehot = torch.nn.functional.one_hot(choice, 4).float().requires_grad_(True)
+    mixed_logits = (onehot[:, :, None] * outs).sum(1)
+    chosen = outs[torch.arange(6), choice]
+    torch.testing.assert_close(mixed_logits, chosen)  # forward: the chosen output exactly
+    (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(mixed_logits, labels), onehot)
+    # d loss / d m_j = <d CE / d logits, out_j> for every choice j: a choice whose output is better for the
+    # label gets a more negative gradient, so the gate learns which width would have been better
+    dce = (torch.softmax(chosen, 1) - torch.nn.functional.one_hot(labels, 5)) / 6
+    torch.testing.assert_close(grad, torch.einsum("nc,njc->nj", dce, outs))
+    assert (grad != 0).all()
+    # the routed loss (chosen output times its one-hot entry) reaches the chosen entry only
+    routed = torch.nn.functional.cross_entropy(chosen * onehot.gather(1, choice[:, None]), labels)
+    (grad,) = torch.autograd.grad(routed, onehot)
+    assert (grad.ne(0).sum(1) <= 1).all()
+
+
+def test_cheapest_correct_targets():
+    correct = torch.tensor([[True, True, True], [False, True, True], [False, False, True], [False, False, False]])
+    assert cheapest_correct_targets(correct).tolist() == [0, 1, 2, 0]
+    # with two choices it is exactly SGS
+    labels = torch.tensor([0, 1, 2, 3])
+    eye = torch.eye(4)
+    slim, wide = eye[[0, 0, 0, 1]], eye[[0, 1, 0, 0]]
+    both = torch.stack([slim.argmax(1) == labels, wide.argmax(1) == labels], dim=1)
+    assert cheapest_correct_targets(both).mul(3).tolist() == sgs_targets(slim, wide, labels, 4).tolist()
 
 
 def test_bn_recalibration_changes_only_statistics():
@@ -225,3 +265,17 @@ def test_budget_calibration_meets_the_target_on_training_images():
     clone = dsnet.create_model("ds_resnet20_cifar", num_classes=4, zero_init_residual=False)
     clone.load_state_dict(model.state_dict())
     assert torch.equal(clone.gate.budget_bias, model.gate.budget_bias)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_no_weight_decay_on_normalisation_and_biases(optimizer):
+    from dsnet.train.config import DEFAULTS
+    from dsnet.train.supernet import build_optimizer
+
+    model = _model()
+    sc = {**DEFAULTS["supernet"], "optimizer": optimizer, "weight_decay": 0.05}
+    opt = build_optimizer(list(model.parameters()), 0.1, sc)
+    decay = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decay) == (p.dim() > 1), name
+    assert model.stem_bn.weight.dim() == 1 and id(model.stem_bn.weight) not in decay

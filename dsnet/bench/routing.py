@@ -53,28 +53,28 @@ def forced_routing(model: DynamicNet, choices: Tensor, batch_size: int | None = 
     cycle of single-image calls. The gate's real logits are still computed; a
     huge one-hot bias decides.
     """
-    gate = model.gate
     n_choices = len(model.routing_space)
     if choices.dim() != 1 or not choices.numel() or int(choices.min()) < 0 or int(choices.max()) >= n_choices:
         raise ValueError(f"choices must be a non-empty 1-D tensor of routing-choice indices 0..{n_choices - 1}")
     batch = choices.numel() if batch_size is None else batch_size
     if batch < 1 or choices.numel() % batch:
         raise ValueError(f"{choices.numel()} choices do not split into batches of {batch}")
-    ref = next(gate.parameters())
+    ref = next(model.gate.parameters())
     force = torch.nn.functional.one_hot(choices, n_choices).to(ref.device, ref.dtype) * _FORCE
     slices = list(force.split(batch))
-    logits = type(gate).logits.__get__(gate)
+    gate_logits = type(model).gate_logits.__get__(model)
     position = [0]
 
-    def forced_logits(z: Tensor) -> Tensor:
+    def forced_logits(h: Tensor, z: Tensor) -> tuple[Tensor, Tensor | None]:
         bias = slices[position[0]]
         if z.shape[0] != bias.shape[0]:
             raise ValueError(f"forced routing was set up for batches of {batch}, got {z.shape[0]}")
         position[0] = (position[0] + 1) % len(slices)
-        return logits(z) + bias
+        logits, slim_out = gate_logits(h, z)
+        return logits + bias, slim_out
 
-    gate.logits = forced_logits  # instance attribute shadows the method
+    model.gate_logits = forced_logits  # instance attribute shadows the method
     try:
         yield
     finally:
-        del gate.logits
+        del model.gate_logits

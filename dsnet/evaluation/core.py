@@ -21,7 +21,7 @@ The bias ramp is ``linspace(+1, -1, R)`` over the ``R`` routing choices
 slimmer choices, ``b < 0`` to wider ones. ``model(x, gate_bias=b * ramp)``
 reproduces any sweep point.
 
-Report schema (``SCHEMA_VERSION = 1``), a JSON-serialisable dict
+Report schema (``SCHEMA_VERSION = 2``), a JSON-serialisable dict
 ---------------------------------------------------------------
 Accuracies are percentages (0-100); MACs are multiply-adds per sample; the
 histograms are indexed by routing choice (position in ``routing_space``).
@@ -34,18 +34,34 @@ histograms are indexed by routing choice (position in ``routing_space``).
     input_size      [C, H, W]
     top5_k          int  (min(5, num_classes): the k of the "top5" fields)
     bias_ramp       [float] * R  (gate bias vector = bias * bias_ramp)
-    routing_choices [{choice: int, subnet: int, macs: int}] * R  (macs: sub-network + gate head)
+    gate_mode       "pre" | "exit"
+    routing_choices [{choice: int, subnet: int, macs: int}] * R  (macs: what routing to the choice costs,
+                     gate head included; in "exit" mode the slimmest plus the choice's post-gate part)
     static          [{index, widths: {stage: int}, macs: int, top1, top5, routed: bool,
                       in_routing_space: bool}]  (every sub-network; routed=False: training-only largest)
     dynamic         {bias: 0.0, top1, top5, mean_macs: float,
                      histogram: {counts: [int] * R, fractions: [float] * R},
                      per_class: [{class: int, name: str, count: int, histogram: {counts, fractions}}]}
-    sweep           [{bias, top1, top5, mean_macs, histogram: {counts, fractions}}]  (ascending bias)
+    sweep           [{bias, top1, top5, mean_macs, histogram: {counts, fractions},
+                      static_top1_at_macs, cascade_top1_at_macs, oracle_top1_at_macs}]  (ascending bias;
+                     the last three: each baseline at the point's own mean MACs)
+    baselines       {pre_gate_macs: float,
+                     cascade: [{threshold, top1, mean_macs, escalated}]  (slimmest, then the widest when the
+                              slimmest's max softmax < threshold; ascending threshold),
+                     oracle: [{top1, mean_macs, upgraded}]  (best accuracy any router reaches per mean MACs),
+                     random: {top1, mean_macs, mix}  (expected, with the gate's b=0 routing mix)}
+                     (see dsnet.evaluation.baselines; cascade and oracle are compared through their Pareto
+                     envelopes)
     summary         {widest_routed: {index, macs, top1}, dynamic_top1, dynamic_mean_macs,
                      mac_reduction: float  (widest routed MACs / dynamic mean MACs),
                      static_top1_at_dynamic_macs: float  (routed static curve, linearly interpolated),
                      top1_gain_at_equal_macs: float  (dynamic top1 minus the above),
-                     interpolation_clamped: bool  (dynamic MACs outside the routed static range)}
+                     interpolation_clamped: bool  (dynamic MACs outside the routed static range),
+                     cascade_top1_at_dynamic_macs, gain_over_cascade, oracle_top1_at_dynamic_macs,
+                     oracle_capture: float | null  (share of the oracle's gain over the static curve the gate
+                     captures at its MACs), random_router: {top1, mean_macs, mix},
+                     sweep_min_gain_over_static, sweep_min_gain_over_cascade: float | null  (worst sweep point
+                     inside the static range)}
     consistency     {top1_mismatches: int  (samples where the dynamic forward and the arithmetic disagree),
                      max_rel_logit_diff: float  (largest |dynamic - static| logit, over max(1, |logit|))}
 """
@@ -61,12 +77,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dsnet.evaluation import baselines as bl
 from dsnet.layers.gate import bias_ramp
 from dsnet.models.base import DynamicNet
+from dsnet.utils.modes import temporary_mode
 
 __all__ = ["SCHEMA_VERSION", "evaluate", "bias_ramp", "auto_biases", "sweep_point", "routed_curve"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Dynamic and static logits of the same sub-network differ only by float rounding (group batch sizes,
 # TF32 on GPUs). Anything beyond this fraction of the logit scale means the two paths compute different things.
@@ -161,7 +179,7 @@ def _collect(model: DynamicNet, loader: Iterable, device: torch.device, k5: int,
     num = len(model.subnets)
     static1 = torch.zeros(num, dtype=torch.int64)
     static5 = torch.zeros(num, dtype=torch.int64)
-    rec: dict[str, list[Tensor]] = {k: [] for k in ("gate", "labels", "c1", "c5", "dyn1", "dyn5", "choice")}
+    rec: dict[str, list[Tensor]] = {k: [] for k in ("gate", "labels", "c1", "c5", "dyn1", "dyn5", "choice", "conf")}
     max_diff, input_size = 0.0, None
 
     batches = loader
@@ -189,6 +207,7 @@ def _collect(model: DynamicNet, loader: Iterable, device: torch.device, k5: int,
         c1 = torch.empty(x.shape[0], len(routing_space), dtype=torch.bool, device=device)
         c5 = torch.empty_like(c1)
         expected = torch.empty_like(dyn.logits)
+        conf = None
         for k in routed:
             logits = model.forward_post(h, k)
             hit1, hit5 = _topk_correct(logits, y, k5)
@@ -197,6 +216,8 @@ def _collect(model: DynamicNet, loader: Iterable, device: torch.device, k5: int,
             if k in pos_in_space:
                 j = pos_in_space[k]
                 c1[:, j], c5[:, j] = hit1, hit5
+                if j == 0:  # the slimmest choice's confidence, what a cascade thresholds
+                    conf = torch.softmax(logits.float(), dim=1).max(dim=1).values
                 mask = dyn.choice == j
                 expected[mask] = logits[mask]
         for k in unrouted:  # the training-only largest has wider pre-gate stages: a full forward of its own
@@ -213,6 +234,7 @@ def _collect(model: DynamicNet, loader: Iterable, device: torch.device, k5: int,
             ("dyn1", d1),
             ("dyn5", d5),
             ("choice", dyn.choice),
+            ("conf", conf),
         ):
             rec[key].append(value.cpu())
     if input_size is None:
@@ -222,12 +244,19 @@ def _collect(model: DynamicNet, loader: Iterable, device: torch.device, k5: int,
     return out
 
 
+def _min_gain(points: Sequence[dict[str, Any]], key: str, curve_macs: Sequence[float]) -> float | None:
+    """The smallest margin of a sweep point over a baseline, among points inside the routed static range."""
+    inside = [p["top1"] - p[key] for p in points if curve_macs[0] <= p["mean_macs"] <= curve_macs[-1]]
+    return min(inside) if inside else None
+
+
 def evaluate(
     model: DynamicNet,
     loader: Iterable,
     *,
     biases: Sequence[float] | None = None,
     sweep: int = 21,
+    cascade_points: int = 21,
     device: str | torch.device = "cpu",
     progress: bool = True,
     model_name: str | None = None,
@@ -248,13 +277,9 @@ def evaluate(
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but CUDA is not available")
-    was_training = model.training
-    model.to(device).eval()
     k5 = min(5, model.num_classes)
-    try:
+    with temporary_mode(model.to(device), False):  # restores every module's own flag (frozen BN stays frozen)
         rec = _collect(model, loader, device, k5, progress)
-    finally:
-        model.train(was_training)
 
     if rec["max_diff"] > _LOGIT_TOLERANCE:
         raise RuntimeError(
@@ -265,7 +290,7 @@ def evaluate(
     macs = model.subnet_macs(input_size)
     routing_space = list(model.routing_space)
     gate_head = int(model.gate_head_macs())
-    choice_macs = torch.tensor([float(macs[k] + gate_head) for k in routing_space], dtype=torch.float64)
+    choice_macs = model.routing_macs(input_size).double()
     n = int(rec["labels"].numel())
     ramp = bias_ramp(len(routing_space))
     gate, c1, c5 = rec["gate"], rec["c1"], rec["c5"]
@@ -323,7 +348,23 @@ def evaluate(
 
     curve_macs, curve_top1 = routed_curve(static)
     widest = max((s for s in static if s["routed"]), key=lambda s: s["macs"])
+    static_costs = [float(macs[k]) for k in routing_space]
+    pre_macs = float(model.pre_gate_macs(input_size))
+    baselines = {
+        "pre_gate_macs": pre_macs,
+        "cascade": bl.cascade_curve(c1, rec["conf"], static_costs, pre_macs, num=cascade_points),
+        "oracle": bl.oracle_curve(c1, static_costs),
+        "random": bl.random_router(c1, static_costs, dynamic["histogram"]["fractions"]),
+    }
+    cascade_env = bl.pareto_envelope(baselines["cascade"])
+    oracle = bl.oracle_at(c1, static_costs, [p["mean_macs"] for p in points] + [dynamic["mean_macs"]])
+    for point, oracle_top1 in zip(points, oracle):  # every sweep point against the baselines at its own MACs
+        point["static_top1_at_macs"] = float(np.interp(point["mean_macs"], curve_macs, curve_top1))
+        point["cascade_top1_at_macs"] = bl.curve_at(cascade_env, point["mean_macs"])
+        point["oracle_top1_at_macs"] = oracle_top1
     at_equal = float(np.interp(dynamic["mean_macs"], curve_macs, curve_top1))
+    cascade_at = bl.curve_at(cascade_env, dynamic["mean_macs"])
+    oracle_at = oracle[-1]
     summary = {
         "widest_routed": {"index": widest["index"], "macs": widest["macs"], "top1": widest["top1"]},
         "dynamic_top1": dynamic["top1"],
@@ -332,6 +373,13 @@ def evaluate(
         "static_top1_at_dynamic_macs": at_equal,
         "top1_gain_at_equal_macs": dynamic["top1"] - at_equal,
         "interpolation_clamped": not curve_macs[0] <= dynamic["mean_macs"] <= curve_macs[-1],
+        "cascade_top1_at_dynamic_macs": cascade_at,
+        "gain_over_cascade": dynamic["top1"] - cascade_at,
+        "oracle_top1_at_dynamic_macs": oracle_at,
+        "oracle_capture": bl.oracle_capture(dynamic["top1"], at_equal, oracle_at),
+        "random_router": baselines["random"],
+        "sweep_min_gain_over_static": _min_gain(points, "static_top1_at_macs", curve_macs),
+        "sweep_min_gain_over_cascade": _min_gain(points, "cascade_top1_at_macs", curve_macs),
     }
     return {
         "schema_version": SCHEMA_VERSION,
@@ -346,11 +394,13 @@ def evaluate(
         "top5_k": k5,
         "bias_ramp": ramp.tolist(),
         "routing_choices": [
-            {"choice": j, "subnet": k, "macs": int(macs[k] + gate_head)} for j, k in enumerate(routing_space)
+            {"choice": j, "subnet": k, "macs": int(choice_macs[j])} for j, k in enumerate(routing_space)
         ],
+        "gate_mode": model.gate_mode,
         "static": static,
         "dynamic": dynamic,
         "sweep": points,
+        "baselines": baselines,
         "summary": summary,
         "consistency": {"top1_mismatches": mismatches, "max_rel_logit_diff": rec["max_diff"]},
     }

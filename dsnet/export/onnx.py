@@ -128,6 +128,11 @@ def export_dynamic(
     Returns the manifest's path. ``out`` names the pre-gate graph (``dynamic.onnx``);
     the other files sit beside it with the same stem.
     """
+    if model.gate_mode != "pre":
+        raise ValueError(
+            f"ONNX export of a dynamic model with gate_mode={model.gate_mode!r} is not supported yet; "
+            "export its sub-networks (--subnet K) instead"
+        )
     model = model.eval()
     pre_path, manifest_path, _ = _bundle_paths(Path(out))
     x = _example(model, input_size)

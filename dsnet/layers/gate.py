@@ -17,7 +17,17 @@ from torch import Tensor, nn
 
 from dsnet.layers.sliced import SliceableModule, SlicedLinear
 
-__all__ = ["SqueezeExcite", "DynamicGate", "bias_ramp", "straight_through_gumbel", "make_divisible"]
+__all__ = [
+    "SqueezeExcite",
+    "DynamicGate",
+    "ExitHead",
+    "GATE_MODES",
+    "bias_ramp",
+    "straight_through_gumbel",
+    "make_divisible",
+]
+
+GATE_MODES = ("pre", "exit")
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -104,6 +114,45 @@ class DynamicGate(SqueezeExcite):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, reduced={self.reduced}, num_choices={self.num_choices}"
+
+
+class ExitHead(nn.Module):
+    """Routing logits of an early-exit gate (``gate_mode="exit"``) [ours].
+
+    The paper's slimming head decides from the pre-gate features alone, before
+    any routed layer runs. This head decides *after* the slimmest sub-network
+    has run: its input is the gate's shared encoding ``z`` and what the
+    slimmest predicted -- its sorted top-``k`` class probabilities and the
+    entropy of its prediction (how confident it is, the signal a confidence
+    cascade thresholds). Choice 0 exits with the slimmest's answer at no extra
+    cost; choice ``j > 0`` runs routed sub-network ``j`` after the gate (the
+    pre-gate part is shared, the slimmest's post-gate part has been paid).
+
+    A BatchNorm puts the encoding (arbitrary scale) and the probabilities (in
+    [0, 1]) on one scale; a hidden layer lets it combine "how confident" with
+    "what kind of image". A few thousand multiply-adds.
+    """
+
+    def __init__(self, encoding_dim: int, num_classes: int, num_choices: int, hidden: int = 32, top_k: int = 3) -> None:
+        super().__init__()
+        self.top_k = min(top_k, num_classes)
+        features = encoding_dim + self.top_k + 1
+        self.norm = nn.BatchNorm1d(features)
+        self.hidden = nn.Linear(features, hidden)
+        self.out = nn.Linear(hidden, num_choices)
+
+    def features(self, z: Tensor, slim_logits: Tensor) -> Tensor:
+        log_p = F.log_softmax(slim_logits.float(), dim=1)
+        p = log_p.exp()
+        top = p.topk(self.top_k, dim=1).values
+        entropy = -(p * log_p).sum(1, keepdim=True)
+        return torch.cat([z.float(), top, entropy], dim=1).to(z.dtype)
+
+    def forward(self, z: Tensor, slim_logits: Tensor) -> Tensor:
+        return self.out(F.relu(self.hidden(self.norm(self.features(z, slim_logits)))))
+
+    def macs(self) -> int:
+        return self.hidden.in_features * self.hidden.out_features + self.out.in_features * self.out.out_features
 
 
 def straight_through_gumbel(logits: Tensor, tau: float = 1.0) -> Tensor:

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from dsnet.layers.gate import DynamicGate, straight_through_gumbel
-from dsnet.layers.sliced import SlicedBatchNorm2d
+from dsnet.layers.gate import GATE_MODES, DynamicGate, ExitHead, straight_through_gumbel
+from dsnet.layers.sliced import SlicedBatchNorm2d, TensorCache
 
 __all__ = ["Subnet", "RoutingResult", "DynamicNet", "build_subnets"]
 
@@ -114,6 +114,7 @@ class DynamicNet(nn.Module):
     """
 
     gate: DynamicGate
+    gate_mode: str = "pre"  # "pre": the paper's gate, before any routed layer; "exit": see ExitHead
 
     def __init__(
         self,
@@ -144,7 +145,8 @@ class DynamicNet(nn.Module):
                 f"got {self.routing_space}"
             )
         self.routing_space = sorted(self.routing_space)
-        self._macs_cache: dict[tuple[int, ...], list[int]] = {}
+        self._macs_cache: dict[tuple, list[int]] = {}
+        self.exit_head: ExitHead | None = None  # set by _build_exit_head in "exit" mode
 
     # ----------------------------------------------------------- subclass API
     def forward_pre(self, x: Tensor, subnet: int) -> tuple[Tensor, Tensor]:
@@ -155,6 +157,24 @@ class DynamicNet(nn.Module):
 
     def build_static(self, subnet: int) -> nn.Module:
         raise NotImplementedError
+
+    def _build_exit_head(self, gate_mode: str) -> None:
+        """Set the gate mode; families call this once their gate exists (the head reads its encoding width).
+
+        ``"pre"`` (default, the paper's): the slimming head routes from the
+        pre-gate features. ``"exit"`` [ours]: the slimmest routed sub-network
+        runs for every sample first and an :class:`~dsnet.layers.gate.ExitHead`
+        decides, from the gate's encoding and the slimmest's prediction,
+        whether to stop there (choice 0) or to run a wider routed sub-network
+        after the gate (choice ``j``).
+        """
+        if gate_mode not in GATE_MODES:
+            raise ValueError(f"gate_mode must be one of {', '.join(GATE_MODES)}, got {gate_mode!r}")
+        self.gate_mode = gate_mode
+        if gate_mode == "exit":
+            if len(self.routing_space) < 2:
+                raise ValueError("gate_mode='exit' needs at least two routing choices")
+            self.exit_head = ExitHead(self.gate.reduced, self.num_classes, len(self.routing_space))
 
     # ------------------------------------------------------------- helpers
     @property
@@ -199,6 +219,35 @@ class DynamicNet(nn.Module):
     def sliced_batchnorms(self) -> list[SlicedBatchNorm2d]:
         return [m for m in self.modules() if isinstance(m, SlicedBatchNorm2d)]
 
+    def routing_head(self) -> nn.Module:
+        """The module stage II trains: the slimming head (``"pre"``) or the exit head (``"exit"``)."""
+        return self.exit_head if self.exit_head is not None else self.gate.slim_head
+
+    # --------------------------------------------------------- inference cache
+    def clear_inference_cache(self) -> None:
+        """Drop every cached contiguous weight slice and per-width argument tuple.
+
+        Cached entries are stamped with their parameters' version counters and
+        storage, so optimiser steps that go through autograd-visible in-place
+        ops, ``load_state_dict`` and ``.to()`` invalidate them by themselves.
+        Two kinds of update bypass version counters and are *not* seen: writes
+        through ``param.data`` and fused optimisers (``torch.optim.SGD(...,
+        fused=True)``). Switching modes (``model.train()`` / ``model.eval()``)
+        clears the cache, which covers the usual train-then-evaluate loop; after
+        such an update in eval mode, call this.
+        """
+        for module in self.modules():
+            for value in vars(module).values():
+                if isinstance(value, TensorCache):
+                    value.clear()
+            args = getattr(module, "_args", None)
+            if isinstance(args, dict):
+                args.clear()
+
+    def train(self, mode: bool = True) -> DynamicNet:
+        self.clear_inference_cache()  # weights may have changed in ways version counters miss (see above)
+        return super().train(mode)
+
     # ------------------------------------------------------------- forward
     def forward(
         self,
@@ -233,7 +282,7 @@ class DynamicNet(nn.Module):
         gradient; eval mode takes the argmax of the logits, no noise.
         """
         h, z = self.forward_pre(x, self.routing_space[0])
-        gate_logits = self.gate.logits(z)
+        gate_logits, slim_out = self.gate_logits(h, z)
         if gate_bias is not None:
             bias = torch.as_tensor(gate_bias, dtype=gate_logits.dtype, device=gate_logits.device)
             if bias.shape != (len(self.routing_space),):
@@ -244,11 +293,32 @@ class DynamicNet(nn.Module):
             gate_logits = gate_logits + bias
         onehot = straight_through_gumbel(gate_logits, tau) if self.training else None
         choice = (onehot if onehot is not None else gate_logits).argmax(dim=1)
-        logits = self._run_groups(h, choice, onehot)
+        logits = self._run_groups(h, choice, onehot, slim_out)
         space = torch.as_tensor(self.routing_space, device=choice.device)
         return RoutingResult(logits, space[choice], choice, gate_logits, onehot)
 
-    def _run_groups(self, h: Tensor, choice: Tensor, onehot: Tensor | None) -> Tensor:
+    def gate_logits(self, h: Tensor, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Routing logits (stored budget bias included) from the pre-gate features ``h`` and encoding ``z``.
+
+        In ``"exit"`` mode the slimmest routed sub-network runs first and its
+        output is returned too (choice 0's answer, already paid for); ``None``
+        in ``"pre"`` mode.
+        """
+        logits, slim_out = self.raw_gate_logits(h, z)
+        return logits + self.gate.budget_bias, slim_out
+
+    def raw_gate_logits(self, h: Tensor, z: Tensor, slim_out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """As :meth:`gate_logits` without the stored budget bias (what stage II trains).
+
+        In ``"exit"`` mode, ``slim_out`` (the slimmest's logits on ``h``) is used if the caller already has it.
+        """
+        if self.exit_head is None:
+            return self.gate.raw_logits(z), None
+        if slim_out is None:
+            slim_out = self.forward_post(h, self.routing_space[0])
+        return self.exit_head(z, slim_out), slim_out
+
+    def _run_groups(self, h: Tensor, choice: Tensor, onehot: Tensor | None, slim_out: Tensor | None = None) -> Tensor:
         """Run each group of samples that chose the same sub-network as one dense batch.
 
         One gather sorts the batch by decision (the groups are then views of
@@ -259,9 +329,15 @@ class DynamicNet(nn.Module):
         slower layout).
         """
         counts = torch.bincount(choice, minlength=len(self.routing_space)).tolist()
+
+        def post(part: Tensor, j: int, rows: Tensor | None) -> Tensor:
+            if j == 0 and slim_out is not None:  # exit mode: the slimmest's answer is already computed
+                return slim_out if rows is None else slim_out.index_select(0, rows)
+            return self.forward_post(part, self.routing_space[j])
+
         if max(counts) == h.shape[0]:  # the whole batch agrees: no gather/scatter
             j = counts.index(h.shape[0])
-            out = self.forward_post(h, self.routing_space[j])
+            out = post(h, j, None)
             return out if onehot is None else out * onehot[:, j : j + 1]
         order = torch.argsort(choice, stable=True)
         if h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last):
@@ -269,11 +345,12 @@ class DynamicNet(nn.Module):
         else:
             grouped = h.index_select(0, order)
         weights = None if onehot is None else onehot.index_select(0, order).split(counts)
+        rows = order.split(counts)
         outs = []
         for j, part in enumerate(grouped.split(counts)):
             if part.shape[0] == 0:
                 continue
-            out = self.forward_post(part, self.routing_space[j])
+            out = post(part, j, rows[j])
             if weights is not None:
                 out = out * weights[j][:, j : j + 1]
             outs.append(out)
@@ -297,13 +374,37 @@ class DynamicNet(nn.Module):
             self._macs_cache[size] = [count_macs(self, (1, *size), subnet=k) for k in range(len(self.subnets))]
         return list(self._macs_cache[size])
 
+    def pre_gate_macs(self, input_size: Sequence[int] | None = None) -> int:
+        """Multiply-adds per sample of the shared pre-gate part (gate encoder and attention head included)."""
+        from dsnet.macs import count_forward_macs
+
+        size = tuple(input_size or self.default_input_size)
+        key = ("pre", *size)
+        if key not in self._macs_cache:
+            x = torch.zeros((1, *size), device=next(self.parameters()).device)
+            self._macs_cache[key] = [count_forward_macs(self, lambda: self.forward_pre(x, self.routing_space[0]), 1)]
+        return self._macs_cache[key][0]
+
     def gate_head_macs(self) -> int:
+        """Multiply-adds of the routing decision itself (slimming head, or exit head)."""
+        if self.exit_head is not None:
+            return self.exit_head.macs()
         return self.gate.reduced * self.gate.num_choices
 
     def routing_macs(self, input_size: Sequence[int] | None = None) -> Tensor:
-        """MACs per sample of each routing choice, gate head included (float tensor)."""
+        """MACs per sample of each routing choice, routing head included (float tensor).
+
+        ``"pre"`` mode: the choice's sub-network. ``"exit"`` mode: the slimmest
+        for choice 0; for ``j > 0`` the slimmest plus the post-gate part of
+        sub-network ``j`` (the pre-gate part runs once).
+        """
         table = self.subnet_macs(input_size)
-        return torch.tensor([float(table[k] + self.gate_head_macs()) for k in self.routing_space])
+        head = self.gate_head_macs()
+        if self.exit_head is None:
+            return torch.tensor([float(table[k] + head) for k in self.routing_space])
+        slim, pre = table[self.routing_space[0]], self.pre_gate_macs(input_size)
+        extra = [0] + [table[k] - pre for k in self.routing_space[1:]]
+        return torch.tensor([float(slim + e + head) for e in extra])
 
     def extra_repr(self) -> str:
         return f"subnets={len(self.subnets)}, routing_space={self.routing_space}"

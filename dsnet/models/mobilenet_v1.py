@@ -94,6 +94,7 @@ class DSMobileNetV1(DynamicNet):
             routed stage; the gate sits in its first block.
         routing_space: indices of ``subnets`` the gate chooses among
             (default: the slimmest four routed sub-networks).
+        gate_mode: ``"pre"`` (the paper's gate) or ``"exit"`` (see :meth:`DynamicNet._build_exit_head`).
     """
 
     def __init__(
@@ -108,6 +109,7 @@ class DSMobileNetV1(DynamicNet):
         se_ratio: float = 0.25,
         drop_rate: float = 0.2,
         input_size: int = 224,
+        gate_mode: str = "pre",
     ) -> None:
         stage_names = ("stem",) + tuple(f"s{i}" for i in range(len(stages)))
         stage_widths = [tuple(stem_widths)] + [tuple(s.widths) for s in stages]
@@ -142,6 +144,7 @@ class DSMobileNetV1(DynamicNet):
                 self._block_first.append(b == 0)
                 in_ch = max(stage.widths)
         self.classifier = SlicedLinear(in_ch, num_classes)
+        self._build_exit_head(gate_mode)
 
     @property
     def gate(self) -> DynamicGate:  # type: ignore[override]

@@ -27,7 +27,7 @@ from dsnet.layers.gate import DynamicGate, make_divisible
 from dsnet.layers.sliced import SlicedBatchNorm2d, SlicedConv2d, SlicedLinear
 from dsnet.models.base import DynamicNet
 from dsnet.models.registry import register_model
-from dsnet.models.static import StaticResidual, conv_bn_act
+from dsnet.models.static import ChannelMatch, StaticResidual, conv_bn_act, match_channels
 
 __all__ = ["DSResNet", "ds_resnet18", "ds_resnet50", "ds_resnet20_cifar"]
 
@@ -56,13 +56,18 @@ class DSBasicBlock(nn.Module):
         )
 
     def forward(self, x: Tensor, planes: int, slot: int) -> Tensor:
-        short = x if self.shortcut is None else self.shortcut(x, planes * self.expansion, slot)
+        out = planes * self.expansion
+        # identity shortcut: its input may be narrower or wider than this block's output when the gate sits
+        # between the two widths (gate_stage=1 in a basic-block ResNet)
+        short = match_channels(x, out) if self.shortcut is None else self.shortcut(x, out, slot)
         return F.relu(self.body(x, planes, slot) + short)
 
     def to_static(self, in_width: int, planes: int, slot: int) -> StaticResidual:
-        short = (
-            nn.Identity() if self.shortcut is None else self.shortcut.to_static(in_width, planes * self.expansion, slot)
-        )
+        out = planes * self.expansion
+        if self.shortcut is not None:
+            short: nn.Module = self.shortcut.to_static(in_width, out, slot)
+        else:
+            short = nn.Identity() if in_width == out else ChannelMatch(out)
         return StaticResidual(self.static_body(in_width, planes, slot), short, nn.ReLU())
 
 
@@ -123,6 +128,8 @@ class DSResNet(DynamicNet):
         stem_stride: stride of the ``"cifar"`` stem (2 quarters the compute of small images).
         gate_se_ratio: width of the gate's shared encoder as a fraction of its input channels
             (0.25 as squeeze-excitation; narrow networks need more to tell easy inputs from hard ones).
+        gate_mode: ``"pre"`` (the paper's gate) or ``"exit"`` (decide after the slimmest ran; see
+            :meth:`DynamicNet._build_exit_head`).
     """
 
     def __init__(
@@ -142,6 +149,7 @@ class DSResNet(DynamicNet):
         input_size: int = 224,
         zero_init_residual: bool = True,
         gate_se_ratio: float = 0.25,
+        gate_mode: str = "pre",
     ) -> None:
         if block not in ("basic", "bottleneck"):
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
@@ -189,6 +197,7 @@ class DSResNet(DynamicNet):
         self.gate_block = self._block_stage.index(gate_stage)
         gate_channels = stem_width if gate_stage == 1 else planes[gate_stage - 2] * block_cls.expansion
         self._gate = DynamicGate(gate_channels, len(self.routing_space), gate_se_ratio)
+        self._build_exit_head(gate_mode)
         self.classifier = SlicedLinear(in_ch, num_classes)
         if zero_init_residual:  # each residual branch starts as identity, as timm does
             for blk in self.blocks:

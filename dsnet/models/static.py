@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["StaticSqueezeExcite", "StaticDepthwiseSeparable", "StaticResidual", "conv_bn_act"]
+__all__ = [
+    "StaticSqueezeExcite",
+    "StaticDepthwiseSeparable",
+    "StaticResidual",
+    "ChannelMatch",
+    "match_channels",
+    "conv_bn_act",
+]
 
 
 def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module | None) -> nn.Sequential:
@@ -42,6 +49,36 @@ class StaticDepthwiseSeparable(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pw(self.se(self.dw(x)))
+
+
+def match_channels(x: Tensor, width: int) -> Tensor:
+    """``x`` with exactly ``width`` channels: the first ``width``, or zero-padded up to ``width``.
+
+    An identity shortcut between stages of different routed widths (a basic
+    block whose input comes from a slimmer pre-gate stage) reads the prefix it
+    shares with the block's output; missing channels are zeros, which is what a
+    prefix-sliced weight reads for features that do not exist.
+    """
+    ch = x.shape[1]
+    if ch == width:
+        return x
+    if ch > width:
+        return x[:, :width]
+    return F.pad(x, (0, 0, 0, 0, 0, width - ch))
+
+
+class ChannelMatch(nn.Module):
+    """:func:`match_channels` as a module (identity shortcuts of extracted sub-networks)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+
+    def forward(self, x: Tensor) -> Tensor:
+        return match_channels(x, self.width)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}"
 
 
 class StaticResidual(nn.Module):

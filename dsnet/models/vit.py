@@ -96,6 +96,7 @@ class DSViT(DynamicNet):
         gate_pool: the same choice for the gate's input.
         gate_bn: BatchNorm on the gate's pooled input (see ``TokenGate``).
         routing_space: sub-networks the gate picks among (default: every routed one).
+        gate_mode: ``"pre"`` (the paper's gate) or ``"exit"`` (see :meth:`DynamicNet._build_exit_head`).
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class DSViT(DynamicNet):
         gate_bn: bool = True,
         se_ratio: float = 0.25,
         routing_space: Sequence[int] | None = None,
+        gate_mode: str = "pre",
     ) -> None:
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
@@ -179,6 +181,7 @@ class DSViT(DynamicNet):
         self.head = SlicedLinear(embed_dim, num_classes)
         self._pos_cache = TensorCache()
         self._init_weights()
+        self._build_exit_head(gate_mode)
 
     def _init_weights(self) -> None:
         """timm's default ViT initialisation: truncated normal (0.02) weights, zero biases, tiny class token."""

@@ -63,15 +63,19 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 0.01,
         "warmup_epochs": 0,
         "min_lr": 0.0,
+        "mode": "pre",  # pre: the paper's gate (decides before any routed layer) | exit: decides after the
+        # slimmest sub-network ran, from its prediction, and can stop there (see dsnet.layers.gate.ExitHead)
         "tau": 1.0,  # Gumbel-softmax temperature
         "sgs_weight": 1.0,  # sandwich gate sparsification
+        "sgs_targets": "sandwich",  # sandwich: slimmest/widest label each image (paper) | cheapest: cheapest right
         "task_weight": 1.0,  # CE of the dynamically routed output
+        "task_loss": "mixed",  # mixed: every choice gets a task gradient | routed: the chosen one only | expected
         "macs_weight": 0.5,  # lambda of the complexity loss
         "macs_unit": "gmacs",  # gmacs (official: (mean GMACs)^2) | relative (mean MACs / widest routed)
         "target_mmacs": None,  # optional budget: penalise (mean - target)^2 instead of mean^2, then set
         # the gate's stored bias so the trained gate averages this many MMACs on training images
         "target_fraction": None,  # the same budget as a fraction of the widest routing choice's MACs
-        "amp": True,
+        "amp": True,  # bfloat16 autocast of the frozen backbone's forward on CUDA; ignored on CPU
     },
     "log": {
         "print_every": 50,  # steps between progress-bar postfix updates
@@ -94,6 +98,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "supernet.distill": ("ib", "ieb", "inplace", "none"),
     "supernet.optimizer": ("sgd", "adamw"),
     "gate.macs_unit": ("gmacs", "relative"),
+    "gate.mode": ("pre", "exit"),
+    "gate.sgs_targets": ("sandwich", "cheapest"),
+    "gate.task_loss": ("mixed", "routed", "expected"),
 }
 
 

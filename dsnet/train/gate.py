@@ -1,26 +1,31 @@
 """Stage II: gate training (SPEC section 3).
 
-The supernet is frozen (BN in eval mode); only the gate's slimming head
-trains, on three losses:
+The supernet is frozen (BN in eval mode); only the routing head trains -- the
+gate's slimming head, or with ``gate.mode: exit`` an early-exit head that
+decides after the slimmest sub-network ran (:class:`dsnet.layers.gate.ExitHead`)
+-- on three losses (:class:`GateObjective`):
 
 * **SGS** (sandwich gate sparsification): the slimmest and widest routed
   sub-networks label each image -- easy or hopeless -> slimmest, otherwise
   widest -- and the gate logits learn those labels (softmax applied once);
-* **task**: cross-entropy of the dynamically routed output, each sample's
-  output computed exactly by the sub-network it was routed to, scaled by its
-  straight-through one-hot weight so the gradient reaches the gate;
+  ``sgs_targets: cheapest`` labels with the cheapest choice that is right;
+* **task**: cross-entropy of the dynamically routed output. By default every
+  routing choice's output enters, weighted by the straight-through one-hot
+  decision, so each choice gets a gradient (``task_loss``);
 * **complexity**: ``lambda * (mean MACs / unit)^2`` with MACs from the
   straight-through decision (forward = the real routed cost), or, with a
   target budget, ``lambda * ((mean MACs - target) / unit)^2``.
 
-The backbone runs once per batch up to the gate; the slimmest and widest
-outputs needed by SGS and the routed outputs reuse those features.
+The backbone runs once per batch up to the gate, then each choice's post-gate
+part once on the whole batch. With a budget, the stored budget bias is then
+calibrated on held-out training images (``data.holdout``) to meet it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +39,11 @@ from dsnet.models.base import DynamicNet
 from dsnet.train.checkpoint import load_model
 from dsnet.train.config import load_config
 from dsnet.train.distributed import init_distributed
-from dsnet.train.losses import complexity_loss, sgs_targets
+from dsnet.train.losses import cheapest_correct_targets, complexity_loss, sgs_targets
 from dsnet.train.optim import MaskedSGD, cosine_lr
 from dsnet.train.run import (
     RunDir,
+    autocast,
     epoch_record,
     rng_state,
     seed_everything,
@@ -47,14 +53,17 @@ from dsnet.train.run import (
 )
 from dsnet.utils.modes import temporary_mode
 
-__all__ = ["gate_step", "train_gate", "freeze_backbone", "evaluate_dynamic"]
+__all__ = ["GateObjective", "gate_step", "train_gate", "freeze_backbone", "evaluate_dynamic", "calibrate_budget"]
 
 
 def freeze_backbone(model: DynamicNet) -> list[torch.nn.Parameter]:
-    """Only the slimming head trains; BN layers stay in eval mode (call after ``model.train()``)."""
+    """Only the routing head trains (the slimming head, or the exit head); sliced BN stays in eval mode.
+
+    Call after ``model.train()``. Returns the parameters to optimise.
+    """
     for p in model.parameters():
         p.requires_grad_(False)
-    head = list(model.gate.slim_head.parameters())
+    head = list(model.routing_head().parameters())
     for p in head:
         p.requires_grad_(True)
     for bn in model.sliced_batchnorms():
@@ -62,52 +71,112 @@ def freeze_backbone(model: DynamicNet) -> list[torch.nn.Parameter]:
     return head
 
 
+TASK_LOSSES = ("mixed", "routed", "expected")
+SGS_TARGETS = ("sandwich", "cheapest")
+
+
+@dataclass(frozen=True)
+class GateObjective:
+    """The stage II loss: ``sgs_weight * SGS + task_weight * task + complexity``.
+
+    * ``task_loss``: how the classification loss reaches the gate.
+      ``"mixed"`` (default) -- the logits are ``sum_j m_j * out_j`` over every
+      routing choice's output, ``m`` the straight-through one-hot: the forward
+      value is the chosen output exactly, and every choice gets a gradient
+      (what its output would do to the loss), so the gate learns *which* width
+      would have been better, as the official zero-masking does in effect.
+      ``"routed"`` -- the chosen output times its one-hot entry (the gate only
+      learns "more or less of what was sampled"; kept to compare).
+      ``"expected"`` [ours] -- ``sum_j softmax_j * CE(out_j)``, the expected
+      loss under the gate's distribution (an exact, noise-free gradient).
+    * ``sgs_targets``: ``"sandwich"`` (the paper: slimmest and widest label
+      each image) or ``"cheapest"`` [ours]: the cheapest choice that is right.
+    """
+
+    tau: float = 1.0
+    sgs_weight: float = 1.0
+    task_weight: float = 1.0
+    macs_weight: float = 0.5
+    task_loss: str = "mixed"
+    sgs_targets: str = "sandwich"
+
+    def __post_init__(self) -> None:
+        if self.task_loss not in TASK_LOSSES:
+            raise ValueError(f"task_loss must be one of {', '.join(TASK_LOSSES)}, got {self.task_loss!r}")
+        if self.sgs_targets not in SGS_TARGETS:
+            raise ValueError(f"sgs_targets must be one of {', '.join(SGS_TARGETS)}, got {self.sgs_targets!r}")
+        if not self.tau > 0:
+            raise ValueError(f"tau (Gumbel-softmax temperature) must be positive, got {self.tau}")
+
+    @classmethod
+    def from_config(cls, gc: dict[str, Any]) -> GateObjective:
+        """From the ``gate:`` section of a training config."""
+        return cls(**{f.name: gc[f.name] for f in dataclasses.fields(cls)})
+
+
 def gate_step(
     model: DynamicNet,
     images: Tensor,
     labels: Tensor,
     macs_table: Tensor,
-    gc: dict[str, Any],
+    objective: GateObjective,
     unit_macs: float,
     target_macs: float | None = None,
+    amp: bool = False,
 ) -> dict[str, float]:
     """Losses of one stage II step, backward included (no optimiser step).
 
-    ``target_macs`` is the budget the complexity loss steers toward (None: plain ``(MACs / unit)^2``).
+    The frozen backbone runs once up to the gate, then every routing choice's
+    post-gate part on the whole batch, without gradient: they give the SGS
+    targets and the outputs the task loss compares. ``macs_table`` is
+    ``model.routing_macs``; ``target_macs`` the budget the complexity loss
+    steers toward (None: plain ``(MACs / unit)^2``).
     """
     space = model.routing_space
-    n = len(space)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(images.device, amp):
         h, z = model.forward_pre(images, space[0])
-        slim = model.forward_post(h, space[0])
-        wide = model.forward_post(h, space[-1])
-        target = sgs_targets(slim, wide, labels, n)
-    gate_logits = model.gate.raw_logits(z)  # the stored budget bias is set after training, not trained through
-    onehot = straight_through_gumbel(gate_logits, gc["tau"])
+        outs = torch.stack([model.forward_post(h, k).float() for k in space], dim=1)  # (N, R, classes)
+    correct = outs.argmax(-1) == labels[:, None]
+    if objective.sgs_targets == "cheapest":
+        target = cheapest_correct_targets(correct)
+    else:
+        target = sgs_targets(outs[:, 0], outs[:, -1], labels, len(space))
+    # the stored budget bias is set after training, not trained through
+    gate_logits, _ = model.raw_gate_logits(h, z, slim_out=outs[:, 0])
+    gate_logits = gate_logits.float()
+    onehot = straight_through_gumbel(gate_logits, objective.tau)
     choice = onehot.argmax(1)
-    with torch.no_grad():
-        routed = model._run_groups(h, choice, None)  # each sample's output from its own sub-network
-    # forward value 1, gradient of the Gumbel-softmax: the task loss reaches the gate
-    logits = routed * onehot.gather(1, choice[:, None])
+    rows = torch.arange(len(labels), device=labels.device)
+    if objective.task_loss == "mixed":
+        task = F.cross_entropy((onehot[:, :, None] * outs).sum(1), labels)
+    elif objective.task_loss == "routed":
+        task = F.cross_entropy(outs[rows, choice] * onehot.gather(1, choice[:, None]), labels)
+    else:
+        per_choice = F.cross_entropy(outs.flatten(0, 1), labels.repeat_interleave(len(space)), reduction="none")
+        task = (F.softmax(gate_logits / objective.tau, dim=1) * per_choice.view(-1, len(space))).sum(1).mean()
     sgs = F.cross_entropy(gate_logits, target)
-    task = F.cross_entropy(logits, labels)
-    expected_macs = onehot @ macs_table
-    cost = complexity_loss(expected_macs, gc["macs_weight"], unit_macs, target_macs)
-    loss = gc["sgs_weight"] * sgs + gc["task_weight"] * task + cost
+    expected_macs = onehot @ macs_table.to(onehot.dtype)
+    cost = complexity_loss(expected_macs, objective.macs_weight, unit_macs, target_macs)
+    loss = objective.sgs_weight * sgs + objective.task_weight * task + cost
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"stage II loss is not finite ({float(loss)}): sgs={float(sgs)} task={float(task)}")
     loss.backward()
-    return {
+    counts = torch.bincount(choice, minlength=len(space)).float() / len(labels)
+    stats = {
         "loss": float(loss.detach()),
         "loss_sgs": float(sgs.detach()),
         "loss_task": float(task.detach()),
         "loss_macs": float(cost.detach()),
         "train_mmacs": float(expected_macs.detach().mean()) / 1e6,
-        "train_top1": 100.0 * float((routed.argmax(1) == labels).float().mean()),
-        "sgs_wide_frac": float((target == n - 1).float().mean()),
+        "train_top1": 100.0 * float(correct[rows, choice].float().mean()),
+        "sgs_wide_frac": float((target == len(space) - 1).float().mean()),
     }
+    stats.update({f"train_route_{k}": float(c) for k, c in zip(space, counts, strict=True)})
+    return stats
 
 
-def target_macs(gc: dict[str, Any], macs_table: Tensor) -> float | None:
-    """The budget in MACs per sample: ``target_mmacs``, or ``target_fraction`` of the widest routing choice."""
+def target_macs(gc: dict[str, Any], widest_macs: float) -> float | None:
+    """The budget in MACs per sample: ``target_mmacs``, or ``target_fraction`` of the widest routed sub-network."""
     if gc["target_mmacs"] is not None and gc["target_fraction"] is not None:
         raise ValueError("gate.target_mmacs and gate.target_fraction are alternatives: set one")
     if gc["target_mmacs"] is not None:
@@ -115,7 +184,7 @@ def target_macs(gc: dict[str, Any], macs_table: Tensor) -> float | None:
     if gc["target_fraction"] is not None:
         if not 0.0 < gc["target_fraction"] <= 1.0:
             raise ValueError(f"gate.target_fraction must be in (0, 1], got {gc['target_fraction']}")
-        return gc["target_fraction"] * float(macs_table[-1])
+        return gc["target_fraction"] * widest_macs
     return None
 
 
@@ -135,8 +204,8 @@ def calibrate_budget(
         for i, (images, _) in enumerate(loader):
             if i >= max_batches:
                 break
-            _, z = model.forward_pre(images.to(device), model.routing_space[0])
-            logits.append(model.gate.raw_logits(z))
+            h, z = model.forward_pre(images.to(device), model.routing_space[0])
+            logits.append(model.raw_gate_logits(h, z)[0].float())
     g = torch.cat(logits)
     table = macs_table.to(device)
 
@@ -176,6 +245,20 @@ def evaluate_dynamic(model: DynamicNet, loader, device: torch.device, macs_table
     return out
 
 
+def with_gate_mode(model: DynamicNet, spec: dict[str, Any], device: torch.device) -> DynamicNet:
+    """``model``'s weights in a model built from ``spec`` (another ``gate_mode``): only the routing head is new."""
+    from dsnet.models import create_model
+
+    new = create_model(spec["name"], **spec["kwargs"]).to(device)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    foreign = [k for k in missing if not k.startswith("exit_head.")] + [
+        k for k in unexpected if not k.startswith("exit_head.")
+    ]
+    if foreign:
+        raise ValueError(f"gate.mode={new.gate_mode!r}: the supernet's weights do not fit ({foreign[:5]})")
+    return new.eval()
+
+
 def train_gate(
     cfg: dict | str | Path,
     supernet: str | Path,
@@ -198,6 +281,10 @@ def train_gate(
     model, sup = load_model(supernet, use_ema=True, map_location=device)
     if not isinstance(model, DynamicNet):
         raise ValueError(f"{supernet} does not hold a dynamic dsnet model")
+    spec = sup["model"]
+    if model.gate_mode != gc["mode"]:  # the same supernet with another routing head (the head is new)
+        spec = {**spec, "kwargs": {**spec.get("kwargs", {}), "gate_mode": gc["mode"]}}
+        model = with_gate_mode(model, spec, device)
     if not sup.get("bn_calibrated", False) and ctx.is_main:
         print(f"warning: {supernet} has not been BN-recalibrated; run `dsnet calibrate-bn` first for best results")
     train_loader, info = build_loader(
@@ -214,8 +301,10 @@ def train_gate(
     head = freeze_backbone(model)
     input_size = (info.in_chans, info.image_size, info.image_size)
     macs_table = model.routing_macs(input_size).to(device)
-    unit = 1e9 if gc["macs_unit"] == "gmacs" else float(macs_table[-1])
-    target = target_macs(gc, macs_table)
+    widest = float(model.subnet_macs(input_size)[model.routing_space[-1]] + model.gate_head_macs())
+    unit = 1e9 if gc["macs_unit"] == "gmacs" else widest
+    target = target_macs(gc, widest)
+    objective = GateObjective.from_config(gc)
     budget_loader = None
     if target is not None and val_split == "holdout":  # calibrate the budget bias on held-out training images
         budget_loader = val_loader
@@ -235,12 +324,13 @@ def train_gate(
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best_metric = state["epoch"] + 1, state["best_metric"]
         set_rng_state(state["rng"])
-    spec = sup["model"]
 
     def step(batch) -> dict[str, float]:
         images, labels = batch
         optimizer.zero_grad(set_to_none=True)
-        stats = gate_step(model, images.to(device), labels.to(device), macs_table, gc, unit, target)
+        stats = gate_step(
+            model, images.to(device), labels.to(device), macs_table, objective, unit, target, amp=gc["amp"]
+        )
         if ctx.enabled:  # only the head trains: average its gradient by hand
             for p in head:
                 dist.all_reduce(p.grad)

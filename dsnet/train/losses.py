@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["soft_cross_entropy", "sgs_targets", "complexity_loss"]
+__all__ = ["soft_cross_entropy", "sgs_targets", "cheapest_correct_targets", "complexity_loss"]
 
 
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
@@ -26,6 +26,18 @@ def sgs_targets(slim_logits: Tensor, wide_logits: Tensor, labels: Tensor, num_ch
     wide_right = wide_logits.argmax(-1) == labels
     wide = ~slim_right & wide_right
     return torch.where(wide, num_choices - 1, 0).long()
+
+
+def cheapest_correct_targets(correct: Tensor) -> Tensor:
+    """SGS over every width [ours]: each image's target is the cheapest routing choice that gets it right.
+
+    ``correct`` (N, R) says whether choice ``j`` (slimmest first) classifies
+    image ``i`` correctly. Hopeless images (no choice right) go to the
+    slimmest, as in SGS. With two choices this is exactly :func:`sgs_targets`.
+    """
+    any_right = correct.any(dim=1)
+    first = correct.long().argmax(dim=1)  # index of the first True (0 when none)
+    return torch.where(any_right, first, 0).long()
 
 
 def complexity_loss(expected_macs: Tensor, weight: float, unit_macs: float, target_macs: float | None = None) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -24,6 +25,7 @@ from dsnet.utils.modes import temporary_mode
 
 __all__ = [
     "RunDir",
+    "autocast",
     "seed_everything",
     "selection_loader",
     "rng_state",
@@ -54,6 +56,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CUDA when ``enabled``; nothing on other devices."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def selection_loader(data_cfg: dict, seed: int, device: torch.device) -> tuple[Any, str]:

@@ -34,6 +34,7 @@ from dsnet.train.losses import soft_cross_entropy
 from dsnet.train.optim import MaskedSGD, cosine_lr
 from dsnet.train.run import (
     RunDir,
+    autocast,
     epoch_record,
     rng_state,
     seed_everything,
@@ -61,12 +62,6 @@ def sample_subnets(model: DynamicNet, step: int, seed: int, num_random: int) -> 
     return [model.largest, *(pool[i] for i in picks), routed[0]]
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def supernet_step(
     model: nn.Module,
     teacher: nn.Module | None,
@@ -89,7 +84,7 @@ def supernet_step(
     largest_view = views[0]
     student_view = views[-1]  # with MvCo, the view the largest did not see
     targets: dict[int, Tensor] = {}
-    with torch.no_grad(), _autocast(device, amp):
+    with torch.no_grad(), autocast(device, amp):
         if distill in ("ib", "ieb"):
             teacher_probs = torch.stack([F.softmax(teacher(v, subnet=core.largest).float(), -1) for v in views]).mean(0)
             targets[core.largest] = teacher_probs
@@ -101,7 +96,7 @@ def supernet_step(
     for i, k in enumerate(subnets):
         sync = contextlib.nullcontext() if (i == last or not hasattr(model, "no_sync")) else model.no_sync()
         with sync:
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 if i == 0:
                     logits = model(largest_view, subnet=k)
                     loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
@@ -125,14 +120,20 @@ def supernet_step(
 
 
 def build_optimizer(params: list[nn.Parameter], lr: float, sc: dict[str, Any]) -> torch.optim.Optimizer:
-    """Masked SGD (the official recipe) or AdamW (transformers; decay on weight matrices only, as DeiT)."""
+    """Masked SGD (the official recipe) or AdamW (transformers).
+
+    Weight decay applies to weight matrices and kernels only: BN/LayerNorm
+    scales and shifts and biases get none, as in the official recipe (and
+    DeiT's), since decaying a normalisation scale only rescales features.
+    """
+    groups = [
+        {"params": [p for p in params if p.dim() > 1], "weight_decay": sc["weight_decay"]},
+        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+    ]
     if sc["optimizer"] == "adamw":
-        decay = [p for p in params if p.dim() > 1]
-        no_decay = [p for p in params if p.dim() <= 1]
-        groups = [{"params": decay, "weight_decay": sc["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(sc["betas"]))
     return MaskedSGD(
-        params, lr, sc["momentum"], sc["weight_decay"], sc["nesterov"], mask_untouched=sc["mask_untouched"]
+        groups, lr, sc["momentum"], sc["weight_decay"], sc["nesterov"], mask_untouched=sc["mask_untouched"]
     )
 
 
@@ -321,7 +322,12 @@ def calibrate_checkpoint(
     data_overrides: dict | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Recalibrate the BN statistics of a checkpoint's weights (EMA when present) and save them to ``dst``."""
+    """Recalibrate the BN statistics of a checkpoint's weights and save them to ``dst``.
+
+    Both sets of weights a stage I checkpoint holds are recalibrated -- the EMA
+    teacher's (what stage II and evaluation use) and the raw student's (what
+    ``--no-ema`` evaluates) -- and ``bn_calibrated`` lists which.
+    """
     from dsnet.data import build_loader
 
     ckpt = read_checkpoint(src, map_location="cpu")
@@ -330,12 +336,13 @@ def calibrate_checkpoint(
     num_batches = num_batches or cfg["supernet"]["bn_calibration_batches"]
     loader, _ = build_loader(data_cfg, "train", seed=cfg["seed"], device=device)
     model = create_model(ckpt["model"]["name"], **ckpt["model"]["kwargs"]).to(device)
-    key = "ema_state_dict" if ckpt.get("ema_state_dict") is not None else "state_dict"
-    model.load_state_dict(ckpt[key])
+    keys = [k for k in ("ema_state_dict", "state_dict") if ckpt.get(k) is not None]
     num_batches = min(num_batches, len(loader))
     t0 = time.time()
-    calibrate_bn(model, loader, num_batches, device=device, progress=progress)
-    ckpt[key] = model.state_dict()
-    ckpt["bn_calibrated"] = True
+    for key in keys:
+        model.load_state_dict(ckpt[key])
+        calibrate_bn(model, loader, num_batches, device=device, progress=progress)
+        ckpt[key] = {k: v.cpu() for k, v in model.state_dict().items()}
+    ckpt["bn_calibrated"] = keys
     save_checkpoint(dst, {k: v for k, v in ckpt.items() if k != "format"})
     return {"batches_per_subnet": num_batches, "subnets": len(model.subnets), "seconds": round(time.time() - t0, 2)}

@@ -58,6 +58,7 @@ def test_schema(setup):
         "num_classes": 4,
         "routing_space": model.routing_space,
         "gate_head_macs": model.gate_head_macs(),
+        "budget_bias": model.gate.budget_bias.tolist(),
     }
     assert report["dataset"] == {"name": "toy", "split": "val", "num_samples": N, "class_names": list("abcd")}
     assert report["input_size"] == [3, 32, 32] and report["top5_k"] == 4

@@ -2,12 +2,15 @@
 
 import json
 
+import pytest
+
 from dsnet.cli import main
 
 TINY = [
     "data.dataset=synthetic",
     "data.synthetic.num_train=256",
     "data.synthetic.num_val=128",
+    "data.holdout=64",
     "data.synthetic.channels=1",
     "data.synthetic.image_size=28",
     "data.batch_size=32",
@@ -26,6 +29,7 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     assert main(args) == 0
     screen = capsys.readouterr().out
     assert "Did it work?" in screen and "Static sub-networks" in screen and "measured speed" in screen
+    assert "cascade" in screen and "oracle" in screen and "random router" in screen
     result = json.loads((out / "quickstart.json").read_text())
     report = json.loads((out / "report.json").read_text())
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -60,3 +64,18 @@ def test_quickstart_recipe_is_the_shipped_fashion_mnist_recipe():
     ours = quickstart_config()
     for section in ("model", "supernet", "gate"):
         assert shipped[section] == ours[section], section
+
+
+def test_quickstart_over_seeds_reports_mean_and_spread(tmp_path, capsys):
+    out = tmp_path / "qs"
+    sets = [a for kv in TINY + ["supernet.epochs=1", "gate.epochs=1"] for a in ("--set", kv)]
+    assert main(["quickstart", "--out", str(out), "--seeds", "2", *sets]) == 0
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    per_seed = [json.loads((out / f"seed{i}" / "quickstart.json").read_text())["claims"] for i in (0, 1)]
+    fig = summary["figures"]["dynamic_top1"]
+    assert fig["values"] == [c["dynamic_top1"] for c in per_seed]
+    assert fig["mean"] == pytest.approx(sum(fig["values"]) / 2)
+    assert fig["std"] == pytest.approx(abs(fig["values"][0] - fig["values"][1]) / 2**0.5)
+    assert set(summary["figures"]["static_top1"]) == {"0", "1", "2", "3", "4"}
+    assert "Quickstart over seeds [0, 1]" in capsys.readouterr().out

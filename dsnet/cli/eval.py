@@ -208,14 +208,47 @@ def format_report(report: dict[str, Any]) -> str:
             title="\ngate-bias sweep (gate bias = b * " + str([round(r, 3) for r in report["bias_ramp"]]) + ")",
         )
     )
+    rows = [
+        [f"{c['threshold']:.3f}", round(c["top1"], 2), round(c["mean_macs"] / 1e6, 2), round(100 * c["escalated"], 1)]
+        for c in report["baselines"]["cascade"]
+    ]
+    out.append(
+        format_table(
+            ["threshold", "top-1 %", "mean MMACs", "% escalated"],
+            rows,
+            title="\nconfidence cascade (no training): slimmest, then the widest when its max softmax < threshold",
+        )
+    )
+    out.append("\n" + format_summary(report))
+    return "\n".join(out)
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """The gate against every baseline at its own MACs, in a few lines (eval and the quickstart print it)."""
     s = report["summary"]
     w = s["widest_routed"]
-    out.append(
-        f"\nwidest routed #{w['index']}: top-1 {w['top1']:.2f}% at {w['macs'] / 1e6:.2f} MMACs; "
-        f"dynamic: {s['dynamic_top1']:.2f}% at {s['dynamic_mean_macs'] / 1e6:.2f} MMACs "
-        f"({s['mac_reduction']:.2f}x fewer MACs)\n"
-        f"static sub-networks interpolated at the same MACs: {s['static_top1_at_dynamic_macs']:.2f}% "
-        f"-> dynamic {s['top1_gain_at_equal_macs']:+.2f} points"
-        + (" (outside the static range: clamped)" if s["interpolation_clamped"] else "")
-    )
-    return "\n".join(out)
+    rnd = s["random_router"]
+    bias = report["model"].get("budget_bias")
+    capture = s["oracle_capture"]
+    lines = [
+        f"gate mode {report.get('gate_mode', 'pre')!r}; stored budget bias "
+        + ("none" if bias is None else "[" + ", ".join(f"{b:+.3f}" for b in bias) + "]"),
+        f"widest routed #{w['index']}: top-1 {w['top1']:.2f}% at {w['macs'] / 1e6:.2f} MMACs; "
+        f"dynamic (trained gate): {s['dynamic_top1']:.2f}% at {s['dynamic_mean_macs'] / 1e6:.2f} MMACs "
+        f"({s['mac_reduction']:.2f}x fewer MACs)",
+        f"at {s['dynamic_mean_macs'] / 1e6:.2f} MMACs: gate {s['dynamic_top1']:.2f}% | static curve "
+        f"{s['static_top1_at_dynamic_macs']:.2f}% ({s['top1_gain_at_equal_macs']:+.2f})"
+        + (" [outside the static range: clamped]" if s["interpolation_clamped"] else "")
+        + f" | cascade {s['cascade_top1_at_dynamic_macs']:.2f}% ({s['gain_over_cascade']:+.2f})"
+        f" | oracle {s['oracle_top1_at_dynamic_macs']:.2f}%",
+        f"random router with the gate's mix: {rnd['top1']:.2f}% at {rnd['mean_macs'] / 1e6:.2f} MMACs; "
+        "share of the oracle's gain over the static curve the gate captures: "
+        + ("n/a" if capture is None else f"{100 * capture:.0f}%"),
+    ]
+    worst_static, worst_cascade = s["sweep_min_gain_over_static"], s["sweep_min_gain_over_cascade"]
+    if worst_static is not None:
+        lines.append(
+            f"along the sweep (points inside the static range): worst margin over the static curve "
+            f"{worst_static:+.2f}, over the cascade {worst_cascade:+.2f} points"
+        )
+    return "\n".join(lines)

@@ -23,11 +23,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a recipe key, e.g. --set supernet.epochs=6",
     )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run seeds 0..N-1 (OUT/seed<i>) and report mean and spread of every headline figure",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsnet.quickstart import run_quickstart
+    from dsnet.quickstart import run_quickstart, run_seeds
 
-    run_quickstart(args.out, fast=args.fast, data=args.data, overrides=args.overrides)
+    if args.seeds != 1:
+        run_seeds(args.out, args.seeds, fast=args.fast, data=args.data, overrides=args.overrides)
+    else:
+        run_quickstart(args.out, fast=args.fast, data=args.data, overrides=args.overrides)
     return 0

@@ -29,7 +29,8 @@ histograms are indexed by routing choice (position in ``routing_space``).
 .. code-block:: text
 
     schema_version  int
-    model           {name: str, num_classes: int, routing_space: [int], gate_head_macs: int}
+    model           {name: str, num_classes: int, routing_space: [int], gate_head_macs: int,
+                     budget_bias: [float] * R  (the gate's stored bias, set by stage II's budget calibration)}
     dataset         {name: str, split: str, num_samples: int, class_names: [str]}
     input_size      [C, H, W]
     top5_k          int  (min(5, num_classes): the k of the "top5" fields)
@@ -388,6 +389,7 @@ def evaluate(
             "num_classes": int(model.num_classes),
             "routing_space": routing_space,
             "gate_head_macs": gate_head,
+            "budget_bias": [float(b) for b in model.gate.budget_bias],
         },
         "dataset": {"name": dataset_name, "split": split, "num_samples": n, "class_names": names},
         "input_size": list(input_size),

@@ -17,7 +17,10 @@ __all__ = ["plot_report"]
 
 
 def plot_report(report: dict[str, Any], path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Write a PNG of top-1 vs MMACs: the static sub-networks, the dynamic sweep and the trained gate (b=0).
+    """Write a PNG of top-1 vs MMACs: static sub-networks, the gate's sweep and b=0 point, and the baselines.
+
+    The baselines (confidence cascade, oracle, random router) are drawn when
+    the report has them (schema 2).
 
     Written atomically, so an interrupted run never leaves a truncated image.
     """
@@ -63,6 +66,29 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike, dpi: int = 120)
         color="tab:orange",
         label="dynamic, gate-bias sweep",
     )
+    base = report.get("baselines")
+    if base:
+        cascade = sorted(base["cascade"], key=lambda p: p["mean_macs"])
+        ax.plot(
+            [p["mean_macs"] / 1e6 for p in cascade],
+            [p["top1"] for p in cascade],
+            "^--",
+            color="tab:green",
+            markersize=4,
+            label="confidence cascade (no training)",
+        )
+        oracle = base["oracle"]
+        ax.plot(
+            [p["mean_macs"] / 1e6 for p in oracle],
+            [p["top1"] for p in oracle],
+            ":",
+            color="tab:purple",
+            label="oracle router (ceiling)",
+        )
+        rnd = base["random"]
+        ax.plot(
+            [rnd["mean_macs"] / 1e6], [rnd["top1"]], "x", color="black", markersize=8, label="random router, gate's mix"
+        )
     dyn = report["dynamic"]
     ax.plot(
         [dyn["mean_macs"] / 1e6],

@@ -252,7 +252,7 @@ def test_budget_calibration_meets_the_target_on_training_images():
     loader = [_batch(32) for _ in range(2)]
     table = model.routing_macs((3, 32, 32))
     target = 0.5 * float(table[0] + table[-1])
-    b = calibrate_budget(model, loader, torch.device("cpu"), table, target)
+    b = calibrate_budget(model, loader, target_macs=target)
     x = torch.cat([xb for xb, _ in loader])
     with torch.no_grad():
         routed = model(x, return_routing=True)

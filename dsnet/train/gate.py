@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,39 +176,71 @@ def gate_step(
     return stats
 
 
-def target_macs(gc: dict[str, Any], widest_macs: float) -> float | None:
-    """The budget in MACs per sample: ``target_mmacs``, or ``target_fraction`` of the widest routed sub-network."""
-    if gc["target_mmacs"] is not None and gc["target_fraction"] is not None:
+def target_macs_of(
+    target_fraction: float | None, target_mmacs: float | None, model: DynamicNet, input_size: Sequence[int]
+) -> float | None:
+    """The budget in MACs per sample: ``target_mmacs``, or ``target_fraction`` of the widest routed sub-network
+    (its MACs plus the routing head's). None when neither is set."""
+    if target_mmacs is not None and target_fraction is not None:
         raise ValueError("gate.target_mmacs and gate.target_fraction are alternatives: set one")
-    if gc["target_mmacs"] is not None:
-        return gc["target_mmacs"] * 1e6
-    if gc["target_fraction"] is not None:
-        if not 0.0 < gc["target_fraction"] <= 1.0:
-            raise ValueError(f"gate.target_fraction must be in (0, 1], got {gc['target_fraction']}")
-        return gc["target_fraction"] * widest_macs
+    if target_mmacs is not None:
+        if not target_mmacs > 0:
+            raise ValueError(f"gate.target_mmacs must be positive, got {target_mmacs}")
+        return target_mmacs * 1e6
+    if target_fraction is not None:
+        if not 0.0 < target_fraction <= 1.0:
+            raise ValueError(f"gate.target_fraction must be in (0, 1], got {target_fraction}")
+        return target_fraction * widest_routed_macs(model, input_size)
     return None
+
+
+def widest_routed_macs(model: DynamicNet, input_size: Sequence[int]) -> float:
+    """MACs per sample of the widest routing choice run as a static sub-network, routing head included.
+
+    Budgets are fractions of this in both gate modes (in ``"exit"`` mode the
+    widest *routing choice* costs more: it runs the slimmest first).
+    """
+    return float(model.subnet_macs(input_size)[model.routing_space[-1]] + model.gate_head_macs())
 
 
 @torch.no_grad()
 def calibrate_budget(
-    model: DynamicNet, loader, device: torch.device, macs_table: Tensor, target: float, max_batches: int = 50
+    model: DynamicNet,
+    batches: Iterable,
+    *,
+    target_macs: float | None = None,
+    target_fraction: float | None = None,
+    max_batches: int = 50,
 ) -> float:
-    """Set the gate's stored budget bias so dynamic inference averages ``target`` MACs on training images.
+    """Set the gate's stored budget bias so that dynamic inference averages a MAC budget on ``batches``.
 
-    The bias is ``b * bias_ramp`` (favouring slim choices for ``b > 0``); the
-    mean routed MACs fall monotonically with ``b``, so bisection finds the
-    smallest ``b`` that meets the budget. Returns ``b``.
+    The budget is ``target_macs`` per sample, or ``target_fraction`` of the
+    widest routed sub-network's MACs. Use held-out training images (not the
+    split you report on). The bias is ``b * bias_ramp`` (favouring slim
+    choices for ``b > 0``); the mean routed MACs fall monotonically with
+    ``b``, so bisection finds the smallest ``b`` that meets the budget, which
+    is stored in ``model.gate.budget_bias`` (saved with the weights). Returns ``b``.
     """
-    ramp = bias_ramp(len(model.routing_space)).to(device)
-    logits = []
+    if (target_macs is None) == (target_fraction is None):
+        raise ValueError("calibrate_budget needs exactly one of target_macs and target_fraction")
+    device = next(model.parameters()).device
+    logits, input_size = [], None
     with temporary_mode(model, False):
-        for i, (images, _) in enumerate(loader):
+        for i, batch in enumerate(batches):
             if i >= max_batches:
                 break
-            h, z = model.forward_pre(images.to(device), model.routing_space[0])
+            images = batch[0].to(device)
+            input_size = tuple(images.shape[1:])
+            h, z = model.forward_pre(images, model.routing_space[0])
             logits.append(model.raw_gate_logits(h, z)[0].float())
+    if not logits:
+        raise ValueError("calibrate_budget: the batches yielded no images")
+    table = model.routing_macs(input_size).to(device)
+    if target_fraction is not None:
+        target_macs = target_macs_of(target_fraction, None, model, input_size)
+    target = float(target_macs)
     g = torch.cat(logits)
-    table = macs_table.to(device)
+    ramp = bias_ramp(len(model.routing_space)).to(device)
 
     def mean_macs(b: float) -> float:
         return float(table[(g + b * ramp).argmax(1)].mean())
@@ -301,9 +334,8 @@ def train_gate(
     head = freeze_backbone(model)
     input_size = (info.in_chans, info.image_size, info.image_size)
     macs_table = model.routing_macs(input_size).to(device)
-    widest = float(model.subnet_macs(input_size)[model.routing_space[-1]] + model.gate_head_macs())
-    unit = 1e9 if gc["macs_unit"] == "gmacs" else widest
-    target = target_macs(gc, widest)
+    unit = 1e9 if gc["macs_unit"] == "gmacs" else widest_routed_macs(model, input_size)
+    target = target_macs_of(gc["target_fraction"], gc["target_mmacs"], model, input_size)
     objective = GateObjective.from_config(gc)
     budget_loader = None
     if target is not None and val_split == "holdout":  # calibrate the budget bias on held-out training images
@@ -354,7 +386,7 @@ def train_gate(
         )
         record = epoch_record(epoch, lr, time.time() - t0, sums, steps_per_epoch, ctx, device)
         if budget_loader is not None:
-            record["budget_bias"] = calibrate_budget(model, budget_loader, device, macs_table, target)
+            record["budget_bias"] = calibrate_budget(model, budget_loader, target_macs=target)
             record["target_mmacs"] = target / 1e6
         if ctx.is_main:
             val = evaluate_dynamic(model, val_loader, device, macs_table)

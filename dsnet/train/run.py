@@ -194,7 +194,9 @@ def train_epoch(
     ``step`` does the forward, backward and optimiser step and returns scalars
     to log. Returns the summed statistics and the last learning rate.
     """
-    loader.sampler.set_epoch(epoch)
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):  # dsnet's seeded loaders reshuffle per epoch; any iterable works
+        sampler.set_epoch(epoch)
     steps_per_epoch = len(loader)
     sums: dict[str, float] = {}
     lr = optimizer.param_groups[0]["lr"]

@@ -46,7 +46,15 @@ from dsnet.train.run import (
 )
 from dsnet.utils.io import atomic_copy, atomic_write_json
 
-__all__ = ["sample_subnets", "supernet_step", "train_supernet", "build_model", "calibrate_checkpoint"]
+__all__ = [
+    "SandwichStep",
+    "sample_subnets",
+    "supernet_step",
+    "train_supernet",
+    "build_model",
+    "build_optimizer",
+    "calibrate_checkpoint",
+]
 
 
 def sample_subnets(model: DynamicNet, step: int, seed: int, num_random: int) -> list[int]:
@@ -117,6 +125,63 @@ def supernet_step(
         name = "largest" if i == 0 else ("smallest" if i == last else f"random{i}")
         losses[f"loss_{name}"] = float(loss.detach())
     return losses
+
+
+class SandwichStep:
+    """One stage I optimiser step: the sandwich rule's forwards and backwards, clipping, the step, the EMA update.
+
+    Call it on a batch ``(images, labels)``, or ``([view, view], labels)`` with
+    MvCo. ``count`` is the global step; it seeds the sandwich sampling, so a
+    resumed run (set ``count`` to the step it resumes at) and every DDP rank
+    draw the same sub-networks as an uninterrupted run.
+    """
+
+    def __init__(
+        self,
+        model: DynamicNet,
+        optimizer: torch.optim.Optimizer,
+        ema: ModelEma | None,
+        *,
+        ddp: nn.Module | None = None,
+        num_random: int = 2,
+        distill: str = "ib",
+        label_smoothing: float = 0.1,
+        amp: bool = False,
+        grad_clip: float | None = None,
+        channels_last: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if distill in ("ib", "ieb") and ema is None:
+            raise ValueError(f"distill={distill!r} learns from an EMA teacher: pass one (or distill='inplace')")
+        self.model, self.optimizer, self.ema, self.ddp = model, optimizer, ema, ddp or model
+        self.num_random, self.distill, self.label_smoothing = num_random, distill, label_smoothing
+        self.amp, self.grad_clip, self.channels_last, self.seed = amp, grad_clip, channels_last, seed
+        self.device = next(model.parameters()).device
+        self.count = 0
+
+    def __call__(self, batch: tuple[Tensor | list[Tensor], Tensor]) -> dict[str, float]:
+        images, labels = batch
+        views = [v.to(self.device, non_blocking=True) for v in (images if isinstance(images, list) else [images])]
+        if self.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = supernet_step(
+            self.ddp,
+            None if self.ema is None else self.ema.module,
+            views,
+            labels.to(self.device, non_blocking=True),
+            sample_subnets(self.model, self.count, self.seed, self.num_random),
+            distill=self.distill,
+            label_smoothing=self.label_smoothing,
+            amp=self.amp,
+        )
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.count += 1
+        return losses
 
 
 def build_optimizer(params: list[nn.Parameter], lr: float, sc: dict[str, Any]) -> torch.optim.Optimizer:
@@ -213,28 +278,19 @@ def train_supernet(
     routed = [s.index for s in model.subnets if s.routed]
     spec = _model_spec(cfg, info.num_classes, info.in_chans)
 
-    def step(batch) -> dict[str, float]:
-        images, labels = batch
-        image_views = [v.to(device, non_blocking=True) for v in (images if views > 1 else [images])]
-        if sc["channels_last"]:
-            image_views = [v.contiguous(memory_format=torch.channels_last) for v in image_views]
-        optimizer.zero_grad(set_to_none=True)
-        losses = supernet_step(
-            ddp,
-            ema.module,
-            image_views,
-            labels.to(device, non_blocking=True),
-            sample_subnets(model, step.count, cfg["seed"], sc["num_random"]),
-            distill=sc["distill"],
-            label_smoothing=sc["label_smoothing"],
-            amp=sc["amp"],
-        )
-        if sc["grad_clip"]:
-            nn.utils.clip_grad_norm_(params, sc["grad_clip"])
-        optimizer.step()
-        ema.update(model)
-        step.count += 1
-        return losses
+    step = SandwichStep(
+        model,
+        optimizer,
+        ema,
+        ddp=ddp,
+        num_random=sc["num_random"],
+        distill=sc["distill"],
+        label_smoothing=sc["label_smoothing"],
+        amp=sc["amp"],
+        grad_clip=sc["grad_clip"],
+        channels_last=sc["channels_last"],
+        seed=cfg["seed"],
+    )
 
     for epoch in range(start_epoch, sc["epochs"]):
         model.train()

@@ -31,6 +31,7 @@ rules are this project's choices, not from the papers]
 
 from __future__ import annotations
 
+import copy
 import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -52,6 +53,7 @@ __all__ = [
     "folder_recipe",
     "fixed_recipe",
     "recipe_overrides",
+    "with_recorded_recipe",
     "describe_recipe",
 ]
 
@@ -149,7 +151,11 @@ def measure_image_folder(
     std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
     std = np.where(std < 1e-3, 1.0, std)  # a constant channel: normalise by 1, not by ~0
     return ImageStats(
-        native, found_channels, tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std), count
+        native,
+        found_channels,
+        tuple(round(float(v), 4) for v in mean),
+        tuple(round(float(v), 4) for v in std),
+        len(paths),
     )
 
 
@@ -261,6 +267,34 @@ def recipe_overrides(recipe: dict[str, Any]) -> dict[str, Any]:
             "hflip": recipe["hflip"],
         },
     }
+
+
+def with_recorded_recipe(data_cfg: dict[str, Any], dataset_info: dict[str, Any] | None) -> dict[str, Any]:
+    """``data_cfg`` with the keys it leaves open (``None``/absent) taken from a checkpoint's recorded recipe.
+
+    ``dataset_info`` is the checkpoint's ``dataset`` entry (``DatasetInfo`` as a
+    dict). Evaluating, exporting or training the gate of a checkpoint this way
+    normalises and crops exactly as its training did, even if the image folder
+    changed since; explicit keys in ``data_cfg`` still win. A checkpoint of
+    another dataset, or one that records no recipe (older checkpoints), leaves
+    ``data_cfg`` as it is (a copy).
+    """
+    from dsnet.data.config import resolve_data_config
+
+    out = copy.deepcopy(data_cfg)
+    recipe = (dataset_info or {}).get("recipe")
+    if not recipe or dataset_info.get("name") != resolve_data_config(data_cfg)["dataset"]:
+        return out
+    pinned = recipe_overrides(recipe)
+    augment = dict(out.get("augment") or {})
+    for key, value in pinned.pop("augment").items():
+        if augment.get(key) is None:
+            augment[key] = value
+    out["augment"] = augment
+    for key, value in pinned.items():
+        if out.get(key) is None:
+            out[key] = value
+    return out
 
 
 def _numbers(values: tuple[float, ...]) -> str:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import pickle
@@ -108,7 +109,9 @@ def test_idx_round_trip(tmp_path):
     plain = write_idx(tmp_path / "plain-idx1-ubyte", labels, compress=False)
     np.testing.assert_array_equal(read_idx(plain), labels)
     ds, info = build_dataset({"dataset": "mnist", "root": str(tmp_path)}, "train")
-    assert info == DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,), [str(i) for i in range(10)], 12)
+    expected = DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,), [str(i) for i in range(10)], 12)
+    assert dataclasses.replace(info, recipe={}) == expected
+    assert info.recipe["crop_padding"] == 2 and not info.recipe["hflip"] and info.recipe["source"] == "MNIST statistics"
     x, y = ds[3]
     assert x.dtype == torch.uint8 and x.shape == (1, 28, 28) and y == labels[3]
     assert torch.equal(x[0], torch.from_numpy(images[3]))
@@ -354,7 +357,9 @@ def test_config_defaults_and_validation():
     assert resolve_data_config(resolved) == resolved
     assert resolve_data_config({"dataset": "CIFAR-10"})["dataset"] == "cifar10"
     merged = resolve_data_config({"augment": {"hflip": False}})
-    assert merged["augment"]["hflip"] is False and merged["augment"]["scale"] == [0.08, 1.0]
+    assert merged["augment"]["hflip"] is False and merged["augment"]["scale"] is None  # None: the data's recipe
+    assert resolve_data_config({"download": "AUTO"})["download"] == "auto" and resolved["download"] == "auto"
+    assert resolve_data_config({"mean": [0.5], "std": [1], "eval_crop_fraction": 1})["std"] == [1]
     cases = [
         ({"augment": {"hflpi": True}}, r"data\.augment\.hflpi: unknown key; known: .*hflip"),
         ({"batchsize": 3}, r"data\.batchsize: unknown key"),
@@ -366,6 +371,11 @@ def test_config_defaults_and_validation():
         ({"augment": 3}, r"data\.augment: expected a mapping"),
         ({"synthetic": {"channels": 1.5}}, r"data\.synthetic\.channels"),
         ({"dataset": "svhn"}, r"data\.dataset: unknown dataset 'svhn'"),
+        ({"download": "sometimes"}, r"data\.download: expected auto, true or false"),
+        ({"channels": 2}, r"data\.channels: must be 1, 3 or null"),
+        ({"mean": 0.5}, r"data\.mean: expected a list of numbers or null"),
+        ({"std": [0.2, 0.0, 0.1]}, r"data\.std: must be positive"),
+        ({"eval_crop_fraction": 1.5}, r"data\.eval_crop_fraction: must be in \(0, 1\]"),
     ]
     for cfg, pattern in cases:
         with pytest.raises(ValueError, match=pattern):
@@ -419,7 +429,7 @@ def test_download_and_extract_offline(tmp_path, monkeypatch):
     assert len(ds) == 20 and (root / "cifar-10-batches-py" / "data_batch_5").is_file()
     assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py"]  # archive and temp dirs gone
     monkeypatch.setitem(dl.RESOURCES, "cifar10", ((mirror.as_uri() + "/",), [(files[0][0], "0" * 32)], folder))
-    with pytest.raises(RuntimeError, match="md5 checksum mismatch"):
+    with pytest.raises(FileNotFoundError, match="downloading into .* failed: file:.*md5 checksum mismatch"):
         build_dataset({"dataset": "cifar10", "root": str(tmp_path / "other"), "download": True}, "train")
     assert not (tmp_path / "other" / "cifar-10-batches-py").exists()
 

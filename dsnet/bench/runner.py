@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 
 from dsnet.bench.masking import ZeroMaskBaseline
+from dsnet.bench.onnx_bundle import bench_onnx_dynamic, export_bench_bundle
 from dsnet.bench.routing import forced_routing, mix_choices, mix_counts
-from dsnet.bench.timing import interleaved, summarize
+from dsnet.bench.timing import interleaved, speedup_claim, summarize
 from dsnet.models.base import DynamicNet
 from dsnet.utils.table import format_table
 
@@ -117,6 +118,7 @@ def run_benchmark(
     statics = {k: model.extract(k).eval() for k in measured}
 
     onnx_sessions: dict[int, Any] = {}
+    onnx_bundle = None
     tmp = None
     if config.onnx:
         from dsnet.export.onnx import export_static, ort_session
@@ -126,6 +128,9 @@ def run_benchmark(
             log(f"exporting sub-network {k} to ONNX")
             path = export_static(model, k, os.path.join(tmp.name, f"subnet{k}.onnx"), input_size)
             onnx_sessions[k] = ort_session(path, config.threads)
+        if config.dynamic:
+            log("exporting the dynamic bundle to ONNX")
+            onnx_bundle = export_bench_bundle(model, tmp.name, input_size, config.threads)
 
     report: dict[str, Any] = {
         "schema": SCHEMA,
@@ -149,9 +154,24 @@ def run_benchmark(
             x = torch.randn(batch, *input_size, generator=gen).to(device)
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            report["results"].append(
-                _bench_batch(model, statics, onnx_sessions, x, measured, widest, mix, macs, config, device, log)
-            )
+            result = _bench_batch(model, statics, onnx_sessions, x, measured, widest, mix, macs, config, device, log)
+            if onnx_bundle is not None:
+                log(f"batch {len(x)}: ONNX dynamic bundle vs widest routed sub-network, interleaved")
+                result["onnx_dynamic"] = bench_onnx_dynamic(
+                    onnx_bundle,
+                    onnx_sessions[widest],
+                    x.detach().cpu().contiguous().numpy(),
+                    mix=mix,
+                    macs=macs,
+                    routing_space=space,
+                    widest=widest,
+                    gate_head_macs=model.gate_head_macs(),
+                    repeats=config.repeats_for(len(x)),
+                    warmup=config.warmup,
+                    cycle=BATCH1_CYCLE if len(x) == 1 else 1,
+                    seed=config.seed,
+                )
+            report["results"].append(result)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -234,8 +254,10 @@ def _bench_batch(
                 "onnx_ms": med(f"onnx/{k}"),
                 "sliced_vs_static": sliced / static,
                 "real_speedup": real,
+                "real_speedup_claim": _claim(samples, f"sliced/{widest}", f"sliced/{k}", k == widest),
                 "slicing_efficiency": real / theo,
                 "static_real_speedup": static_real,
+                "static_real_speedup_claim": _claim(samples, f"static/{widest}", f"static/{k}", k == widest),
                 "static_efficiency": static_real / theo,
                 "throughput_img_s": batch / (sliced / 1e3),
             }
@@ -258,6 +280,7 @@ def _bench_batch(
             "mean_macs": mean_macs,
             "theoretical_speedup": macs[widest] / mean_macs,
             "real_speedup": None if widest_ms is None else widest_ms / dyn_ms,
+            "real_speedup_claim": _claim(samples, f"sliced/{widest}", "dynamic", widest_ms is None),
             "efficiency": None if widest_ms is None else (widest_ms / dyn_ms) / (macs[widest] / mean_macs),
             "mix": weights,
             "counts": counts,
@@ -274,8 +297,35 @@ def _bench_batch(
     return result
 
 
+def _claim(samples: dict[str, list[float]], reference: str, method: str, skip: bool) -> dict[str, Any] | None:
+    """The noise rule (``dsnet.bench.timing.speedup_claim``) for ``method`` against ``reference``."""
+    if skip or reference not in samples or method not in samples:
+        return None
+    return speedup_claim(samples[reference], samples[method]).as_dict()
+
+
+def _speedup(value: float, claim: dict[str, Any] | None) -> str:
+    """``1.85x``; ``1.03x?`` when the rounds do not agree enough to claim it."""
+    return f"{value:.2f}x" + ("?" if claim is not None and not claim["clear"] else "")
+
+
+NOISY_NOTE = (
+    "? = too noisy to claim: fewer than 3 in 4 interleaved rounds agree on which is faster "
+    "(the per-round ratios' quartiles straddle 1; see BENCHMARKS.md)"
+)
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _noise_suffix(claim: dict[str, Any] | None) -> str:
+    if claim is None or claim["clear"]:
+        return ""
+    return (
+        f" -- too noisy to claim (per-round ratios {claim['ratio_q1']:.2f}-{claim['ratio_q3']:.2f} "
+        f"over {claim['rounds']} rounds)"
+    )
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -299,7 +349,7 @@ def format_report(report: dict[str, Any]) -> str:
                     _ms(r["masked_ms"]),
                     _ms(r["onnx_ms"]),
                     f"{r['theoretical_speedup']:.2f}x",
-                    f"{r['real_speedup']:.2f}x",
+                    _speedup(r["real_speedup"], r.get("real_speedup_claim")),
                     f"{r['slicing_efficiency']:.2f}",
                     round(r["throughput_img_s"], 1),
                 ]
@@ -310,6 +360,9 @@ def format_report(report: dict[str, Any]) -> str:
         ]  # fmt: skip
         out.append("")
         out.append(format_table(headers, rows, title=f"batch {res['batch_size']} ({res['repeats']} rounds)"))
+        noisy = [r for r in res["per_subnet"] if r.get("real_speedup_claim") and not r["real_speedup_claim"]["clear"]]
+        if noisy:
+            out.append(NOISY_NOTE)
         dyn = res.get("dynamic")
         if dyn:
             mix = "/".join(f"{w:.2f}" for w in dyn["mix"])
@@ -321,6 +374,15 @@ def format_report(report: dict[str, Any]) -> str:
             if dyn.get("real_speedup") is not None:
                 out.append(
                     f"dynamic vs widest routed: {dyn['real_speedup']:.2f}x real for {dyn['theoretical_speedup']:.2f}x "
-                    f"fewer MACs (efficiency {dyn['efficiency']:.2f})"
+                    f"fewer MACs (efficiency {dyn['efficiency']:.2f}){_noise_suffix(dyn.get('real_speedup_claim'))}"
                 )
+        onnx = res.get("onnx_dynamic")
+        if onnx:
+            out.append(
+                f"ONNX Runtime dynamic bundle ({onnx['session']['sessions']} sessions, "
+                f"{onnx['session']['intra_op_threads']} threads, no spinning): {onnx['latency_ms']:.2f} ms per batch "
+                f"of {onnx['samples_per_call']} vs widest routed alone {onnx['widest_ms']:.2f} ms -> "
+                f"{onnx['real_speedup']:.2f}x real for {onnx['theoretical_speedup']:.2f}x fewer MACs"
+                f"{_noise_suffix(onnx['real_speedup_claim'])}"
+            )
     return "\n".join(out)

@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["Stats", "summarize", "time_once", "interleaved"]
+__all__ = ["Stats", "SpeedupClaim", "MIN_ROUNDS_TO_CLAIM", "summarize", "speedup_claim", "time_once", "interleaved"]
+
+MIN_ROUNDS_TO_CLAIM = 5
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,42 @@ def summarize(samples_ms: list[float]) -> Stats:
     else:
         q1 = q3 = xs[0]
     return Stats(statistics.median(xs), q1, q3, q3 - q1, statistics.fmean(xs), xs[0], len(xs))
+
+
+@dataclass(frozen=True)
+class SpeedupClaim:
+    """A speed-up of one method over a reference, measured in the same interleaved rounds, and whether it holds.
+
+    ``speedup`` = median(reference) / median(method), as headlined.
+    ``ratio_q1``/``ratio_q3``: quartiles of the per-round ratios
+    reference_r / method_r. The rule: a speed-up (or slow-down) is **clear**
+    when at least ``MIN_ROUNDS_TO_CLAIM`` rounds were timed and both quartiles
+    of the per-round ratios lie on the same side of 1, i.e. at least three
+    rounds in four agree on which method was faster. Otherwise it is **too
+    noisy to claim**. Pairing by round is what interleaving buys: a burst of
+    machine noise slows both methods of a round, so it cancels in the ratio.
+    """
+
+    speedup: float
+    ratio_q1: float
+    ratio_q3: float
+    rounds: int
+    clear: bool
+
+    def as_dict(self) -> dict[str, float | int | bool]:
+        return asdict(self)
+
+
+def speedup_claim(reference_ms: list[float], method_ms: list[float]) -> SpeedupClaim:
+    """``reference``'s time over ``method``'s, per interleaved round and overall, with the noise rule applied."""
+    if len(reference_ms) != len(method_ms) or not reference_ms:
+        raise ValueError(f"need the same, non-zero number of rounds, got {len(reference_ms)} and {len(method_ms)}")
+    ratios = summarize([r / m for r, m in zip(reference_ms, method_ms)])
+    speedup = statistics.median(reference_ms) / statistics.median(method_ms)
+    same_side = ratios.q1 > 1.0 or ratios.q3 < 1.0
+    return SpeedupClaim(
+        speedup, ratios.q1, ratios.q3, len(method_ms), same_side and len(method_ms) >= MIN_ROUNDS_TO_CLAIM
+    )
 
 
 def time_once(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:

@@ -37,7 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-size", type=int, default=None, help="image side (default: the model's)")
     p.add_argument("--no-channels-last", action="store_true", help="feed NCHW-contiguous inputs on CPU")
     p.add_argument("--no-masked", action="store_true", help="skip the zero-masking baseline")
-    p.add_argument("--onnx", action="store_true", help="also time the static sub-networks in ONNX Runtime")
+    p.add_argument(
+        "--onnx", action="store_true", help="also time the static sub-networks and the dynamic bundle in ONNX Runtime"
+    )
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     p.set_defaults(func=run)
 

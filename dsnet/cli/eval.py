@@ -78,7 +78,9 @@ def data_config(ckpt: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     if args.dataset and cfg.get("dataset") and _canonical(cfg["dataset"]) != _canonical(args.dataset):
         cfg.pop("root", None)  # another dataset's location would be wrong for this one
     cfg.update({k: v for k, v in overrides.items() if v is not None})
-    return cfg
+    from dsnet.data.recipe import with_recorded_recipe
+
+    return with_recorded_recipe(cfg, ckpt.get("dataset"))  # normalise and crop as training did
 
 
 def _canonical(dataset: str) -> str:
@@ -123,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
     from dsnet.data import build_loader
 
     loader, info = build_loader(cfg, "val", seed=0, device=str(device))
+    from dsnet.data.recipe import describe_recipe
+
+    print(describe_recipe(info.recipe), flush=True)
     if info.num_classes != model.num_classes:
         raise ValueError(f"{info.name} has {info.num_classes} classes but the model has {model.num_classes}")
     if info.in_chans != model.in_chans:

@@ -36,9 +36,9 @@ def run(args: argparse.Namespace) -> int:
         from dsnet.train.checkpoint import load_model
 
         model, ckpt = load_model(args.checkpoint)
-        name = ckpt["model"]["name"]
+        name, dataset = ckpt["model"]["name"], ckpt.get("dataset")
     else:
-        model, name = create_model(args.model).eval(), args.model
+        model, name, dataset = create_model(args.model).eval(), args.model, None
     if not isinstance(model, DynamicNet):
         raise ValueError(f"{name} is not a dynamic dsnet model")
     if args.subnet is not None and not 0 <= args.subnet < len(model.subnets):
@@ -51,17 +51,21 @@ def run(args: argparse.Namespace) -> int:
     n = max(args.check_batch, len(model.routing_space))
     images = torch.randn(n, *size, generator=torch.Generator().manual_seed(0))
     if args.subnet is not None:
-        path = export_static(model, args.subnet, args.out, size)
+        path = export_static(model, args.subnet, args.out, size, dataset=dataset)
         params = sum(p.numel() * p.element_size() for p in model.extract(args.subnet).parameters())
         print(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB; sub-network parameters {params / 1e6:.2f} MB)")
         if not args.no_check:
             diff = check_static(model, args.subnet, path, images)
             _report(f"onnxruntime vs eager, sub-network {args.subnet}: max abs diff {diff:.2e}", diff, tol)
         return 0
-    manifest = export_dynamic(model, args.out, size, model_name=name)
+    manifest = export_dynamic(model, args.out, size, model_name=name, dataset=dataset)
     files = sorted(Path(manifest).parent.glob(Path(args.out).with_suffix("").name + ".*"))
     total = sum(f.stat().st_size for f in files)
     print(f"wrote dynamic bundle {manifest} ({len(files)} files, {total / 1e6:.2f} MB)")
+    if dataset:
+        print(f"manifest: preprocessing and {len(dataset.get('class_names') or [])} class names of {dataset['name']}")
+    else:
+        print("manifest: no mean/std or class names (random weights; export a checkpoint to record them)")
     if not args.no_check:
         res = check_dynamic(model, manifest, images)
         diff = max(res["forced_max_abs_diff"], res["gate_max_abs_diff"])

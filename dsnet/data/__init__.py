@@ -8,9 +8,13 @@ Public API (other modules code against exactly this)::
     build_dataset(cfg, split)         # (raw dataset of (uint8 CHW, label), DatasetInfo)
     build_loader(cfg, split, *, seed=0, rank=0, world_size=1, device="cpu", views=1)
 
-Datasets: ``fashion_mnist`` (default; Debian's ``dataset-fashion-mnist`` is
-found automatically), ``mnist``, ``cifar10``, ``cifar100``, ``imagefolder``
-(``root/train/<class>/...``, ``root/val/<class>/...``) and ``synthetic``.
+Datasets: ``fashion_mnist`` (default), ``mnist``, ``cifar10``, ``cifar100``,
+``imagefolder`` (``root/train/<class>/...``, ``root/val/<class>/...``) and
+``synthetic``. Files are looked for in Debian's package folder and the user
+cache, and downloaded into the cache when missing (``data.download: auto``;
+``dsnet.data.loader._locate``). What the loader does to the images, the data
+recipe, comes from the data (``dsnet.data.recipe``) and travels in
+``DatasetInfo.recipe``.
 """
 
 from dsnet.data.config import DATA_DEFAULTS, DATASET_NAMES, resolve_data_config

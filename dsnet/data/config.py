@@ -27,12 +27,17 @@ _ALIASES = {
     "image_folder": "imagefolder",
 }
 
-# ``None`` means "the dataset's own default" (see ``dsnet.data.transforms.augment_defaults``):
-# CIFAR wants padding 4 and flips, MNIST must not be flipped, ImageNet wants a random resized crop.
+# ``None`` means "the data's own recipe" (see ``dsnet.data.recipe``): fixed for the known datasets (CIFAR wants
+# padding 4 and flips, MNIST must not be flipped), measured from a sample for image folders.
 DATA_DEFAULTS: dict[str, Any] = {
     "dataset": "fashion_mnist",
     "root": None,  # None: the dataset's usual place (e.g. /usr/share/datasets/fashion-mnist), else a cache dir
-    "image_size": None,  # None: native size (28 / 32; 224 for image folders)
+    "image_size": None,  # None: native size (28 / 32; image folders: median shorter side, at most 224)
+    "channels": None,  # None: native (image folders: 1 if every sampled image is greyscale, else 3)
+    "mean": None,  # list, one per channel; None: the dataset's (image folders: measured on a sample)
+    "std": None,
+    "eval_crop_fraction": None,  # eval crop of image folders: shorter side -> size / f, centre crop. None:
+    # 1.0 (whole image) for small images, 0.875 for large ones (ImageNet)
     "batch_size": 128,
     "eval_batch_size": 256,
     "workers": 2,
@@ -40,12 +45,14 @@ DATA_DEFAULTS: dict[str, Any] = {
     "holdout": None,  # int: training images held out (fixed, seeded) for model selection: best epoch,
     # budget calibration, thresholds. They are never trained on; "val" (the reported split) is never selected on
     "val_subset": None,
-    "download": False,
+    "download": "auto",  # auto: download into the user cache when no local copy is found and data.root is
+    # not set; true: also into data.root; false: never (see dsnet.data.loader._locate)
     "augment": {
-        "random_resized_crop": None,  # None: on for image folders, off for the small datasets
-        "scale": [0.08, 1.0],
+        "random_resized_crop": None,  # None: on for folders of large images, off for small images
+        "scale": None,  # None: [0.08, 1] (image folders: the smallest crop keeps >= 64x64 source pixels)
         "ratio": [0.75, 4.0 / 3.0],
-        "crop_padding": None,  # None: 4 for CIFAR, 2 for (Fashion-)MNIST and synthetic; 0 disables
+        "crop_padding": None,  # None: 4 for CIFAR, 2 for (Fashion-)MNIST and synthetic, ~size/12 for small
+        # images in folders; 0 disables
         "hflip": None,  # None: off for MNIST and synthetic, on otherwise
         "randaugment_n": 0,
         "randaugment_m": 9.0,  # magnitude on timm's 0..10 scale
@@ -67,15 +74,19 @@ _TYPES: dict[str, Any] = {
     "dataset": str,
     "root": (*_PATH, type(None)),
     "image_size": (int, type(None)),
+    "channels": (int, type(None)),
+    "mean": ("numbers", type(None)),
+    "std": ("numbers", type(None)),
+    "eval_crop_fraction": (float, type(None)),
     "batch_size": int,
     "eval_batch_size": int,
     "workers": int,
     "train_subset": (int, type(None)),
     "holdout": (int, type(None)),
     "val_subset": (int, type(None)),
-    "download": bool,
+    "download": (bool, str),
     "augment.random_resized_crop": (bool, type(None)),
-    "augment.scale": "pair",
+    "augment.scale": ("pair", type(None)),
     "augment.ratio": "pair",
     "augment.crop_padding": (int, type(None)),
     "augment.hflip": (bool, type(None)),
@@ -91,7 +102,19 @@ _TYPES: dict[str, Any] = {
 }
 
 
+def _numbers_ok(value: Any) -> bool:
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
+
+
 def _type_ok(value: Any, expected: Any) -> bool:
+    if isinstance(expected, tuple) and any(isinstance(e, str) for e in expected):  # "pair"/"numbers" or null
+        return value is None or _type_ok(value, next(e for e in expected if isinstance(e, str)))
+    if expected == "numbers":
+        return _numbers_ok(value)
     if expected == "pair":
         return (
             isinstance(value, (list, tuple))
@@ -103,10 +126,16 @@ def _type_ok(value: Any, expected: Any) -> bool:
     types = expected if isinstance(expected, tuple) else (expected,)
     if isinstance(value, bool) and bool not in types:
         return False  # bool is an int subclass; `batch_size: true` is a mistake
+    if float in types and isinstance(value, int):
+        return True
     return isinstance(value, types)
 
 
 def _type_name(expected: Any) -> str:
+    if isinstance(expected, tuple) and any(isinstance(e, str) for e in expected):
+        return _type_name(next(e for e in expected if isinstance(e, str))) + " or null"
+    if expected == "numbers":
+        return "a list of numbers"
     if expected == "pair":
         return "a list of two numbers"
     if expected is float:
@@ -130,7 +159,7 @@ def _merge(defaults: dict, given: dict, prefix: str) -> dict:
             expected = _TYPES[name.removeprefix("data.")]
             if not _type_ok(value, expected):
                 raise ValueError(f"{name}: expected {_type_name(expected)}, got {value!r} ({type(value).__name__})")
-            out[key] = list(value) if expected == "pair" else value
+            out[key] = list(value) if isinstance(value, (list, tuple)) else value
     return out
 
 
@@ -159,14 +188,26 @@ def resolve_data_config(cfg: dict | None) -> dict:
     out["dataset"] = name
     if out["root"] is not None:
         out["root"] = os.fspath(out["root"])
+    if isinstance(out["download"], str):
+        text = out["download"].strip().lower()
+        choices = {"auto": "auto", "true": True, "yes": True, "false": False, "no": False}
+        if text not in choices:
+            raise ValueError(f"data.download: expected auto, true or false, got {out['download']!r}")
+        out["download"] = choices[text]
     for key in ("batch_size", "eval_batch_size"):
         _check_range(key, out[key] > 0, "must be positive", out[key])
     _check_range("workers", out["workers"] >= 0, "must be >= 0", out["workers"])
     for key in ("image_size", "train_subset", "val_subset", "holdout"):
         _check_range(key, out[key] is None or out[key] > 0, "must be positive or null", out[key])
+    ch = out["channels"]
+    _check_range("channels", ch is None or ch in (1, 3), "must be 1, 3 or null", ch)
+    _check_range("std", out["std"] is None or min(out["std"]) > 0, "must be positive", out["std"])
+    f = out["eval_crop_fraction"]
+    _check_range("eval_crop_fraction", f is None or 0 < f <= 1, "must be in (0, 1] or null", f)
     aug = out["augment"]
-    lo, hi = aug["scale"]
-    _check_range("augment.scale", 0 < lo <= hi <= 1, "needs 0 < min <= max <= 1", aug["scale"])
+    if aug["scale"] is not None:
+        lo, hi = aug["scale"]
+        _check_range("augment.scale", 0 < lo <= hi <= 1, "needs 0 < min <= max <= 1", aug["scale"])
     lo, hi = aug["ratio"]
     _check_range("augment.ratio", 0 < lo <= hi, "needs 0 < min <= max", aug["ratio"])
     pad = aug["crop_padding"]

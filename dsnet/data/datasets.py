@@ -193,13 +193,16 @@ def load_cifar(folder: str | os.PathLike, split: str, fine: bool) -> InMemoryDat
 
 # ---------------------------------------------------------------------------------------------------- folders
 class ImageFolderDataset(Dataset):
-    """``root/<class>/*.jpg|png|...`` loaded with PIL and converted to RGB.
+    """``root/<class>/*.jpg|png|...`` loaded with PIL and converted to ``mode`` ("RGB" or "L", greyscale).
 
     ``classes`` fixes the class order (pass the training split's classes when
     building the validation split, so label ``i`` means the same class in both).
     """
 
-    def __init__(self, root: str | os.PathLike, classes: Sequence[str] | None = None) -> None:
+    def __init__(self, root: str | os.PathLike, classes: Sequence[str] | None = None, mode: str = "RGB") -> None:
+        if mode not in ("RGB", "L"):
+            raise ValueError(f"image mode must be 'RGB' or 'L', got {mode!r}")
+        self.mode = mode
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: image folder not found")
@@ -233,7 +236,7 @@ class ImageFolderDataset(Dataset):
         path = self.samples[index][0]
         try:
             with Image.open(path) as im:
-                return im.convert("RGB")
+                return im.convert(self.mode)
         except OSError as e:
             raise ValueError(f"{path}: cannot decode image: {e}") from None
 
@@ -242,7 +245,7 @@ class ImageFolderDataset(Dataset):
 
     def subset(self, indices: Tensor) -> ImageFolderDataset:
         out = object.__new__(ImageFolderDataset)
-        out.root, out.class_names = self.root, self.class_names
+        out.root, out.class_names, out.mode = self.root, self.class_names, self.mode
         out.samples = [self.samples[i] for i in indices.tolist()]
         out.labels = self.labels[indices]
         return out

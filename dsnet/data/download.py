@@ -1,4 +1,10 @@
-"""Opt-in downloads (``data.download: true``) from the datasets' official hosts, md5-checked.
+"""Downloads from the datasets' official hosts and mirrors, md5-checked, with a progress bar.
+
+``data.download`` decides when they happen (see ``dsnet.data.loader``): ``auto``
+(the default) downloads into the user cache (``default_data_dir()``) when no
+local copy is found, ``true`` also into an explicit ``data.root``, ``false``
+never. Each file is tried on every mirror in turn; the mirror that served the
+last file is tried first for the next one.
 
 Everything lands atomically: a file is fetched to a temporary name next to its
 destination, its md5 is checked, and only then renamed into place; an archive
@@ -17,12 +23,26 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-__all__ = ["RESOURCES", "default_data_dir", "md5sum", "verify_md5", "download_file", "download_dataset"]
+from tqdm.auto import tqdm
+
+__all__ = [
+    "RESOURCES",
+    "DownloadError",
+    "default_data_dir",
+    "md5sum",
+    "verify_md5",
+    "download_file",
+    "download_dataset",
+]
 
 log = logging.getLogger(__name__)
 
 _MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
-_FASHION_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
+_FASHION_MIRRORS = (
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    # the same files (same md5s) in the dataset's own GitHub repository
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+)
 
 # name -> (mirrors, [(file name, md5)], archive folder to extract or None)
 RESOURCES: dict[str, tuple[tuple[str, ...], list[tuple[str, str]], str | None]] = {
@@ -57,6 +77,14 @@ RESOURCES: dict[str, tuple[tuple[str, ...], list[tuple[str, str]], str | None]] 
         "cifar-100-python",
     ),
 }
+
+
+class DownloadError(RuntimeError):
+    """Every mirror failed for a file; ``attempts`` holds ``(url, error message)`` in the order tried."""
+
+    def __init__(self, message: str, attempts: list[tuple[str, str]]) -> None:
+        super().__init__(message)
+        self.attempts = attempts
 
 
 def default_data_dir() -> Path:
@@ -95,12 +123,24 @@ def download_file(url: str, dest: str | os.PathLike, md5: str | None = None, tim
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "dsnet"})
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(request, timeout=timeout) as response:
-            shutil.copyfileobj(response, f, 1 << 20)
-        if md5 is not None:
-            try:
-                verify_md5(tmp, md5)
-            except ValueError as e:
-                raise ValueError(f"download of {url}: {e}") from None
+            size = response.headers.get("Content-Length") if getattr(response, "headers", None) else None
+            # disable=None: a bar on a terminal, nothing in logs and pipes
+            with tqdm(
+                total=int(size) if size else None,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=dest.name,
+                disable=None,
+                leave=False,
+            ) as bar:
+                while block := response.read(1 << 20):
+                    f.write(block)
+                    bar.update(len(block))
+        if md5 is not None and (got := md5sum(tmp)) != md5.lower():
+            raise ValueError(
+                f"download of {url}: md5 checksum mismatch (expected {md5}, got {got}); corrupt or truncated file"
+            )
         os.replace(tmp, dest)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -125,24 +165,34 @@ def _extract_tar(archive: Path, root: Path, folder: str) -> Path:
 
 
 def download_dataset(name: str, root: str | os.PathLike) -> Path:
-    """Download (and extract) dataset ``name`` into ``root``; returns the folder holding its files."""
+    """Download (and extract) dataset ``name`` into ``root``; returns the folder holding its files.
+
+    Raises ``DownloadError`` (with every ``(url, error)`` tried) when some file
+    could be fetched from no mirror; files already fetched stay (md5-checked,
+    so a later call does not fetch them again).
+    """
     if name not in RESOURCES:
         raise ValueError(f"no download for dataset {name!r}; downloadable: {', '.join(RESOURCES)}")
     mirrors, files, folder = RESOURCES[name]
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
+    order = list(mirrors)
     for filename, md5 in files:
-        errors = []
-        for mirror in mirrors:
+        attempts: list[tuple[str, str]] = []
+        for mirror in order:
             url = mirror + filename
             log.warning("downloading %s -> %s", url, root / filename)
             try:
                 download_file(url, root / filename, md5)
-                break
             except (OSError, ValueError) as e:  # URLError is an OSError; try the next mirror
-                errors.append(f"{url}: {e}")
+                attempts.append((url, str(e).removeprefix(f"download of {url}: ")))
+                continue
+            order.remove(mirror)  # the mirror that worked goes first for the next file
+            order.insert(0, mirror)
+            break
         else:
-            raise RuntimeError(f"could not download {filename} for {name}:\n  " + "\n  ".join(errors))
+            tried = "; ".join(f"{url}: {err}" for url, err in attempts)
+            raise DownloadError(f"could not download {filename} for {name}: {tried}", attempts)
         if folder is not None:
             _extract_tar(root / filename, root, folder)
             (root / filename).unlink()  # the extracted folder is what loaders read

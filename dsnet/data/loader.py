@@ -10,7 +10,8 @@ workers (which hold their own copy of the dataset) in step with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,7 +29,8 @@ from dsnet.data.datasets import (
     load_idx_dataset,
     make_synthetic,
 )
-from dsnet.data.download import RESOURCES, default_data_dir, download_dataset
+from dsnet.data.download import RESOURCES, DownloadError, default_data_dir, download_dataset
+from dsnet.data.recipe import Recipe, fixed_recipe, folder_recipe
 from dsnet.data.transforms import AugmentSpec, BatchTransform, augment_defaults
 
 __all__ = ["DatasetInfo", "BatchRequest", "SeededBatchSampler", "BatchFetcher", "build_dataset", "build_loader"]
@@ -42,8 +44,7 @@ _STATS: dict[str, tuple[int, int, tuple[float, ...], tuple[float, ...]]] = {
     "mnist": (28, 1, (0.1307,), (0.3081,)),
     "cifar10": (32, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": (32, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "imagefolder": (224, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
+}  # image folders: measured from a sample (dsnet.data.recipe)
 _PRETTY = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 
 
@@ -59,6 +60,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     class_names: list[str]
     num_samples: int
+    recipe: dict = field(default_factory=dict)  # the resolved dsnet.data.recipe.Recipe (as a dict)
 
 
 # ---------------------------------------------------------------------------------------------------- locating data
@@ -75,7 +77,8 @@ def _root_candidates(name: str, root: str | None) -> list[Path]:
     return [r / folder, r]
 
 
-def _how_to_get(name: str, root: str | None) -> str:
+def _how_to_get(name: str, root: str | None, download: bool | str) -> str:
+    """The ways to get ``name`` that were not tried yet (an automatic download that failed is not repeated)."""
     target = root if root is not None else default_data_dir() / name
     steps = []
     if name == "fashion_mnist":
@@ -83,7 +86,8 @@ def _how_to_get(name: str, root: str | None) -> str:
             "install the Debian/Ubuntu package (apt-get install dataset-fashion-mnist; "
             f"files land in {DEBIAN_FASHION_MNIST})"
         )
-    steps.append(f"set data.download=true to fetch it from {RESOURCES[name][0][0]} into {target} (md5-checked)")
+    if download is False or (download == "auto" and root is not None):
+        steps.append(f"set data.download=true to fetch it from {RESOURCES[name][0][0]} into {target} (md5-checked)")
     kind = (
         "the four IDX files (train-/t10k- images/labels .gz)"
         if name in ("fashion_mnist", "mnist")
@@ -93,8 +97,17 @@ def _how_to_get(name: str, root: str | None) -> str:
     return "To get it: " + "; or ".join(steps) + "."
 
 
-def _locate(name: str, root: str | None, split: str, download: bool) -> Path:
-    """The folder holding ``name``'s files for ``split``; downloads if allowed, else a helpful FileNotFoundError."""
+def _locate(name: str, root: str | None, split: str, download: bool | str) -> Path:
+    """The folder holding ``name``'s files for ``split``, downloading them when allowed.
+
+    The order: the local places (``data.root`` and its usual subfolders; without
+    a root, Debian's package folder for Fashion-MNIST, then the user cache);
+    then, when ``download`` allows it, each mirror in turn into the cache (or
+    into ``data.root`` with ``download=true``). ``download="auto"`` (the
+    default) downloads only when no root was given: a root names where the data
+    is, and a typo there should not start a download. When every way fails,
+    ``FileNotFoundError`` lists what was tried and how else to get the data.
+    """
     if name in ("fashion_mnist", "mnist"):
         prefix = "train" if split == "train" else "t10k"
         needed = [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"]
@@ -106,16 +119,22 @@ def _locate(name: str, root: str | None, split: str, download: bool) -> Path:
     for d in candidates:
         if present(d):
             return d
-    if download:
+    looked = ", ".join(str(d) for d in dict.fromkeys(candidates))
+    what = f"{_PRETTY[name]} not found: looked for {' and '.join(needed)} in {looked}"
+    if download is True or (download == "auto" and root is None):
         target = Path(root).expanduser() if root is not None else default_data_dir() / name
-        got = download_dataset(name, target)
+        print(f"{what}; downloading it into {target} (md5-checked)", file=sys.stderr, flush=True)
+        try:
+            got = download_dataset(name, target)
+        except DownloadError as err:
+            tried = "; ".join(f"{url} ({msg})" for url, msg in err.attempts)
+            raise FileNotFoundError(
+                f"{what}; downloading into {target} failed: {tried}. {_how_to_get(name, root, download)}"
+            ) from None
         if present(got):
             return got
         raise FileNotFoundError(f"{_PRETTY[name]}: downloaded into {got} but {', '.join(needed)} are still missing")
-    looked = ", ".join(str(d) for d in dict.fromkeys(candidates))
-    raise FileNotFoundError(
-        f"{_PRETTY[name]} not found: looked for {' and '.join(needed)} in {looked}. {_how_to_get(name, root)}"
-    )
+    raise FileNotFoundError(f"{what}. {_how_to_get(name, root, download)}")
 
 
 def _subset(ds: InMemoryDataset | ImageFolderDataset, k: int | None, salt: int) -> Any:
@@ -166,16 +185,36 @@ def build_dataset(cfg: dict | None, split: str) -> tuple[Dataset, DatasetInfo]:
             s["num_classes"], n, s["channels"], s["image_size"], s["seed"], source
         )
         c = s["channels"]
-        native, in_chans, mean, std = s["image_size"], c, (0.5,) * c, (0.25,) * c
+        recipe = fixed_recipe(
+            cfg,
+            native_size=s["image_size"],
+            channels=c,
+            mean=(0.5,) * c,
+            std=(0.25,) * c,
+            augment_defaults=augment_defaults(name),
+            source="synthetic data's statistics",
+        )
+    elif name == "imagefolder":
+        train_folder = _image_folder(root, "train")
+        recipe = folder_recipe(cfg, train_folder)  # always from the training images: train and eval agree
+        ds = train_folder if source == "train" else _image_folder(root, source)
+        ds.mode = "L" if recipe.channels == 1 else "RGB"
     else:
         native, in_chans, mean, std = _STATS[name]
         if name in ("fashion_mnist", "mnist"):
             classes = FASHION_MNIST_CLASSES if name == "fashion_mnist" else [str(i) for i in range(10)]
             ds = load_idx_dataset(_locate(name, root, source, cfg["download"]), source, classes)
-        elif name in ("cifar10", "cifar100"):
-            ds = load_cifar(_locate(name, root, source, cfg["download"]), source, fine=name == "cifar100")
         else:
-            ds = _image_folder(root, source)
+            ds = load_cifar(_locate(name, root, source, cfg["download"]), source, fine=name == "cifar100")
+        recipe = fixed_recipe(
+            cfg,
+            native_size=native,
+            channels=in_chans,
+            mean=mean,
+            std=std,
+            augment_defaults=augment_defaults(name),
+            source=f"{_PRETTY[name]} statistics",
+        )
     if source == "train":
         ds = _holdout_split(ds, cfg["holdout"], split)
         if split == "train":
@@ -185,12 +224,13 @@ def build_dataset(cfg: dict | None, split: str) -> tuple[Dataset, DatasetInfo]:
     info = DatasetInfo(
         name=name,
         num_classes=len(ds.class_names),
-        in_chans=in_chans,
-        image_size=cfg["image_size"] or native,
-        mean=tuple(mean),
-        std=tuple(std),
+        in_chans=recipe.channels,
+        image_size=recipe.image_size,
+        mean=recipe.mean,
+        std=recipe.std,
         class_names=list(ds.class_names),
         num_samples=len(ds),
+        recipe=recipe.as_dict(),
     )
     return ds, info
 
@@ -333,16 +373,14 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
-def _augment_spec(cfg: dict) -> AugmentSpec:
+def _augment_spec(cfg: dict, recipe: Recipe) -> AugmentSpec:
     aug = cfg["augment"]
-    defaults = augment_defaults(cfg["dataset"])
-    pick = lambda k: defaults[k] if aug[k] is None else aug[k]  # noqa: E731
     return AugmentSpec(
-        random_resized_crop=bool(pick("random_resized_crop")),
-        scale=(float(aug["scale"][0]), float(aug["scale"][1])),
-        ratio=(float(aug["ratio"][0]), float(aug["ratio"][1])),
-        crop_padding=int(pick("crop_padding")),
-        hflip=bool(pick("hflip")),
+        random_resized_crop=recipe.random_resized_crop,
+        scale=recipe.scale,
+        ratio=recipe.ratio,
+        crop_padding=recipe.crop_padding,
+        hflip=recipe.hflip,
         randaugment_n=int(aug["randaugment_n"]),
         randaugment_m=float(aug["randaugment_m"]),
         random_erasing=float(aug["random_erasing"]),
@@ -374,8 +412,14 @@ def build_loader(
     cfg = resolve_data_config(cfg)
     dataset, info = build_dataset(cfg, split)
     train = split == "train"
+    recipe = Recipe(**info.recipe)
     transform = BatchTransform(
-        train=train, image_size=info.image_size, mean=info.mean, std=info.std, augment=_augment_spec(cfg)
+        train=train,
+        image_size=recipe.image_size,
+        mean=recipe.mean,
+        std=recipe.std,
+        augment=_augment_spec(cfg, recipe),
+        eval_crop_fraction=recipe.eval_crop_fraction,
     )
     batch_size = cfg["batch_size"] if train else cfg["eval_batch_size"]
     sampler = SeededBatchSampler(

@@ -49,7 +49,7 @@ _SLOT_FLIP = 40
 _SLOT_ERASE = 41  # apply?, area, log-ratio, top, left
 _SLOT_RANDAUG = 46  # per op: (which op, sign)
 _RRC_ATTEMPTS = 10
-EVAL_CROP_FRACTION = 0.875  # eval resizes the shorter side to size / 0.875 and centre-crops (ImageNet recipe)
+EVAL_CROP_FRACTION = 0.875  # ImageNet eval: the shorter side to size / 0.875, then the centre crop
 
 
 def _splitmix(z: np.ndarray) -> np.ndarray:
@@ -91,12 +91,13 @@ class AugmentSpec:
 
 
 def augment_defaults(dataset: str) -> dict:
-    """The per-dataset defaults behind the ``None`` entries of ``data.augment``.
+    """The per-dataset defaults behind the ``None`` entries of ``data.augment`` for the known datasets.
 
     Small datasets get light augmentation (a shift by a few pixels, flips where
-    they make sense); image folders get the ImageNet recipe's random resized
-    crop. MNIST digits are not flipped (a flipped 2 is not a 2), nor are the
-    synthetic templates (a flipped template is another pattern).
+    they make sense). MNIST digits are not flipped (a flipped 2 is not a 2),
+    nor are the synthetic templates (a flipped template is another pattern).
+    Image folders get theirs from the data (``dsnet.data.recipe``); the entry
+    here is the large-image case.
     """
     if dataset == "imagefolder":
         return {"random_resized_crop": True, "crop_padding": 0, "hflip": True}
@@ -271,9 +272,13 @@ class BatchTransform:
 
     Train: crop (random resized, or random with zero padding) -> flip ->
     RandAugment -> normalise -> random erasing (erased pixels become 0, the
-    dataset mean). Eval: in-memory images are resized only if ``image_size``
-    differs from their size; image folders resize the shorter side to
-    ``image_size / 0.875`` and take the centre crop.
+    dataset mean). Images of a folder are first brought to ``image_size``
+    (shorter side, centre crop; nothing when they already have it) for the
+    padding crop, which then runs on the batch exactly as for in-memory
+    images. Eval: in-memory images are resized only if ``image_size`` differs
+    from their size; image folders resize the shorter side to ``image_size /
+    eval_crop_fraction`` and take the centre crop (0.875: the ImageNet eval;
+    1.0: the whole image, untouched when it already has the size).
     """
 
     def __init__(
@@ -284,9 +289,13 @@ class BatchTransform:
         mean: Sequence[float],
         std: Sequence[float],
         augment: AugmentSpec | None = None,
+        eval_crop_fraction: float = EVAL_CROP_FRACTION,
     ) -> None:
+        if not 0 < eval_crop_fraction <= 1:
+            raise ValueError(f"eval_crop_fraction must be in (0, 1], got {eval_crop_fraction}")
         self.train = train
         self.image_size = int(image_size)
+        self.eval_crop_fraction = float(eval_crop_fraction)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.augment = augment or AugmentSpec()
@@ -305,30 +314,31 @@ class BatchTransform:
         u = sample_uniforms(seed, epoch, indices, view, self.num_uniforms)
         if isinstance(batch, Tensor):
             x = self._crop_tensor(batch, u)
-        else:
-            x = torch.stack([self._crop_pil(im, u[i]) for i, im in enumerate(batch)]).float() / 255
+        elif self.augment.random_resized_crop:
+            x = torch.stack([self._random_resized_crop_pil(im, u[i]) for i, im in enumerate(batch)]).float() / 255
+        else:  # same size first, then the batch path: the same crops as for in-memory images
+            x = self._crop_tensor(torch.stack([self._centre_crop_pil(im, 1.0) for im in batch]), u)
         return self._photometric(x, u)
 
     # -- geometry
     def _eval_pil(self, image: Image.Image) -> Tensor:
-        s = self.image_size
-        image = _resize_shorter(image, int(s / EVAL_CROP_FRACTION))
-        w, h = image.size
-        top, left = (h - s) // 2, (w - s) // 2
-        return pil_to_tensor(image.crop((left, top, left + s, top + s)))
+        return self._centre_crop_pil(image, self.eval_crop_fraction)
 
-    def _crop_pil(self, image: Image.Image, u: Tensor) -> Tensor:
-        s, aug = self.image_size, self.augment
-        if aug.random_resized_crop:
-            w, h = image.size
-            top, left, ch, cw = random_resized_crop_boxes(u[None], h, w, aug.scale, aug.ratio)[0].tolist()
-            image = image.resize((s, s), Image.BILINEAR, box=(left, top, left + cw, top + ch))
-            return pil_to_tensor(image)
-        image = _resize_shorter(image, int(s / EVAL_CROP_FRACTION))
+    def _centre_crop_pil(self, image: Image.Image, fraction: float) -> Tensor:
+        """Shorter side to ``image_size / fraction``, then the centre ``image_size`` square (uint8 CHW)."""
+        s = self.image_size
+        image = _resize_shorter(image, int(s / fraction))
         w, h = image.size
-        top = int(u[_SLOT_CROP] * (h - s + 1))
-        left = int(u[_SLOT_CROP + 1] * (w - s + 1))
-        return pil_to_tensor(image.crop((left, top, left + s, top + s)))
+        if (w, h) != (s, s):
+            top, left = (h - s) // 2, (w - s) // 2
+            image = image.crop((left, top, left + s, top + s))
+        return pil_to_tensor(image)
+
+    def _random_resized_crop_pil(self, image: Image.Image, u: Tensor) -> Tensor:
+        s, aug = self.image_size, self.augment
+        w, h = image.size
+        top, left, ch, cw = random_resized_crop_boxes(u[None], h, w, aug.scale, aug.ratio)[0].tolist()
+        return pil_to_tensor(image.resize((s, s), Image.BILINEAR, box=(left, top, left + cw, top + ch)))
 
     def _crop_tensor(self, batch: Tensor, u: Tensor) -> Tensor:
         aug, s = self.augment, self.image_size

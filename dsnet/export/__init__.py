@@ -9,6 +9,7 @@ from dsnet.export.onnx import (
     export_dynamic,
     export_static,
     ort_session,
+    preprocessing_spec,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "export_dynamic",
     "export_static",
     "ort_session",
+    "preprocessing_spec",
 ]

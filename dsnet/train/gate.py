@@ -305,6 +305,7 @@ def train_gate(
     ``stop_after_epoch`` as in :func:`dsnet.train.supernet.train_supernet`.
     """
     from dsnet.data import build_loader
+    from dsnet.data.recipe import describe_recipe, with_recorded_recipe
 
     if not isinstance(cfg, dict):
         cfg = load_config(cfg, overrides)
@@ -320,9 +321,12 @@ def train_gate(
         model = with_gate_mode(model, spec, device)
     if not sup.get("bn_calibrated", False) and ctx.is_main:
         print(f"warning: {supernet} has not been BN-recalibrated; run `dsnet calibrate-bn` first for best results")
+    cfg = {**cfg, "data": with_recorded_recipe(cfg["data"], sup.get("dataset"))}  # the supernet's data recipe
     train_loader, info = build_loader(
         cfg["data"], "train", seed=cfg["seed"] + 1, rank=ctx.rank, world_size=ctx.world_size, device=device
     )
+    if ctx.is_main:
+        print(f"[gate] {describe_recipe(info.recipe, cfg['data']['augment'])}", flush=True)
     val_loader, val_split = selection_loader(cfg["data"], cfg["seed"], device)
     if info.num_classes != model.num_classes or info.in_chans != model.in_chans:
         raise ValueError(

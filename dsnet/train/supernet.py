@@ -233,6 +233,7 @@ def train_supernet(
     there (time-boxed jobs; resume with ``resume=True``).
     """
     from dsnet.data import build_loader
+    from dsnet.data.recipe import describe_recipe
 
     if not isinstance(cfg, dict):
         cfg = load_config(cfg, overrides)
@@ -243,6 +244,8 @@ def train_supernet(
     train_loader, info = build_loader(
         cfg["data"], "train", seed=cfg["seed"], rank=ctx.rank, world_size=ctx.world_size, device=device, views=views
     )
+    if ctx.is_main:
+        print(f"[supernet] {describe_recipe(info.recipe, cfg['data']['augment'])}", flush=True)
     val_loader, val_split = selection_loader(cfg["data"], cfg["seed"], device)
     run = RunDir(out, cfg, ctx, resume, "supernet")
     model = build_model(cfg, info.num_classes, info.in_chans).to(device)
@@ -385,10 +388,11 @@ def calibrate_checkpoint(
     ``--no-ema`` evaluates) -- and ``bn_calibrated`` lists which.
     """
     from dsnet.data import build_loader
+    from dsnet.data.recipe import with_recorded_recipe
 
     ckpt = read_checkpoint(src, map_location="cpu")
     cfg = cfg or ckpt["config"]
-    data_cfg = {**cfg["data"], **(data_overrides or {})}
+    data_cfg = with_recorded_recipe({**cfg["data"], **(data_overrides or {})}, ckpt.get("dataset"))
     num_batches = num_batches or cfg["supernet"]["bn_calibration_batches"]
     loader, _ = build_loader(data_cfg, "train", seed=cfg["seed"], device=device)
     model = create_model(ckpt["model"]["name"], **ckpt["model"]["kwargs"]).to(device)

@@ -56,6 +56,21 @@ def test_dynamic_bundle_matches_eager_on_every_choice(model, tmp_path):
     assert float(abs(out - eager.numpy()).max()) < 1e-4
 
 
+def test_exit_gate_bundle_matches_eager_on_every_choice(tmp_path):
+    """gate_mode="exit": the pre-gate graph also returns the slimmest's answer, which is choice 0's output."""
+    model = perturb(dsnet.create_model("ds_resnet8_tiny", gate_mode="exit"))
+    with torch.no_grad():
+        model.exit_head.out.weight.normal_(0, 3.0)
+    manifest = export_dynamic(model, tmp_path / "exit.onnx")
+    meta = json.loads(manifest.read_text())
+    assert meta["gate_mode"] == "exit" and meta["pre"]["outputs"] == ["features", "gate_logits", "slim_logits"]
+    assert meta["post"][0]["file"] is None and all(p["file"] for p in meta["post"][1:])
+    x = small_input(model, 8, size=28)
+    res = check_dynamic(model, manifest, x)
+    assert res["choices_checked"] == list(range(len(model.routing_space)))
+    assert res["forced_max_abs_diff"] < 1e-4 and res["gate_max_abs_diff"] < 1e-4 and res["gate_choices_agree"]
+
+
 def test_cli_export_errors_are_one_line(tmp_path, capsys):
     assert main(["export", "--model", "ds_resnet20_cifar", "--subnet", "42", "--out", str(tmp_path / "x.onnx")]) == 2
     assert "out of range" in capsys.readouterr().err

@@ -209,9 +209,11 @@ class _PreGate(nn.Module):
         self.model = model
         self.subnet = model.routing_space[0]  # every routed sub-network shares the pre-gate widths
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         h, z = self.model.forward_pre(x, self.subnet)
-        return h, self.model.gate.logits(z)
+        logits, slim_out = self.model.gate_logits(h, z)
+        # exit mode: the slimmest's answer is computed here (the gate reads it) and is routing choice 0's output
+        return (h, logits) if slim_out is None else (h, logits, slim_out)
 
 
 class _PostGate(nn.Module):
@@ -243,24 +245,24 @@ def export_dynamic(
     checkpoint's dataset record) gives the manifest's ``preprocessing`` mean,
     std and resize, and its ``class_names``.
     """
-    if model.gate_mode != "pre":
-        raise ValueError(
-            f"ONNX export of a dynamic model with gate_mode={model.gate_mode!r} is not supported yet; "
-            "export its sub-networks (--subnet K) instead"
-        )
     model = model.eval()
+    exit_mode = model.gate_mode == "exit"
     pre_path, manifest_path, _ = _bundle_paths(Path(out))
     x = _example(model, input_size)
     preprocessing, class_names = preprocessing_spec(x.shape[1:], dataset)
     meta = _metadata(preprocessing, class_names)
     k0 = model.routing_space[0]
     pre_model = compact_copy(model, lambda m: _PreGate(m)(x))
-    _export(_PreGate(pre_model), x, pre_path, "input", ["features", "gate_logits"], meta)
+    pre_outputs = ["features", "gate_logits"] + (["slim_logits"] if exit_mode else [])
+    _export(_PreGate(pre_model), x, pre_path, "input", pre_outputs, meta)
     with torch.no_grad():
         h, _ = model.forward_pre(x, k0)
     posts = []
     macs = model.subnet_macs(tuple(x.shape[1:]))
     for j, k in enumerate(model.routing_space):
+        if exit_mode and j == 0:  # the pre-gate graph already returns it
+            posts.append({"choice": 0, "subnet": k, "file": None, "output": "slim_logits", "macs": macs[k]})
+            continue
         post_model = compact_copy(model, lambda m, k=k: m.forward_post(h, k))
         path = pre_path.with_name(f"{pre_path.stem}.post{j}.onnx")
         _export(_PostGate(post_model, k), h, path, "features", ["logits"], meta)
@@ -272,7 +274,8 @@ def export_dynamic(
         "preprocessing": preprocessing,
         "class_names": class_names,
         "routing_space": list(model.routing_space),
-        "pre": {"file": pre_path.name, "inputs": ["input"], "outputs": ["features", "gate_logits"]},
+        "gate_mode": model.gate_mode,
+        "pre": {"file": pre_path.name, "inputs": ["input"], "outputs": pre_outputs},
         "post": posts,
     }
     atomic_write_json(manifest, manifest_path)
@@ -329,7 +332,11 @@ class OnnxDynamicModel:
         self.preprocessing: dict[str, Any] | None = self.manifest.get("preprocessing")
         self.class_names: list[str] | None = self.manifest.get("class_names")
         self.pre = ort_session(root / self.manifest["pre"]["file"], threads, spinning=spinning)
-        self.post = [ort_session(root / p["file"], threads, spinning=spinning) for p in self.manifest["post"]]
+        # exit mode: choice 0 has no graph of its own, its output comes from the pre-gate graph
+        self.post = [
+            None if p["file"] is None else ort_session(root / p["file"], threads, spinning=spinning)
+            for p in self.manifest["post"]
+        ]
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``(N, C, H, W)`` images already at the input size -> the graph's float32 input."""
@@ -349,21 +356,27 @@ class OnnxDynamicModel:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Logits (N, classes) and routing choices (N,). ``choice`` forces decisions (benchmarks, tests)."""
         images = np.ascontiguousarray(images, dtype=np.float32)
-        features, gate_logits = self.pre.run(None, {"input": images})
+        features, gate_logits, *slim = self.pre.run(None, {"input": images})
         if choice is None:
             if gate_bias is not None:
                 gate_logits = gate_logits + np.asarray(gate_bias, dtype=gate_logits.dtype)
             choice = gate_logits.argmax(axis=1)
+
+        def run(j: int, idx: np.ndarray | None) -> np.ndarray:
+            if self.post[j] is None:  # exit mode, choice 0: the slimmest's answer from the pre-gate graph
+                return slim[0] if idx is None else slim[0][idx]
+            part = features if idx is None else np.ascontiguousarray(features[idx])
+            return self.post[j].run(None, {"features": part})[0]
+
         counts = np.bincount(choice, minlength=len(self.post))
         if counts.max() == len(choice):  # the whole batch agrees: no gather/scatter
-            j = int(counts.argmax())
-            return self.post[j].run(None, {"features": features})[0], choice
+            return run(int(counts.argmax()), None), choice
         out = None
         for j, count in enumerate(counts):
             if count == 0:
                 continue
             idx = np.flatnonzero(choice == j)
-            part = self.post[j].run(None, {"features": np.ascontiguousarray(features[idx])})[0]
+            part = run(j, idx)
             if out is None:
                 out = np.empty((len(choice), *part.shape[1:]), dtype=part.dtype)
             out[idx] = part

@@ -40,6 +40,7 @@ __all__ = [
     "apply_overrides",
     "ConfigError",
     "config_reference",
+    "check_model_config",
 ]
 
 S1, S2, BOTH = "supernet", "gate", "supernet, gate"
@@ -219,3 +220,30 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     return resolve_config(apply_overrides(raw, overrides))
+
+
+def model_config_error(name: str, err: Exception) -> ConfigError:
+    """A model constructor's complaint as a ``ConfigError`` naming ``model.name`` or ``model.kwargs``."""
+    message = " ".join(str(err).split())
+    if message.startswith("unknown model"):
+        return ConfigError(f"model.name: {message}")
+    return ConfigError(f"model.kwargs: {message if message.startswith(name) else f'{name}: {message}'}")
+
+
+def check_model_config(cfg: dict) -> None:
+    """Build ``model.name`` with ``model.kwargs`` to validate them (what ``dsnet config check`` does).
+
+    The kwargs are free-form, so the model's constructor is their validation:
+    an unknown argument or a bad value (e.g. duplicate ``width_ratios``) is a
+    ``ConfigError`` naming ``model.kwargs`` (or ``model.name``).
+    """
+    from dsnet.models import create_model
+    from dsnet.models.base import DynamicNet
+
+    name, kwargs = cfg["model"]["name"], cfg["model"]["kwargs"]
+    try:
+        model = create_model(name, **kwargs)  # the meta device would be free but costs ~10 s to set up once
+    except (ValueError, TypeError) as err:
+        raise model_config_error(name, err) from None
+    if not isinstance(model, DynamicNet):
+        raise ConfigError(f"model.name: {name} is not a dynamic dsnet model")

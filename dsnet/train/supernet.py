@@ -27,7 +27,7 @@ from dsnet.models import create_model
 from dsnet.models.base import DynamicNet
 from dsnet.train.bn_calibration import calibrate_bn
 from dsnet.train.checkpoint import build_checkpoint_model, load_state_into, read_checkpoint, save_checkpoint
-from dsnet.train.config import ConfigError, load_config
+from dsnet.train.config import load_config, model_config_error
 from dsnet.train.distributed import DistContext, init_distributed
 from dsnet.train.ema import ModelEma
 from dsnet.train.losses import soft_cross_entropy
@@ -148,9 +148,8 @@ def build_model(cfg: dict, num_classes: int, in_chans: int) -> DynamicNet:
     spec = _model_spec(cfg, num_classes, in_chans)
     try:
         model = create_model(spec["name"], **spec["kwargs"])
-    except ValueError as err:
-        key = "model.name" if str(err).startswith("unknown model") else "model.kwargs"
-        raise ConfigError(f"{key}: {err}") from None
+    except (ValueError, TypeError) as err:
+        raise model_config_error(spec["name"], err) from None
     if not isinstance(model, DynamicNet):
         raise ValueError(f"{spec['name']} is not a dynamic dsnet model")
     return model

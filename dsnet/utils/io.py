@@ -106,13 +106,17 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def _name(what: str, path: Path) -> str:
+    return f"{what} {path}".strip()
+
+
 def _probe_folder(folder: Path, what: str, path: Path) -> None:
     """Create and delete a file in ``folder``: the only check that also catches read-only filesystems as root."""
     try:
         fd, tmp = _create_temporary(folder / "dsnet-write-probe")
     except OSError as err:
         reason = err.strerror or str(err)
-        raise PermissionError(f"{what} {path}: cannot write in {folder} ({reason})") from None
+        raise PermissionError(f"{_name(what, path)}: cannot write in {folder} ({reason})") from None
     os.close(fd)
     tmp.unlink(missing_ok=True)
 
@@ -126,12 +130,12 @@ def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
     """
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{what} {path}: is a directory; give a file name")
+        raise IsADirectoryError(f"{_name(what, path)}: is a directory; give a file name")
     existing = _nearest_existing(path.parent if str(path.parent) else Path("."))
     if not existing.is_dir():
-        raise NotADirectoryError(f"{what} {path}: {existing} is a file, not a directory")
+        raise NotADirectoryError(f"{_name(what, path)}: {existing} is a file, not a directory")
     if path.exists() and not os.access(path, os.W_OK) and os.geteuid() != 0:
-        raise PermissionError(f"{what} {path}: exists and is not writable")
+        raise PermissionError(f"{_name(what, path)}: exists and is not writable")
     _probe_folder(existing, what, path)
     return path
 
@@ -140,9 +144,9 @@ def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Pa
     """Fail now, in one line, if ``path`` cannot be used as an output folder (a file, under a file, read-only)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{what} {path}: is a file, not a directory")
+        raise NotADirectoryError(f"{_name(what, path)}: is a file, not a directory")
     existing = _nearest_existing(path)
     if not existing.is_dir():
-        raise NotADirectoryError(f"{what} {path}: {existing} is a file, not a directory")
+        raise NotADirectoryError(f"{_name(what, path)}: {existing} is a file, not a directory")
     _probe_folder(existing, what, path)
     return path

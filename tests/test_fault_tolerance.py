@@ -154,7 +154,9 @@ def drive(work: str, seed: int = 0) -> None:
         trial["resumes"] = []
         while not (out / "summary.json").is_file() and len(trial["resumes"]) < 3:
             resume = last.is_file()
-            trial["resumes"].append({"resume": resume, "status": _wait(_fork(stage, out, resume, sup, "none", 0, None))})
+            trial["resumes"].append(
+                {"resume": resume, "status": _wait(_fork(stage, out, resume, sup, "none", 0, None))}
+            )
         trials.append(trial)
     (work / "trials.json").write_text(json.dumps({"writes": writes, "seconds": seconds, "trials": trials}, indent=1))
 

@@ -318,8 +318,8 @@ def check_finite(stats: dict[str, float], stage: str, epoch: int, step: int, ste
         what = ", ".join(f"{k}={v}" for k, v in bad.items())
         raise FloatingPointError(
             f"{stage} training diverged at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch} "
-            f"(global step {epoch * steps_per_epoch + step}): {what}; stopped before saving this epoch "
-            f"(last.ckpt keeps the previous one). Lower {stage}.lr or check the data"
+            f"(global step {epoch * steps_per_epoch + step}): {what}; stopped without saving epoch {epoch + 1}. "
+            f"Lower {stage}.lr or check the data"
         )
 
 

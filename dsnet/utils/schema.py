@@ -59,14 +59,17 @@ class Interval:
         if not _INTERVAL.match(self.text):
             raise ValueError(f"bad interval {self.text!r}; write e.g. '[0, 1)' or '(0, inf)'")
 
-    def contains(self, value: float) -> bool:
+    @property
+    def bounds(self) -> tuple[float, float, bool, bool]:
+        """``(lo, hi, lo_included, hi_included)``."""
         lo_bracket, lo, hi, hi_bracket = _INTERVAL.match(self.text).groups()
-        lo, hi = float(lo), float(hi)
+        return float(lo), float(hi), lo_bracket == "[", hi_bracket == "]"
+
+    def contains(self, value: float) -> bool:
+        lo, hi, lo_in, hi_in = self.bounds
         if math.isnan(value):
             return False
-        above = value >= lo if lo_bracket == "[" else value > lo
-        below = value <= hi if hi_bracket == "]" else value < hi
-        return above and below
+        return (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)
 
     def __str__(self) -> str:
         return self.text
@@ -147,6 +150,7 @@ def Device(default: str = "auto", *, stage: str = "", doc: str = "") -> Key:
     return Key(default, "device", stage=stage, doc=doc)
 
 
+_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
@@ -193,6 +197,8 @@ def check_value(name: str, key: Key, value: Any) -> Any:
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{name}: expected int, {got}")
     elif kind == "float":
+        if isinstance(value, str) and _EXPONENT.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; it is plainly a number
         if not _is_number(value):
             raise ConfigError(f"{name}: expected a number, {got}")
         value = float(value)  # nan and inf fall outside every range (checked below)

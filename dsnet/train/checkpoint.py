@@ -64,6 +64,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # not a pickle at all: garbage, truncated
+            detail = str(err).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
+            raise ValueError(f"{path} is not a readable dsnet checkpoint (UnpicklingError: {detail})") from None
         # the safe unpickler met something other than tensors and plain containers: a checkpoint from an older
         # dsnet (numpy RNG state), or a file that wants to run code. Say which global it wanted, not torch's essay.
         wanted = str(err).split("Unsupported global:", 1)[-1].split("was not an allowed global")[0].strip(" .:\n")

@@ -1,7 +1,9 @@
 """Kill training with SIGKILL at random points, resume, and get the uninterrupted run's weights bit for bit.
 
-One driver subprocess imports torch once and forks every run from there (a
-fresh interpreter per run would cost seconds each). It trains an
+Every run is a child forked from the test process, which has torch imported
+already (a fresh interpreter per run would cost seconds each); children use
+one thread (the parent's OpenMP pool does not survive a fork, and equal thread
+counts give equal floating-point sums). The driver trains an
 uninterrupted reference supernet and gate, then runs 20 trials: each forks a
 run, kills it -- at a random time, in the middle of its k-th checkpoint write
 (the temporary file half written), or right after its k-th checkpoint write
@@ -15,7 +17,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -53,6 +54,7 @@ MODES = ("time", "mid-write", "after-write")
 # ------------------------------------------------------------------------------------------ the driver (subprocess)
 def _run_child(stage: str, out: Path, resume: bool, supernet: Path | None, mode: str, k: int, count: Path | None):
     """Body of a forked run: train (``mode`` may kill it at its ``k``-th checkpoint write), then ``os._exit``."""
+    torch.set_num_threads(1)
     import dsnet.utils.io as io_mod
     from dsnet.train.config import load_config
     from dsnet.train.gate import train_gate
@@ -97,25 +99,37 @@ def _run_child(stage: str, out: Path, resume: bool, supernet: Path | None, mode:
 def _fork(*args) -> int:
     pid = os.fork()
     if pid == 0:
-        _run_child(*args)
+        try:
+            _run_child(*args)
+        finally:
+            os._exit(1)
     return pid
 
 
-def _wait(pid: int, timeout: float | None = None) -> int | None:
-    """Exit status (negative: killed by that signal), or None if still running after ``timeout``."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+def _wait(pid: int, timeout: float = 300.0) -> int | None:
+    """Exit status (negative: killed by that signal), or None if still running after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
     while True:
-        done, status = os.waitpid(pid, os.WNOHANG if deadline is not None else 0)
+        done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             return os.waitstatus_to_exitcode(status)
-        if deadline is not None and time.monotonic() >= deadline:
+        if time.monotonic() >= deadline:
             return None
-        time.sleep(0.01)
+        time.sleep(0.005)
+
+
+def _finish(pid: int) -> int | str:
+    """Wait for a run that must end by itself (a hung child is killed and reported as such)."""
+    status = _wait(pid)
+    if status is None:
+        os.kill(pid, signal.SIGKILL)
+        _wait(pid)
+        return "hung"
+    return status
 
 
 def drive(work: str, seed: int = 0) -> None:
     """Reference runs, then the kill trials; writes ``trials.json`` in ``work``."""
-    torch.set_num_threads(1)  # forked children must not use the parent's OpenMP pool; same threads = same floats
     from dsnet.train.checkpoint import read_checkpoint
     from dsnet.train.config import load_config
     from dsnet.train.supernet import build_optimizer
@@ -128,7 +142,7 @@ def drive(work: str, seed: int = 0) -> None:
     for stage in ("supernet", "gate"):
         t0 = time.monotonic()
         count = work / f"{stage}.writes"
-        assert _wait(_fork(stage, ref[stage], False, sup, "none", 0, count)) == 0, f"reference {stage} run failed"
+        assert _finish(_fork(stage, ref[stage], False, sup, "none", 0, count)) == 0, f"reference {stage} run failed"
         seconds[stage], writes[stage] = time.monotonic() - t0, int(count.read_text())
     rng = random.Random(seed)
     trials = []
@@ -139,10 +153,10 @@ def drive(work: str, seed: int = 0) -> None:
         delay = rng.uniform(0.0, seconds[stage])
         out = work / f"trial{t:02d}_{stage}"
         pid = _fork(stage, out, False, sup, mode, k, None)
-        status = _wait(pid, delay if mode == "time" else None)
+        status = _wait(pid, delay) if mode == "time" else _finish(pid)
         if status is None:
             os.kill(pid, signal.SIGKILL)
-            status = _wait(pid)
+            status = _finish(pid)
         trial = {"trial": t, "stage": stage, "mode": mode, "k": k, "delay": round(delay, 3), "status": status}
         last = out / "last.ckpt"
         trial["tmp_files_after_kill"] = len(list(out.glob(".*.tmp"))) if out.is_dir() else 0
@@ -155,7 +169,7 @@ def drive(work: str, seed: int = 0) -> None:
         while not (out / "summary.json").is_file() and len(trial["resumes"]) < 3:
             resume = last.is_file()
             trial["resumes"].append(
-                {"resume": resume, "status": _wait(_fork(stage, out, resume, sup, "none", 0, None))}
+                {"resume": resume, "status": _finish(_fork(stage, out, resume, sup, "none", 0, None))}
             )
         trials.append(trial)
     (work / "trials.json").write_text(json.dumps({"writes": writes, "seconds": seconds, "trials": trials}, indent=1))
@@ -165,11 +179,7 @@ def drive(work: str, seed: int = 0) -> None:
 @pytest.fixture(scope="module")
 def fault_runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("faults")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-c", f"from tests.test_fault_tolerance import drive; drive({str(work)!r})"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    drive(str(work))
     return work, json.loads((work / "trials.json").read_text())
 
 

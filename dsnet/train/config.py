@@ -48,7 +48,12 @@ S1, S2, BOTH = "supernet", "gate", "supernet, gate"
 # One table per section: default, range or choices, which stage reads it, what it means.
 # The ``data`` section's table lives with the data package (dsnet.data.config.DATA_SCHEMA).
 SCHEMA: dict[str, Any] = {
-    "seed": Int(0, "[0, inf)", stage=BOTH, doc="seeds data order, augmentation, sandwich sampling and init"),
+    "seed": Int(
+        0,
+        "[0, inf)",
+        stage="supernet, gate, calibrate-bn",
+        doc="seeds data order, augmentation, sandwich sampling and init",
+    ),
     "device": Device("auto", stage=BOTH, doc="auto: cuda:LOCAL_RANK when CUDA is available, else cpu"),
     "model": with_stage(
         {

@@ -180,7 +180,12 @@ class RunDir:
             )
         self.records: list[dict] = []
         self._tb = None
-        self.best_epoch: int | None = None if self.state is None else self.state.get("best_epoch", self.state["epoch"])
+        self.best_epoch: int | None = None if self.state is None else self.state.get("best_epoch")
+        if self.state is not None and self.best_epoch is None:  # written before checkpoints recorded it
+            try:
+                self.best_epoch = read_checkpoint(self.best)["epoch"]
+            except (OSError, ValueError):
+                self.best_epoch = self.state["epoch"]
 
     def resume_state(self) -> dict[str, Any]:
         if self.state is None:

@@ -1,9 +1,10 @@
-"""The ``data:`` config section: its defaults, and validation that names the offending key.
+"""The ``data:`` config section: its validation table, and validation that names the offending key.
 
 A typo in a config key silently falling back to a default is the worst kind of
 bug in a training run (it trains, just not what was asked for), so every key is
-known here and anything else is an error that names the key and lists the
-known ones.
+known here, with its type and range (``DATA_SCHEMA``, one line per key, in the
+scheme of ``dsnet.utils.schema`` that the other sections use), and anything
+else is an error that names the key and lists the known ones.
 """
 
 from __future__ import annotations

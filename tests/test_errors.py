@@ -401,3 +401,11 @@ def test_written_files_respect_the_umask(ckpts, tmp_path):
         os.umask(old)
     for path in (ckpt, report):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_saving_what_the_safe_loader_would_refuse_is_an_error(ckpts, tmp_path):
+    payload = read_checkpoint(ckpts["good"])
+    payload["metrics"] = {"top1": np.float64(50.0)}
+    with pytest.raises(TypeError, match=r"checkpoint payload\['metrics'\]\['top1'\] is a numpy.float64"):
+        save_checkpoint(tmp_path / "x.ckpt", payload)
+    assert not (tmp_path / "x.ckpt").exists()

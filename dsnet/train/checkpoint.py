@@ -46,7 +46,28 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     missing = {"model", "state_dict"} - payload.keys()
     if missing:
         raise ValueError(f"checkpoint payload lacks {sorted(missing)}")
+    _check_plain(payload, "payload")
     return atomic_torch_save({"format": FORMAT, **payload}, path)
+
+
+_SCALARS = (str, int, float, bool, type(None))  # exactly these: numpy.float64 is a float subclass
+_TORCH = (torch.Tensor, torch.Size, torch.dtype)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Refuse what the safe loader would refuse later (numpy scalars, custom objects): a bug, caught at save time."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain(key, f"{where} key")
+            _check_plain(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif type(value) not in _SCALARS and not isinstance(value, _TORCH):
+        raise TypeError(
+            f"checkpoint {where} is a {type(value).__module__}.{type(value).__name__}: checkpoints hold only "
+            "tensors and plain Python values (torch.load(weights_only=True) would refuse it)"
+        )
 
 
 def _first_line(err: BaseException) -> str:

@@ -1,4 +1,11 @@
-"""The ``dsnet`` command. Each subcommand lives in its own module with ``add_parser``."""
+"""The ``dsnet`` command. Each subcommand lives in its own module with ``add_parser``.
+
+``main`` is the one place where expected failures become one line on stderr
+and exit code 2: bad input (``ValueError``, config errors included), missing or
+unwritable files (``OSError``), a training run whose loss turned non-finite
+(``FloatingPointError``). ``DSNET_DEBUG=1`` shows the traceback instead.
+Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +15,36 @@ import os
 import pkgutil
 import sys
 
+__all__ = ["EXPECTED_ERRORS", "build_parser", "main", "one_line"]
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, IndexError, FloatingPointError)
+_MAX_MESSAGE = 1000  # characters: a message is a line, not a dump
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line too (``--help`` shows the usage)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dsnet", description="Dynamic weight slicing: train, evaluate, benchmark, export."
-    )
+    parser = _Parser(prog="dsnet", description="Dynamic weight slicing: train, evaluate, benchmark, export.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    # every module in this package registers its own subcommand(s)
+    # every public module in this package registers its own subcommand(s); _private ones are helpers
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        importlib.import_module(f"dsnet.cli.{info.name}").add_parser(sub)
+        if not info.name.startswith("_"):
+            importlib.import_module(f"dsnet.cli.{info.name}").add_parser(sub)
     return parser
+
+
+def one_line(err: BaseException) -> str:
+    """``err`` as one line: whitespace collapsed, capped in length."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+        text = f"{err.filename}: {text}"
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,12 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, IndexError) as err:
-        # user errors (bad config, missing data, unknown model...) get one clear line, not a traceback;
-        # DSNET_DEBUG=1 shows the traceback
+    except EXPECTED_ERRORS as err:
         if os.environ.get("DSNET_DEBUG"):
             raise
-        print(f"dsnet {args.command}: error: {err}", file=sys.stderr)
+        print(f"dsnet {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 

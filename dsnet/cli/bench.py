@@ -3,23 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
+from dsnet.cli._args import check_input_size, nonnegative_int, output_file, positive_int
 from dsnet.utils.io import atomic_write_json
 
 
-def _ints(text: str) -> list[int]:
+def _ints(text: str, least: int = 0) -> list[int]:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < least:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= {least}, got {text!r}")
+    return values
 
 
-def _floats(text: str) -> list[float]:
+def _batch_sizes(text: str) -> list[int]:
+    return _ints(text, least=1)
+
+
+def _fractions(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected fractions >= 0 with a positive sum, got {text!r}")
+    return values
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,20 +39,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="registered model name (random weights)")
     src.add_argument("--checkpoint", help="dsnet checkpoint to load (EMA weights if present)")
-    p.add_argument("--batch-sizes", type=_ints, default=[1, 32], help="comma-separated (default 1,32)")
-    p.add_argument("--threads", type=int, default=None, help="torch / onnxruntime intra-op threads")
+    p.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 32], help="comma-separated (default 1,32)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch / onnxruntime intra-op threads")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--subnets", type=_ints, default=None, help="sub-network indices (default: the routing space)")
-    p.add_argument("--mix", type=_floats, default=None, help="routing mix over the routing space, e.g. 0.4,0.3,0.2,0.1")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds per batch size (default 30 at 1, else 7)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
-    p.add_argument("--input-size", type=int, default=None, help="image side (default: the model's)")
+    p.add_argument(
+        "--mix", type=_fractions, default=None, help="routing mix over the routing space, e.g. 0.4,0.3,0.2,0.1"
+    )
+    p.add_argument(
+        "--repeats", type=positive_int, default=None, help="timed rounds per batch size (default 30 at 1, else 7)"
+    )
+    p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed rounds first (default 2)")
+    p.add_argument("--input-size", type=positive_int, default=None, help="image side (default: the model's)")
     p.add_argument("--no-channels-last", action="store_true", help="feed NCHW-contiguous inputs on CPU")
     p.add_argument("--no-masked", action="store_true", help="skip the zero-masking baseline")
     p.add_argument(
         "--onnx", action="store_true", help="also time the static sub-networks and the dynamic bundle in ONNX Runtime"
     )
-    p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    p.add_argument("--json", metavar="FILE", type=output_file, help="write the full report as JSON")
     p.set_defaults(func=run)
 
 
@@ -58,13 +74,7 @@ def run(args: argparse.Namespace) -> int:
         model, name = create_model(args.model), args.model
     if not isinstance(model, DynamicNet):
         raise ValueError(f"{name} is not a dynamic dsnet model")
-    if any(b < 1 for b in args.batch_sizes) or not args.batch_sizes:
-        raise ValueError(f"batch sizes must be positive, got {args.batch_sizes}")
-    if args.repeats is not None and args.repeats < 1:
-        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
-    input_size = None
-    if args.input_size:
-        input_size = (model.in_chans, args.input_size, args.input_size)
+    input_size = check_input_size(model, args.input_size) if args.input_size else None
     config = BenchConfig(
         batch_sizes=args.batch_sizes,
         threads=args.threads,

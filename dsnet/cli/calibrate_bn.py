@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from dsnet.cli._args import device_or_auto, output_file, positive_int
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate-bn", help="reset and re-estimate the BN statistics of every sub-network")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", help="where to write the calibrated checkpoint (default: overwrite --checkpoint)")
+    p.add_argument(
+        "--out", type=output_file, help="where to write the calibrated checkpoint (default: overwrite --checkpoint)"
+    )
     p.add_argument("--data", help="dataset root (overrides the checkpoint's data.root)")
-    p.add_argument("--batches", type=int, help="training batches per sub-network (default: from the config)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batches", type=positive_int, help="training batches per sub-network (default: from the config)")
+    p.add_argument("--device", type=device_or_auto, default="auto", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(func=run)
 
 

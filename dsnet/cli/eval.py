@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dsnet.cli._args import device_name, nonnegative_int, output_file, positive_int
 from dsnet.utils.table import format_table
 
 
@@ -34,19 +35,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="a dsnet checkpoint (e.g. runs/x/best.ckpt)")
     p.add_argument("--data", metavar="DIR", help="dataset root (overrides the checkpoint's data.root)")
     p.add_argument("--dataset", metavar="NAME", help="dataset (overrides the checkpoint's data.dataset)")
-    p.add_argument("--subset", type=int, metavar="N", help="evaluate a fixed subset of N validation images")
-    p.add_argument("--batch-size", type=int, metavar="B", help="evaluation batch size")
-    p.add_argument("--workers", type=int, metavar="W", help="data-loading workers")
+    p.add_argument("--subset", type=positive_int, metavar="N", help="evaluate a fixed subset of N validation images")
+    p.add_argument("--batch-size", type=positive_int, metavar="B", help="evaluation batch size")
+    p.add_argument("--workers", type=nonnegative_int, metavar="W", help="data-loading workers")
     bias = p.add_mutually_exclusive_group()
     bias.add_argument(
         "--biases", type=_parse_biases, metavar="B1,B2,..", help="explicit sweep biases, e.g. --biases -2,-1,0,1,2"
     )
     bias.add_argument(
-        "--sweep", type=int, default=21, metavar="N", help="N biases chosen from the gate's logits (default 21)"
+        "--sweep",
+        type=positive_int,
+        default=21,
+        metavar="N",
+        help="N biases chosen from the gate's logits (default 21)",
     )
-    p.add_argument("--json", metavar="FILE", help="write the report as JSON")
-    p.add_argument("--plot", metavar="FILE", help="write a top-1 vs MMACs plot (PNG)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--json", metavar="FILE", type=output_file, help="write the report as JSON")
+    p.add_argument("--plot", metavar="FILE", type=output_file, help="write a top-1 vs MMACs plot (PNG)")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -113,8 +118,6 @@ def run(args: argparse.Namespace) -> int:
     from dsnet.train.checkpoint import load_model
     from dsnet.utils.io import atomic_write_json
 
-    if args.sweep < 1:
-        raise ValueError(f"--sweep needs at least one point, got {args.sweep}")
     device = _device(args.device)
     model, ckpt = load_model(args.checkpoint, use_ema=not args.no_ema, map_location=device)
     if not isinstance(model, DynamicNet):

@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from dsnet.cli._args import check_input_size, output_file, positive_int
+
 FORMATS = ("onnx",)
 
 
@@ -16,10 +18,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--model", help="registered model name (random weights, for trying the export)")
     p.add_argument("--subnet", type=int, default=None, help="static sub-network to export; omit: dynamic model")
     p.add_argument("--format", default="onnx", help="export format (only 'onnx')")
-    p.add_argument("--out", required=True, help="output .onnx (dynamic: the pre-gate graph; siblings beside it)")
-    p.add_argument("--input-size", type=int, default=None, help="image side of the example input (default: model's)")
+    p.add_argument(
+        "--out", required=True, type=output_file, help="output .onnx (dynamic: the pre-gate graph; siblings beside it)"
+    )
+    p.add_argument(
+        "--input-size", type=positive_int, default=None, help="image side of the example input (default: model's)"
+    )
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison with eager")
-    p.add_argument("--check-batch", type=int, default=8, help="images in the eager comparison (default 8)")
+    p.add_argument("--check-batch", type=positive_int, default=8, help="images in the eager comparison (default 8)")
     p.set_defaults(func=run)
 
 
@@ -46,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
             f"subnet index {args.subnet} out of range: {name} has {len(model.subnets)} sub-networks "
             f"(0..{len(model.subnets) - 1})"
         )
-    size = (model.in_chans, args.input_size, args.input_size) if args.input_size else model.default_input_size
+    size = check_input_size(model, args.input_size)
     tol = 1e-4
     n = max(args.check_batch, len(model.routing_space))
     images = torch.randn(n, *size, generator=torch.Generator().manual_seed(0))

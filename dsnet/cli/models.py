@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+from dsnet.cli._args import output_file
 from dsnet.models import create_model, list_models, model_info
+from dsnet.utils.io import atomic_write_json
 from dsnet.utils.table import format_table
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list registered models with parameters and MACs")
     p.add_argument("--subnets", metavar="MODEL", help="list every sub-network of one model instead")
-    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.add_argument("--json", metavar="FILE", type=output_file, help="also write the table as JSON")
     p.set_defaults(func=run)
 
 
@@ -69,6 +70,5 @@ def run(args: argparse.Namespace) -> int:
         headers = ["model", "params (M)", "subnets", "slimmest MMACs", "widest routed MMACs", "largest MMACs", "input"]
         print(format_table(headers, rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=2)
+        atomic_write_json(records, args.json)
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dsnet.cli._args import output_dir
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -14,7 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--fast", action="store_true", help="25,600 training images, 3 + 1 epochs: under 3 minutes (lower accuracy)"
     )
     p.add_argument("--data", help="Fashion-MNIST folder (default: /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--out", default="runs/quickstart", help="run directory; a re-run continues where it stopped")
+    p.add_argument(
+        "--out", type=output_dir, default="runs/quickstart", help="run directory; a re-run continues where it stopped"
+    )
     p.add_argument(
         "--set",
         dest="overrides",

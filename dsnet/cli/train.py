@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from dsnet.cli._args import output_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             metavar="KEY=VALUE",
             help="override a config key, e.g. --set supernet.epochs=3 (repeatable)",
         )
-        s.add_argument("--out", required=True, help="run directory (checkpoints, metrics, resolved config)")
+        s.add_argument(
+            "--out", required=True, type=output_dir, help="run directory (checkpoints, metrics, resolved config)"
+        )
         s.add_argument("--resume", action="store_true", help="continue the run in --out from its last.ckpt")
         s.add_argument("--data", help="dataset root (overrides data.root)")
         if name == "gate":
@@ -39,17 +44,11 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         overrides.append(f"data.root={args.data}")
     if args.resume and not args.config:
-        # a resumed run continues with the configuration it was started with
-        from pathlib import Path
-
-        import yaml
-
-        resolved = Path(args.out) / "config.yaml"
-        if not resolved.is_file():
-            raise FileNotFoundError(f"--resume: no {resolved}")
+        # a resumed run continues with the configuration it was started with (its checkpoint's, if config.yaml
+        # is gone); RunDir checks that --set changes nothing but paths and logging
         from dsnet.train.config import apply_overrides, resolve_config
 
-        cfg = resolve_config(apply_overrides(yaml.safe_load(resolved.read_text()), overrides))
+        cfg = resolve_config(apply_overrides(_run_config(Path(args.out)), overrides))
     else:
         cfg = load_config(args.config, overrides)
     if args.stage == "supernet":
@@ -62,3 +61,24 @@ def run(args: argparse.Namespace) -> int:
         result = train_gate(cfg, args.supernet, args.out, resume=args.resume)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _run_config(out: Path) -> dict:
+    import yaml
+
+    from dsnet.train.checkpoint import read_checkpoint
+
+    resolved = out / "config.yaml"
+    if resolved.is_file():
+        try:
+            cfg = yaml.safe_load(resolved.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{resolved}: not valid YAML ({' '.join(str(err).split())})") from None
+        if isinstance(cfg, dict):
+            return cfg
+    if not (out / "last.ckpt").is_file():
+        raise FileNotFoundError(f"--resume: no {out / 'last.ckpt'} to resume from")
+    cfg = read_checkpoint(out / "last.ckpt").get("config")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--resume: neither {resolved} nor {out / 'last.ckpt'} records the run's config")
+    return cfg

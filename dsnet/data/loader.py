@@ -215,6 +215,11 @@ def build_dataset(cfg: dict | None, split: str) -> tuple[Dataset, DatasetInfo]:
             augment_defaults=augment_defaults(name),
             source=f"{_PRETTY[name]} statistics",
         )
+    if len(ds.class_names) < 2:  # one class trains to a meaningless 100%
+        where = f" in {root}" if root else ""
+        raise ValueError(
+            f"{name}{where}: {len(ds.class_names)} class ({', '.join(ds.class_names)}); a classifier needs at least 2"
+        )
     if source == "train":
         ds = _holdout_split(ds, cfg["holdout"], split)
         if split == "train":

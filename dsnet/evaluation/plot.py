@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from dsnet.utils.io import atomic_write_bytes
 
 __all__ = ["plot_report"]
 
@@ -113,20 +114,4 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike, dpi: int = 120)
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    return _atomic_write_bytes(buf.getvalue(), path)
-
-
-def _atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(buf.getvalue(), path)

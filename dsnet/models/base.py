@@ -73,6 +73,8 @@ def build_subnets(stage_names: Sequence[str], stage_widths: Sequence[Sequence[in
     for name, widths in zip(stage_names, stage_widths):
         if not widths or list(widths) != sorted(set(widths)):
             raise ValueError(f"stage {name!r}: widths must be distinct and increasing, got {list(widths)}")
+        if widths[0] < 1:
+            raise ValueError(f"stage {name!r}: widths must be positive, got {list(widths)}")
     n = len(stage_widths[gate_stage])
     for name, widths in zip(stage_names[gate_stage:], stage_widths[gate_stage:]):
         if len(widths) != n:

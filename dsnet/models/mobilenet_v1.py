@@ -111,6 +111,12 @@ class DSMobileNetV1(DynamicNet):
         input_size: int = 224,
         gate_mode: str = "pre",
     ) -> None:
+        # stages from a YAML config arrive as [widths, depth, stride] lists
+        stages = tuple(s if isinstance(s, MBStage) else MBStage(tuple(s[0]), *s[1:]) for s in stages)
+        if se_ratio <= 0 or not 0 <= drop_rate < 1:
+            raise ValueError(f"se_ratio must be positive and drop_rate in [0, 1), got {se_ratio}, {drop_rate}")
+        if any(s.depth < 1 or s.stride < 1 for s in stages):
+            raise ValueError(f"every stage needs depth >= 1 and stride >= 1, got {list(stages)}")
         stage_names = ("stem",) + tuple(f"s{i}" for i in range(len(stages)))
         stage_widths = [tuple(stem_widths)] + [tuple(s.widths) for s in stages]
         super().__init__(

@@ -158,7 +158,17 @@ class DSResNet(DynamicNet):
         if len(layers) != len(planes):
             raise ValueError("layers and planes need one entry per stage")
         ratios = sorted(width_ratios)
+        if not ratios or len(set(ratios)) != len(ratios) or not 0 < ratios[0] <= ratios[-1] <= 1:
+            raise ValueError(f"width_ratios must be distinct numbers in (0, 1], got {list(width_ratios)}")
         pre = ratios[0] if pre_gate_ratio is None else pre_gate_ratio
+        if not 0 < pre <= 1:
+            raise ValueError(f"pre_gate_ratio must be in (0, 1], got {pre_gate_ratio}")
+        if min(layers, default=0) < 1 or min(planes, default=0) < 1 or stem_width < 1:
+            raise ValueError(
+                f"layers, planes and stem_width must be positive, got {list(layers)}, {list(planes)}, {stem_width}"
+            )
+        if gate_se_ratio <= 0:
+            raise ValueError(f"gate_se_ratio must be positive, got {gate_se_ratio}")
 
         def widths(base: int, stage: int) -> tuple[int, ...]:
             chosen = [pre, 1.0] if stage < gate_stage else ratios

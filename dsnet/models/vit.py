@@ -123,6 +123,13 @@ class DSViT(DynamicNet):
         routing_space: Sequence[int] | None = None,
         gate_mode: str = "pre",
     ) -> None:
+        if min(embed_dim, num_heads, patch_size, img_size) < 1 or mlp_ratio <= 0 or se_ratio <= 0:
+            raise ValueError(
+                "embed_dim, num_heads, patch_size, img_size, mlp_ratio and se_ratio must be positive, got "
+                f"{embed_dim}, {num_heads}, {patch_size}, {img_size}, {mlp_ratio}, {se_ratio}"
+            )
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
         if not depths or min(depths) < 1:

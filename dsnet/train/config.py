@@ -1,9 +1,12 @@
 """Run configuration: YAML recipes + ``--set key=value`` overrides, validated before any work starts.
 
-Every key has a default below (the ``data`` section's defaults live with the
-data package). A key that is not known, or a value of the wrong type, is an
-error that names the key: a typo in a recipe must not silently train with the
-default for hours.
+``SCHEMA`` below is the single source of truth: one line per key with its
+default, type, range or choices, the stage that reads it and what it means
+(the ``data`` section's table lives with the data package). A key that is not
+known, a value of the wrong type or out of its range is a ``ConfigError``
+that names the key: a typo in a recipe must not silently train with the
+default for hours, and ``lr: -0.1`` must not train at all. The same table
+generates docs/config.md (``dsnet config reference``).
 """
 
 from __future__ import annotations
@@ -15,138 +18,137 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DEFAULTS", "load_config", "resolve_config", "apply_overrides", "ConfigError"]
+from dsnet.data.config import DATA_SCHEMA, resolve_data_config
+from dsnet.utils.schema import (
+    Bool,
+    Choice,
+    ConfigError,
+    Device,
+    Float,
+    Int,
+    Mapping,
+    Numbers,
+    Str,
+    reference_rows,
+    resolve_section,
+    section_defaults,
+    with_stage,
+)
 
+__all__ = [
+    "SCHEMA",
+    "DEFAULTS",
+    "load_config",
+    "resolve_config",
+    "apply_overrides",
+    "ConfigError",
+    "config_reference",
+    "check_model_config",
+]
 
-class ConfigError(ValueError):
-    """A bad configuration key or value."""
+S1, S2, BOTH = "supernet", "gate", "supernet, gate"
 
-
-ANY = object()  # marker: a default of None that accepts any type
-
-DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "device": "auto",  # auto | cpu | cuda | cuda:N
-    "model": {
-        "name": "ds_mobilenet_v1_cifar",
-        "kwargs": {},  # passed to create_model; num_classes and in_chans default to the dataset's
-    },
-    "data": {},  # validated by dsnet.data.resolve_data_config
-    "supernet": {
-        "epochs": 10,
-        "optimizer": "sgd",  # sgd (masked, as official) | adamw (for vision transformers)
-        "lr": 0.1,
-        "lr_reference_batch": 256,  # lr is for this global batch size; scaled linearly to the real one
-        "momentum": 0.9,
-        "nesterov": False,
-        "betas": [0.9, 0.999],  # adamw only
-        "weight_decay": 1e-4,
-        "warmup_epochs": 1,
-        "min_lr": 0.0,
-        "label_smoothing": 0.1,
-        "num_random": 2,  # sandwich rule: largest + n random + smallest
-        "distill": "ib",  # ib | ieb | inplace | none
-        "ema_decay": 0.997,
-        "ema_warmup": True,  # decay min(ema_decay, (1+t)/(10+t)): a usable teacher from the first epoch
-        "mvco": False,  # multi-view consistency (two augmented views per image)
-        "mask_untouched": True,  # no weight decay / momentum for channels that got no gradient
-        "amp": True,  # bfloat16 autocast on CUDA; ignored on CPU
-        "grad_clip": None,
-        "bn_calibration_batches": 200,
-        "channels_last": False,
-    },
-    "gate": {
-        "epochs": 3,
-        "lr": 0.08,
-        "lr_reference_batch": 512,
-        "momentum": 0.9,
-        "weight_decay": 0.01,
-        "warmup_epochs": 0,
-        "min_lr": 0.0,
-        "mode": "pre",  # pre: the paper's gate (decides before any routed layer) | exit: decides after the
-        # slimmest sub-network ran, from its prediction, and can stop there (see dsnet.layers.gate.ExitHead)
-        "tau": 1.0,  # Gumbel-softmax temperature
-        "sgs_weight": 1.0,  # sandwich gate sparsification
-        "sgs_targets": "sandwich",  # sandwich: slimmest/widest label each image (paper) | cheapest: cheapest right
-        "task_weight": 1.0,  # CE of the dynamically routed output
-        "task_loss": "mixed",  # mixed: every choice gets a task gradient | routed: the chosen one only | expected
-        "macs_weight": 0.5,  # lambda of the complexity loss
-        "macs_unit": "gmacs",  # gmacs (official: (mean GMACs)^2) | relative (mean MACs / widest routed)
-        "target_mmacs": None,  # optional budget: penalise (mean - target)^2 instead of mean^2, then set
-        # the gate's stored bias so the trained gate averages this many MMACs on training images
-        "target_fraction": None,  # the same budget as a fraction of the widest routing choice's MACs
-        "amp": True,  # bfloat16 autocast of the frozen backbone's forward on CUDA; ignored on CPU
-    },
-    "log": {
-        "print_every": 50,  # steps between progress-bar postfix updates
-        "tensorboard": True,  # used when the tensorboard package is installed
-        "progress": True,
-    },
-    "distributed": {
-        "backend": "auto",  # auto: nccl on CUDA, gloo on CPU
-    },
+# One table per section: default, range or choices, which stage reads it, what it means.
+# The ``data`` section's table lives with the data package (dsnet.data.config.DATA_SCHEMA).
+SCHEMA: dict[str, Any] = {
+    "seed": Int(0, "[0, inf)", stage="supernet, gate, calibrate-bn", doc="seeds data order, sampling, init"),
+    "device": Device("auto", stage=BOTH, doc="auto: cuda:LOCAL_RANK when CUDA is available, else cpu"),
+    "model": with_stage(
+        {
+            "name": Str("ds_mobilenet_v1_cifar", doc="registered model (`dsnet models`)"),
+            "kwargs": Mapping(
+                doc="create_model arguments, checked by building the model; num_classes/in_chans: the dataset's"
+            ),
+        },
+        S1,
+    ),
+    "data": DATA_SCHEMA,
+    "supernet": with_stage(
+        {
+            "epochs": Int(10, "[1, inf)", doc="training epochs"),
+            "optimizer": Choice("sgd", ("sgd", "adamw"), doc="sgd: masked SGD (official); adamw: for transformers"),
+            "lr": Float(0.1, "(0, inf)", doc="peak learning rate for a global batch of lr_reference_batch"),
+            "lr_reference_batch": Int(256, "[1, inf)", doc="lr is scaled by global batch / this (printed at start)"),
+            "momentum": Float(0.9, "[0, 1)", doc="SGD momentum"),
+            "nesterov": Bool(False, doc="Nesterov momentum (sgd)"),
+            "betas": Numbers([0.9, 0.999], "[0, 1)", length=2, doc="AdamW betas (adamw only)"),
+            "weight_decay": Float(1e-4, "[0, inf)", doc="weight decay"),
+            "warmup_epochs": Float(1.0, "[0, inf)", doc="linear warm-up, in epochs (fractions allowed), <= epochs"),
+            "min_lr": Float(0.0, "[0, inf)", doc="final learning rate of the cosine schedule, <= lr"),
+            "label_smoothing": Float(0.1, "[0, 1)", doc="label smoothing of the largest sub-network's loss"),
+            "num_random": Int(2, "[0, inf)", doc="sandwich rule: largest + num_random random + smallest"),
+            "distill": Choice("ib", ("ib", "ieb", "inplace", "none"), doc="teacher of the other sub-networks"),
+            "ema_decay": Float(0.997, "[0, 1)", doc="decay of the EMA teacher"),
+            "ema_warmup": Bool(True, doc="decay min(ema_decay, (1+t)/(10+t)): a usable teacher from the start"),
+            "mvco": Bool(False, doc="multi-view consistency: two augmented views per image"),
+            "mask_untouched": Bool(True, doc="no weight decay / momentum for channels that got no gradient"),
+            "amp": Bool(True, doc="bfloat16 autocast on CUDA; ignored on CPU"),
+            "grad_clip": Float(None, "(0, inf)", null=True, doc="clip the gradient norm to this (null: off)"),
+            "bn_calibration_batches": Int(
+                200, "[1, inf)", stage="supernet, calibrate-bn", doc="training batches per sub-network"
+            ),
+            "channels_last": Bool(False, doc="channels-last memory format"),
+        },
+        S1,
+    ),
+    "gate": with_stage(
+        {
+            "epochs": Int(3, "[1, inf)", doc="training epochs"),
+            "lr": Float(0.08, "(0, inf)", doc="peak learning rate for a global batch of lr_reference_batch"),
+            "lr_reference_batch": Int(512, "[1, inf)", doc="lr is scaled by global batch / this (printed at start)"),
+            "momentum": Float(0.9, "[0, 1)", doc="SGD momentum"),
+            "weight_decay": Float(0.01, "[0, inf)", doc="weight decay of the slimming head"),
+            "warmup_epochs": Float(0.0, "[0, inf)", doc="linear warm-up, in epochs (fractions allowed), <= epochs"),
+            "min_lr": Float(0.0, "[0, inf)", doc="final learning rate of the cosine schedule, <= lr"),
+            "mode": Choice("pre", ("pre", "exit"), doc="pre: the paper's gate; exit: decides after the slimmest ran"),
+            "tau": Float(1.0, "(0, inf)", doc="Gumbel-softmax temperature"),
+            "sgs_weight": Float(1.0, "[0, inf)", doc="weight of the sandwich gate sparsification loss"),
+            "sgs_targets": Choice(
+                "sandwich", ("sandwich", "cheapest"), doc="sandwich: slimmest/widest label (paper); cheapest: any width"
+            ),
+            "task_weight": Float(1.0, "[0, inf)", doc="weight of the routed output's cross-entropy"),
+            "task_loss": Choice(
+                "mixed", ("mixed", "routed", "expected"), doc="mixed: every choice gets a gradient; routed: paper"
+            ),
+            "macs_weight": Float(0.5, "[0, inf)", doc="lambda of the complexity loss"),
+            "macs_unit": Choice("gmacs", ("gmacs", "relative"), doc="gmacs: (mean GMACs)^2; relative: / widest"),
+            "target_mmacs": Float(None, "(0, inf)", null=True, doc="budget in MMACs per sample (or target_fraction)"),
+            "target_fraction": Float(
+                None, "(0, 1]", null=True, doc="budget as a fraction of the widest routed sub-network's MACs"
+            ),
+            "amp": Bool(True, doc="bfloat16 autocast of the frozen backbone's forwards on CUDA; ignored on CPU"),
+        },
+        S2,
+    ),
+    "log": with_stage(
+        {
+            "print_every": Int(50, "[1, inf)", doc="steps between progress-bar postfix updates"),
+            "tensorboard": Bool(True, doc="TensorBoard logs when the tensorboard package is installed"),
+            "progress": Bool(True, doc="progress bars (only on a terminal)"),
+        },
+        BOTH,
+    ),
+    "distributed": with_stage(
+        {"backend": Choice("auto", ("auto", "nccl", "gloo"), doc="auto: nccl on CUDA, gloo on CPU")}, BOTH
+    ),
 }
 
-# keys whose default is None but which take a value of a known type
-_NONE_TYPES: dict[str, tuple[type, ...]] = {
-    "supernet.grad_clip": (float, int),
-    "gate.target_mmacs": (float, int),
-    "gate.target_fraction": (float, int),
-}
-
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "supernet.distill": ("ib", "ieb", "inplace", "none"),
-    "supernet.optimizer": ("sgd", "adamw"),
-    "gate.macs_unit": ("gmacs", "relative"),
-    "gate.mode": ("pre", "exit"),
-    "gate.sgs_targets": ("sandwich", "cheapest"),
-    "gate.task_loss": ("mixed", "routed", "expected"),
-}
+DEFAULTS: dict[str, Any] = section_defaults(SCHEMA)
 
 
-def _check(defaults: dict, cfg: dict, prefix: str) -> dict:
-    out = copy.deepcopy(defaults)
-    for key, value in cfg.items():
-        path = f"{prefix}{key}"
-        if key not in defaults:
-            known = ", ".join(sorted(defaults))
-            raise ConfigError(f"{path}: unknown key; known keys here: {known}")
-        default = defaults[key]
-        if isinstance(default, dict) and default and not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
-        if isinstance(default, dict) and default:
-            out[key] = _check(default, value, path + ".")
-        else:
-            out[key] = _check_value(path, default, value)
-    return out
-
-
-def _check_value(path: str, default: Any, value: Any) -> Any:
-    if value is None:
-        if default is None or path in _NONE_TYPES:
-            return None
-        raise ConfigError(f"{path}: must not be null (default {default!r})")
-    if default is None:
-        allowed = _NONE_TYPES.get(path)
-        if allowed and not (isinstance(value, allowed) and not isinstance(value, bool)):
-            raise ConfigError(f"{path}: expected {' or '.join(t.__name__ for t in allowed)}, got {value!r}")
-        return value
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, dict):  # free-form mapping such as model.kwargs
-        ok = isinstance(value, dict)
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise ConfigError(f"{path}: expected {type(default).__name__}, got {type(value).__name__} {value!r}")
-    if path in _CHOICES and value not in _CHOICES[path]:
-        raise ConfigError(f"{path}: must be one of {', '.join(_CHOICES[path])}, got {value!r}")
-    return value
+def _cross_check(cfg: dict) -> None:
+    """Constraints between keys (each key's own range is in the table)."""
+    for stage in ("supernet", "gate"):
+        sc = cfg[stage]
+        if sc["warmup_epochs"] > sc["epochs"]:
+            raise ConfigError(
+                f"{stage}.warmup_epochs: must be <= {stage}.epochs ({sc['epochs']}), got {sc['warmup_epochs']}"
+            )
+        if sc["min_lr"] > sc["lr"]:
+            raise ConfigError(f"{stage}.min_lr: must be <= {stage}.lr ({sc['lr']}), got {sc['min_lr']}")
+    gc = cfg["gate"]
+    if gc["target_mmacs"] is not None and gc["target_fraction"] is not None:
+        raise ConfigError("gate.target_fraction: gate.target_mmacs is set too; they are alternatives, set one")
 
 
 def _set_dotted(cfg: dict, dotted: str, value: Any) -> None:
@@ -175,21 +177,44 @@ def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
 
 
 def resolve_config(cfg: dict | None) -> dict:
-    """Defaults merged with ``cfg``, every key and type checked."""
-    from dsnet.data import resolve_data_config
-
-    cfg = dict(cfg or {})
-    data = cfg.pop("data", None) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"data: expected a mapping, got {type(data).__name__}")
-    out = _check({k: v for k, v in DEFAULTS.items() if k != "data"}, cfg, "")
-    try:
-        out["data"] = resolve_data_config(data)
-    except ConfigError:
-        raise
-    except ValueError as err:
-        raise ConfigError(str(err) if str(err).startswith("data") else f"data: {err}") from None
+    """Defaults merged with ``cfg``, every key's type and range checked (errors name the key)."""
+    cfg = dict(cfg) if isinstance(cfg, dict) else cfg
+    data = cfg.pop("data", None) if isinstance(cfg, dict) else None
+    out = resolve_section(SCHEMA, cfg, "")
+    out["data"] = resolve_data_config(data)
+    _cross_check(out)
     return out
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def config_reference() -> str:
+    """The Markdown reference of every config key, generated from the tables (docs/config.md)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- generated by `python -m dsnet config reference > docs/config.md`; do not edit by hand -->",
+        "",
+        "Every key of a run's YAML recipe (or `--set key=value`), generated from the validation tables in",
+        "`dsnet/train/config.py` and `dsnet/data/config.py`. A key not listed here, or a value of another type or",
+        "outside its range, is an error naming the key before any work starts (`dsnet config check FILE`;",
+        "`dsnet config show FILE` prints the resolved config with every default).",
+        "Ranges are intervals: `[0, 1)` includes 0 and excludes 1. Stage: the commands that read the key.",
+    ]
+    top = {name: key for name, key in SCHEMA.items() if not isinstance(key, dict)}
+    sections = [("top level", top)] + [(f"`{n}`", s) for n, s in SCHEMA.items() if isinstance(s, dict)]
+    for title, section in sections:
+        prefix = "" if title == "top level" else title.strip("`")
+        lines += ["", f"## {title}", "", "| key | type | default | range / choices | stage | meaning |"]
+        lines.append("|---|---|---|---|---|---|")
+        for name, key in reference_rows(section, prefix):
+            lines.append(
+                f"| `{name}` | {key.type_name()} | `{_yaml_scalar(key.default)}` | {key.constraint()} "
+                f"| {key.stage} | {key.doc} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> dict:
@@ -206,3 +231,30 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     return resolve_config(apply_overrides(raw, overrides))
+
+
+def model_config_error(name: str, err: Exception) -> ConfigError:
+    """A model constructor's complaint as a ``ConfigError`` naming ``model.name`` or ``model.kwargs``."""
+    message = " ".join(str(err).split())
+    if message.startswith("unknown model"):
+        return ConfigError(f"model.name: {message}")
+    return ConfigError(f"model.kwargs: {message if message.startswith(name) else f'{name}: {message}'}")
+
+
+def check_model_config(cfg: dict) -> None:
+    """Build ``model.name`` with ``model.kwargs`` to validate them (what ``dsnet config check`` does).
+
+    The kwargs are free-form, so the model's constructor is their validation:
+    an unknown argument or a bad value (e.g. duplicate ``width_ratios``) is a
+    ``ConfigError`` naming ``model.kwargs`` (or ``model.name``).
+    """
+    from dsnet.models import create_model
+    from dsnet.models.base import DynamicNet
+
+    name, kwargs = cfg["model"]["name"], cfg["model"]["kwargs"]
+    try:
+        model = create_model(name, **kwargs)  # the meta device would be free but costs ~10 s to set up once
+    except (ValueError, TypeError) as err:
+        raise model_config_error(name, err) from None
+    if not isinstance(model, DynamicNet):
+        raise ConfigError(f"model.name: {name} is not a dynamic dsnet model")

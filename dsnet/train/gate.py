@@ -37,7 +37,7 @@ from torch import Tensor
 
 from dsnet.layers.gate import bias_ramp, straight_through_gumbel
 from dsnet.models.base import DynamicNet
-from dsnet.train.checkpoint import load_model
+from dsnet.train.checkpoint import load_model, load_state_into
 from dsnet.train.config import load_config
 from dsnet.train.distributed import init_distributed
 from dsnet.train.losses import cheapest_correct_targets, complexity_loss, sgs_targets
@@ -45,6 +45,7 @@ from dsnet.train.optim import MaskedSGD, cosine_lr
 from dsnet.train.run import (
     RunDir,
     autocast,
+    effective_lr,
     epoch_record,
     rng_state,
     seed_everything,
@@ -348,18 +349,19 @@ def train_gate(
         budget_loader, _ = build_loader(cfg["data"], "train", seed=cfg["seed"] + 7, device=device)
         budget_loader.sampler.set_epoch(0)
     global_batch = cfg["data"]["batch_size"] * ctx.world_size
-    base_lr = gc["lr"] * global_batch / gc["lr_reference_batch"]
+    base_lr = effective_lr("gate", gc, global_batch, ctx.is_main)
     optimizer = MaskedSGD(head, base_lr, gc["momentum"], gc["weight_decay"], mask_untouched=False)
     steps_per_epoch = len(train_loader)
     total_steps = gc["epochs"] * steps_per_epoch
-    warmup = gc["warmup_epochs"] * steps_per_epoch
+    warmup = round(gc["warmup_epochs"] * steps_per_epoch)
     start_epoch, best_metric = 0, -1.0
     if resume:
         state = run.resume_state()
-        model.load_state_dict(state["state_dict"])
+        load_state_into(model, state["state_dict"], run.last, state)
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best_metric = state["epoch"] + 1, state["best_metric"]
         set_rng_state(state["rng"])
+    run.start()
 
     def step(batch) -> dict[str, float]:
         images, labels = batch
@@ -426,7 +428,12 @@ def train_gate(
         if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch + 1 < gc["epochs"]:
             run.close()
             return {"stopped_after_epoch": epoch}
-    result = {"epochs": gc["epochs"], "best_metric": best_metric, "selection_split": val_split}
+    result = {
+        "epochs": gc["epochs"],
+        "best_metric": best_metric,
+        "best_epoch": run.best_epoch,
+        "selection_split": val_split,
+    }
     if ctx.is_main:
         from dsnet.utils.io import atomic_write_json
 

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from dsnet.train.checkpoint import read_checkpoint, save_checkpoint
 from dsnet.train.distributed import DistContext, all_reduce_sum
-from dsnet.utils.io import atomic_write_text
+from dsnet.utils.io import atomic_copy, atomic_write_text, check_output_dir, remove_stale_temporaries
 from dsnet.utils.modes import temporary_mode
 
 __all__ = [
@@ -33,7 +34,9 @@ __all__ = [
     "top1_accuracy",
     "unwrap",
     "train_epoch",
+    "check_finite",
     "epoch_record",
+    "effective_lr",
 ]
 
 
@@ -44,7 +47,13 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG's state as tensors and plain Python values (what the safe checkpoint loader accepts)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (name, [int(k) for k in keys.tolist()], int(pos), int(has_gauss), float(gauss)),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -53,7 +62,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -79,6 +89,18 @@ def selection_loader(data_cfg: dict, seed: int, device: torch.device) -> tuple[A
     return loader, split
 
 
+def effective_lr(stage: str, sc: dict, global_batch: int, is_main: bool = True) -> float:
+    """``lr * global batch / lr_reference_batch``, printed so the rescaling is never a surprise."""
+    lr = sc["lr"] * global_batch / sc["lr_reference_batch"]
+    if is_main:
+        print(
+            f"[{stage}] effective lr {lr:.4g} = {stage}.lr {sc['lr']:g} x global batch {global_batch} "
+            f"/ {stage}.lr_reference_batch {sc['lr_reference_batch']}",
+            flush=True,
+        )
+    return lr
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -100,44 +122,125 @@ def top1_accuracy(
     return 100.0 * correct / max(1, total)
 
 
+# keys a resumed run may change: where things are and how they are shown, not what is computed
+RESUME_MAY_CHANGE = ("device", "data.root", "data.workers", "data.download", "log", "distributed")
+
+
+def _config_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first key (dotted) whose value differs between two resolved configs; keys one side lacks are skipped."""
+    if prefix and any(prefix == k or prefix.startswith(k + ".") for k in RESUME_MAY_CHANGE):
+        return None
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in old:
+            if key in new:
+                found = _config_difference(old[key], new[key], f"{prefix}.{key}" if prefix else str(key))
+                if found:
+                    return found
+        return None
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        old, new = list(old), list(new)
+    return None if old == new else (prefix, old, new)
+
+
 class RunDir:
     """A run's output folder: resolved config, metrics (JSONL + CSV), TensorBoard, checkpoints.
 
     Only the main process writes. A fresh run refuses a folder that already
     holds a checkpoint (so a finished run is never overwritten by accident);
-    ``resume=True`` continues from its ``last.ckpt``.
+    ``resume=True`` continues from its ``last.ckpt``. Construction checks
+    everything and writes nothing: the folder can be written, the checkpoint
+    to resume loads and was made with the same config (up to
+    ``RESUME_MAY_CHANGE``). ``start()`` writes, once the stage has loaded the
+    resume state into its model and optimiser.
+
+    ``last.ckpt`` is the source of truth: it records the best epoch, and is
+    written before ``best.ckpt``, so a kill between the two leaves a
+    ``best.ckpt`` that ``start()`` repairs from ``last.ckpt`` (the best epoch
+    is then the last one). Temporary files of killed writes are removed.
     """
 
     def __init__(self, out: str | Path, cfg: dict, ctx: DistContext, resume: bool, stage: str) -> None:
         self.out = Path(out)
+        self.cfg = cfg
         self.ctx = ctx
         self.stage = stage
+        self.resume = resume
         self.last = self.out / "last.ckpt"
         self.best = self.out / "best.ckpt"
-        if resume and not self.last.is_file():
-            raise FileNotFoundError(f"--resume: no {self.last} to resume from")
-        if not resume and self.last.is_file():
+        if ctx.is_main:
+            check_output_dir(self.out, "--out")
+        self.state: dict[str, Any] | None = None
+        if resume:
+            if not self.last.is_file():
+                raise FileNotFoundError(f"--resume: no {self.last} to resume from")
+            self.state = read_checkpoint(self.last)
+            if self.state.get("stage", stage) != stage:
+                raise ValueError(f"--resume: {self.last} is a {self.state['stage']} run, not a {stage} run")
+            diff = _config_difference(self.state.get("config") or {}, cfg)
+            if diff:
+                key, old, new = diff
+                raise ValueError(
+                    f"--resume: {key} is {new!r} here but {old!r} in the run in {self.out}; a resumed run keeps "
+                    "its config (resume without --config/--set, or start a new --out)"
+                )
+        elif self.last.is_file():
             raise ValueError(
                 f"{self.out} already holds a run ({self.last.name}); pass --resume or choose another --out"
             )
         self.records: list[dict] = []
         self._tb = None
-        if ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(yaml.safe_dump(cfg, sort_keys=False), self.out / "config.yaml")
-            metrics = self.out / "metrics.jsonl"
-            if resume and metrics.is_file():
-                self.records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            if cfg.get("log", {}).get("tensorboard", True):
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    self._tb = SummaryWriter(str(self.out / "tensorboard"))
-                except (ImportError, ModuleNotFoundError):
-                    self._tb = None
+        self.best_epoch: int | None = None if self.state is None else self.state.get("best_epoch")
+        if self.state is not None and self.best_epoch is None:  # written before checkpoints recorded it
+            try:
+                self.best_epoch = read_checkpoint(self.best)["epoch"]
+            except (OSError, ValueError):
+                self.best_epoch = self.state["epoch"]
 
     def resume_state(self) -> dict[str, Any]:
-        return read_checkpoint(self.last)
+        if self.state is None:
+            raise ValueError("not resuming: no state to resume from")
+        return self.state
+
+    def start(self) -> None:
+        """Create the folder, repair ``best.ckpt``, write the resolved config, open the logs (main process)."""
+        if not self.ctx.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.out)
+        if self.state is not None:
+            self._repair_best(self.state)
+        atomic_write_text(yaml.safe_dump(self.cfg, sort_keys=False), self.out / "config.yaml")
+        metrics = self.out / "metrics.jsonl"
+        if self.resume and metrics.is_file():
+            done = self.state["epoch"] if self.state else -1
+            records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            # epochs past last.ckpt were logged by a run killed before it saved them: they are re-run
+            self.records = [r for r in records if r.get("epoch", -1) <= done]
+        if self.cfg.get("log", {}).get("tensorboard", True):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            except (ImportError, ModuleNotFoundError):
+                self._tb = None
+
+    def _repair_best(self, state: dict[str, Any]) -> None:
+        """Make ``best.ckpt`` hold the best epoch ``last.ckpt`` records, copying ``last.ckpt`` where it is that one."""
+        best_epoch = self.best_epoch
+        try:
+            ok = read_checkpoint(self.best)["epoch"] == best_epoch
+        except (OSError, ValueError):
+            ok = False
+        if ok:
+            return
+        if best_epoch != state["epoch"]:
+            print(
+                f"warning: {self.best} is missing or not the best epoch ({best_epoch + 1}) and cannot be rebuilt; "
+                f"using {self.last.name} (epoch {state['epoch'] + 1}) as the best checkpoint",
+                flush=True,
+            )
+        atomic_copy(self.last, self.best)
+        self.best_epoch = state["epoch"]
 
     def log(self, record: dict) -> None:
         """One line per epoch: appended to metrics.jsonl, the CSV rewritten, scalars to TensorBoard."""
@@ -160,6 +263,7 @@ class RunDir:
             self._tb.flush()
 
     def save(self, payload: dict, best: bool) -> None:
+        """``last.ckpt``, then (if ``best``) ``best.ckpt``: last first, so it always knows which epoch is best."""
         if not self.ctx.is_main:
             return
         save_checkpoint(self.last, payload)
@@ -168,10 +272,14 @@ class RunDir:
 
     def end_epoch(self, record: dict, metric: float, best_so_far: float, payload: dict) -> float:
         """Track the best ``metric``, log the epoch, write ``last`` (and ``best``). Returns the best metric."""
-        best = max(best_so_far, metric)
+        epoch = payload["epoch"]
+        is_best = metric > best_so_far or not self.best.is_file()
+        best = metric if is_best else best_so_far
+        if is_best or self.best_epoch is None:
+            self.best_epoch = epoch
         record["best_metric"] = best
         self.log(record)
-        self.save({**payload, "best_metric": best, "metrics": record}, best=metric > best_so_far)
+        self.save({**payload, "best_metric": best, "best_epoch": self.best_epoch, "metrics": record}, best=is_best)
         return best
 
     def close(self) -> None:
@@ -188,12 +296,16 @@ def train_epoch(
     desc: str,
     show: bool,
     print_every: int,
+    stage: str | None = None,
 ) -> tuple[dict[str, float], float]:
     """One pass over ``loader``: set the scheduled learning rate, run ``step(batch)``, sum its statistics.
 
     ``step`` does the forward, backward and optimiser step and returns scalars
-    to log. Returns the summed statistics and the last learning rate.
+    to log. Returns the summed statistics and the last learning rate. A
+    non-finite statistic (a loss that turned nan or inf) stops training with
+    ``FloatingPointError`` before anything of this epoch is saved.
     """
+    stage = stage or desc.split()[0]
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):  # dsnet's seeded loaders reshuffle per epoch; any iterable works
         sampler.set_epoch(epoch)
@@ -207,11 +319,24 @@ def train_epoch(
         for group in optimizer.param_groups:
             group["lr"] = lr
         stats = step(batch)
+        check_finite(stats, stage, epoch, i, steps_per_epoch)
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
         if i % print_every == 0:
             bar.set_postfix(lr=f"{lr:.4f}", **{k: f"{v:.3f}" for k, v in stats.items() if k.startswith("loss")})
     return sums, lr
+
+
+def check_finite(stats: dict[str, float], stage: str, epoch: int, step: int, steps_per_epoch: int) -> None:
+    """Raise ``FloatingPointError`` naming the stage, epoch and step if a logged value is nan or inf."""
+    bad = {k: v for k, v in stats.items() if not math.isfinite(v)}
+    if bad:
+        what = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise FloatingPointError(
+            f"{stage} training diverged at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch} "
+            f"(global step {epoch * steps_per_epoch + step}): {what}; stopped without saving epoch {epoch + 1}. "
+            f"Lower {stage}.lr or check the data"
+        )
 
 
 def epoch_record(

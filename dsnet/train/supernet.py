@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from dsnet.models import create_model
 from dsnet.models.base import DynamicNet
 from dsnet.train.bn_calibration import calibrate_bn
-from dsnet.train.checkpoint import read_checkpoint, save_checkpoint
-from dsnet.train.config import load_config
+from dsnet.train.checkpoint import build_checkpoint_model, load_state_into, read_checkpoint, save_checkpoint
+from dsnet.train.config import load_config, model_config_error
 from dsnet.train.distributed import DistContext, init_distributed
 from dsnet.train.ema import ModelEma
 from dsnet.train.losses import soft_cross_entropy
@@ -35,6 +35,7 @@ from dsnet.train.optim import MaskedSGD, cosine_lr
 from dsnet.train.run import (
     RunDir,
     autocast,
+    effective_lr,
     epoch_record,
     rng_state,
     seed_everything,
@@ -44,7 +45,7 @@ from dsnet.train.run import (
     train_epoch,
     unwrap,
 )
-from dsnet.utils.io import atomic_copy, atomic_write_json
+from dsnet.utils.io import atomic_copy, atomic_write_json, check_output_file
 
 __all__ = [
     "SandwichStep",
@@ -209,8 +210,12 @@ def _model_spec(cfg: dict, num_classes: int, in_chans: int) -> dict[str, Any]:
 
 
 def build_model(cfg: dict, num_classes: int, in_chans: int) -> DynamicNet:
+    """The config's model; a bad ``model.name`` or ``model.kwargs`` is a ``ConfigError`` naming the key."""
     spec = _model_spec(cfg, num_classes, in_chans)
-    model = create_model(spec["name"], **spec["kwargs"])
+    try:
+        model = create_model(spec["name"], **spec["kwargs"])
+    except (ValueError, TypeError) as err:
+        raise model_config_error(spec["name"], err) from None
     if not isinstance(model, DynamicNet):
         raise ValueError(f"{spec['name']} is not a dynamic dsnet model")
     return model
@@ -247,7 +252,7 @@ def train_supernet(
     if ctx.is_main:
         print(f"[supernet] {describe_recipe(info.recipe, cfg['data']['augment'])}", flush=True)
     val_loader, val_split = selection_loader(cfg["data"], cfg["seed"], device)
-    run = RunDir(out, cfg, ctx, resume, "supernet")
+    run = RunDir(out, cfg, ctx, resume, "supernet")  # checks the folder and the resume state; writes nothing yet
     model = build_model(cfg, info.num_classes, info.in_chans).to(device)
     if sc["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -255,21 +260,23 @@ def train_supernet(
     ema = ModelEma(model, sc["ema_decay"], warmup=sc["ema_warmup"])
     params = [p for p in model.parameters() if p.requires_grad]
     global_batch = cfg["data"]["batch_size"] * ctx.world_size
-    base_lr = sc["lr"] * global_batch / sc["lr_reference_batch"]
+    base_lr = effective_lr("supernet", sc, global_batch, ctx.is_main)
     optimizer = build_optimizer(params, base_lr, sc)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ValueError("the training set is smaller than one batch: lower data.batch_size or raise data.train_subset")
     total_steps = sc["epochs"] * steps_per_epoch
-    warmup = sc["warmup_epochs"] * steps_per_epoch
+    warmup = round(sc["warmup_epochs"] * steps_per_epoch)
     start_epoch, best_metric = 0, -1.0
     if resume:
         state = run.resume_state()
-        model.load_state_dict(state["state_dict"])
-        ema.load_state_dict(state["ema_state_dict"], updates=state["step"])
+        load_state_into(model, state["state_dict"], run.last, state)
+        load_state_into(ema.module, state["ema_state_dict"], run.last, state, what="EMA weights")
+        ema.updates = state["step"]
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best_metric = state["epoch"] + 1, state["best_metric"]
         set_rng_state(state["rng"])
+    run.start()
     if ctx.enabled and device.type == "cuda":  # SyncBatchNorm: GPU only (gloo has no sync-BN kernels)
         for bn in model.sliced_batchnorms():
             bn.sync = True
@@ -345,6 +352,7 @@ def train_supernet(
     result: dict[str, Any] = {
         "epochs": sc["epochs"],
         "best_metric": best_metric,
+        "best_epoch": run.best_epoch,
         "selection_split": val_split,
         "rank_param_checksums": checksums,
     }
@@ -386,21 +394,30 @@ def calibrate_checkpoint(
     Both sets of weights a stage I checkpoint holds are recalibrated -- the EMA
     teacher's (what stage II and evaluation use) and the raw student's (what
     ``--no-ema`` evaluates) -- and ``bn_calibrated`` lists which.
+
+    Everything is checked before the work: ``dst`` can be written, the
+    checkpoint records a config with a data section, its weights fit its model.
     """
-    from dsnet.data import build_loader
+    from dsnet.data import build_loader, resolve_data_config
     from dsnet.data.recipe import with_recorded_recipe
 
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"BN recalibration needs at least one batch per sub-network, got {num_batches}")
+    check_output_file(dst, "--out")
     ckpt = read_checkpoint(src, map_location="cpu")
-    cfg = cfg or ckpt["config"]
-    data_cfg = with_recorded_recipe({**cfg["data"], **(data_overrides or {})}, ckpt.get("dataset"))
-    num_batches = num_batches or cfg["supernet"]["bn_calibration_batches"]
-    loader, _ = build_loader(data_cfg, "train", seed=cfg["seed"], device=device)
-    model = create_model(ckpt["model"]["name"], **ckpt["model"]["kwargs"]).to(device)
+    if cfg is None:
+        cfg = ckpt.get("config")
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("data"), dict):
+            raise ValueError(f"{src}: the checkpoint records no training config (data section) to calibrate with")
+    data_cfg = with_recorded_recipe(resolve_data_config({**cfg["data"], **(data_overrides or {})}), ckpt.get("dataset"))
+    num_batches = num_batches or cfg.get("supernet", {}).get("bn_calibration_batches", 200)
+    model = build_checkpoint_model(ckpt, src).to(device)
     keys = [k for k in ("ema_state_dict", "state_dict") if ckpt.get(k) is not None]
+    loader, _ = build_loader(data_cfg, "train", seed=cfg.get("seed", 0), device=device)
     num_batches = min(num_batches, len(loader))
     t0 = time.time()
     for key in keys:
-        model.load_state_dict(ckpt[key])
+        load_state_into(model, ckpt[key], src, ckpt)
         calibrate_bn(model, loader, num_batches, device=device, progress=progress)
         ckpt[key] = {k: v.cpu() for k, v in model.state_dict().items()}
     ckpt["bn_calibrated"] = keys

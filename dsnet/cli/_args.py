@@ -1,0 +1,96 @@
+"""Argument types shared by the subcommands: numbers with their range, devices, output paths.
+
+Each is checked while the command line is parsed, before any work starts, and
+a bad value is one line naming the option (see ``dsnet.cli.main``). Output
+paths are checked for writability then, so a long run cannot die at its last
+step because its ``--json`` names a folder or a read-only place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from dsnet.utils.io import check_output_dir, check_output_file
+
+__all__ = ["positive_int", "nonnegative_int", "device_name", "output_file", "output_dir"]
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def device_name(text: str, allow_auto: bool = False) -> str:
+    if (allow_auto and text == "auto") or _DEVICE.match(text):
+        return text
+    choices = "auto, cpu, cuda, cuda:N" if allow_auto else "cpu, cuda, cuda:N"
+    raise argparse.ArgumentTypeError(f"unknown device {text!r}; use {choices}")
+
+
+def device_or_auto(text: str) -> str:
+    return device_name(text, allow_auto=True)
+
+
+def _output(check, text: str) -> str:
+    try:
+        check(text, "")
+    except OSError as err:
+        raise argparse.ArgumentTypeError(str(err).strip()) from None
+    return text
+
+
+def output_file(text: str) -> str:
+    """A file path that can be written (not a folder, not under a file, not on a read-only filesystem)."""
+    return _output(check_output_file, text)
+
+
+def output_dir(text: str) -> str:
+    """A folder path that can be created or written."""
+    return _output(check_output_dir, text)
+
+
+def check_input_size(model, side: int | None, option: str = "--input-size") -> tuple[int, int, int]:
+    """The model's input size at image side ``side`` (None: its default), after one forward proves it runs.
+
+    A side that is too small for the model's strides or kernels, or that a
+    vision transformer's position embedding does not fit, is a one-line
+    ``ValueError`` naming ``option`` instead of a convolution's traceback.
+    """
+    import torch
+
+    size = tuple(model.default_input_size) if side is None else (model.in_chans, side, side)
+    if side is None:
+        return size
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, *size), subnet=len(model.subnets) - 1)
+    except (RuntimeError, ValueError, AssertionError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(
+            f"{option} {side}: the model cannot run on {side}x{side} images "
+            f"(default {model.default_input_size[-1]}): {first}"
+        ) from None
+    finally:
+        model.train(was_training)
+    return size

@@ -97,6 +97,40 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# ---------------------------------------------------------------- LC-Net (``dsnet train lcnet``, SPEC 6.1)
+# One contiguous block: the ``lcnet:`` section's defaults and the entries it adds to the validation tables.
+LCNET_DEFAULTS: dict[str, Any] = {
+    "epochs": 6,
+    "optimizer": "sgd",  # sgd | adamw
+    "lr": 0.1,
+    "lr_reference_batch": 256,  # lr is for this global batch size; scaled linearly to the real one
+    "momentum": 0.9,
+    "nesterov": False,
+    "betas": [0.9, 0.999],  # adamw only
+    "weight_decay": 1e-4,
+    "warmup_epochs": 1,
+    "min_lr": 0.0,
+    "label_smoothing": 0.0,
+    "grad_clip": None,
+    "tau": 1.0,  # Gumbel-softmax temperature of the L-Nets
+    "regulariser": "rates",  # rates: lambda_L * sum_b (mean(g_b) - t)^2 | flops: lambda_F * (E[MACs]/dense - rho)^2
+    "target_rate": 0.6,  # t: target execution rate of every skippable block (ConvNet-AIG's default)
+    "rate_weight": 2.0,  # lambda_L (ConvNet-AIG's default)
+    "target_flops": None,  # rho: target mean MACs as a fraction of the dense network's (regulariser: flops)
+    "flops_weight": 2.0,  # lambda_F
+    "saliency_weight": 1e-3,  # lambda_C: L1 of the C-Net saliencies (mean over samples, blocks, channels)
+    "calibrate_thresholds": True,  # each epoch: inference executes each block as often as its sampled gate
+    "calibration_batches": 50,  # batches of the holdout (or of training images without one) it reads
+    "final_eval": True,  # after training: the best checkpoint on the reported split (data "val"), once
+    "eval_skip_biases": [-2.0, -1.0, 0.0, 1.0, 2.0],  # operating points of that final evaluation
+    "eval_densities": [0.25, 0.75, 1.0],  # run-time densities evaluated at skip bias 0
+}
+DEFAULTS["lcnet"] = LCNET_DEFAULTS
+_NONE_TYPES.update({"lcnet.grad_clip": (float, int), "lcnet.target_flops": (float, int)})
+_CHOICES.update({"lcnet.optimizer": ("sgd", "adamw"), "lcnet.regulariser": ("rates", "flops")})
+# ---------------------------------------------------------------- end of LC-Net block
+
+
 def _check(defaults: dict, cfg: dict, prefix: str) -> dict:
     out = copy.deepcopy(defaults)
     for key, value in cfg.items():

@@ -64,6 +64,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dsnet.layers.channel_subset import ChannelSubsetConvBN, topk_channels
 from dsnet.layers.gate import straight_through_gumbel
 from dsnet.models.registry import register_model
+from dsnet.utils.modes import temporary_mode
 
 __all__ = [
     "CHANNEL_MODES",
@@ -424,7 +425,6 @@ class LCResNet(nn.Module):
         tau: float = 1.0,
     ) -> Tensor | LCResult:
         self.check_input(x)
-        n_blocks = len(self.blocks)
         if self.training:
             if skip_bias != 0.0 or density is not None or channel_mode != "gather" or execute is not None:
                 raise ValueError("skip_bias, density, channel_mode and execute are inference options (eval mode)")
@@ -446,7 +446,6 @@ class LCResNet(nn.Module):
         logits = self.classifier(h.mean((2, 3)))
         if not return_decisions:
             return logits
-        assert len(decisions) == n_blocks
         return LCResult(
             logits=logits,
             execute=torch.stack([d["execute"] for d in decisions], 1),
@@ -487,34 +486,27 @@ class LCResNet(nn.Module):
     def _count_table(self, size: tuple[int, ...], keeps: tuple[int, ...]) -> LCMacs:
         param = next(self.parameters())
         x = torch.zeros(1, *size, device=param.device, dtype=param.dtype)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                fixed, h = _macs(lambda: self._stem(x))
-                dense = fixed
-                predictors = 0
-                body: list[int] = []
-                run_one = torch.ones(1, dtype=torch.bool, device=x.device)
-                for blk, k in zip(self.blocks, keeps):
-                    pred, _ = _macs(lambda blk=blk, h=h: blk.predictor_macs_probe(h))
-                    full, out = _macs(lambda blk=blk, h=h, k=k: blk.forward_infer(h, k, "gather", 0.0, run_one)[0])
-                    branch = full - pred
-                    full_width, _ = _macs(
-                        lambda blk=blk, h=h: blk.forward_infer(h, blk.planes, "gather", 0.0, run_one)[0]
-                    )
-                    dense += full_width - pred
-                    predictors += pred
-                    fixed += pred
-                    if blk.skippable:
-                        body.append(branch)
-                    else:
-                        body.append(0)
-                        fixed += branch
-                    h = out
-                head, _ = _macs(lambda: self.classifier(h.mean((2, 3))))
-        finally:
-            self.train(was_training)
+        with temporary_mode(self, False), torch.no_grad():
+            fixed, h = _macs(lambda: self._stem(x))
+            dense = fixed
+            predictors = 0
+            body: list[int] = []
+            run_one = torch.ones(1, dtype=torch.bool, device=x.device)
+            for blk, k in zip(self.blocks, keeps):
+                pred, _ = _macs(lambda blk=blk, h=h: blk.predictor_macs_probe(h))
+                full, out = _macs(lambda blk=blk, h=h, k=k: blk.forward_infer(h, k, "gather", 0.0, run_one)[0])
+                branch = full - pred
+                full_width, _ = _macs(lambda blk=blk, h=h: blk.forward_infer(h, blk.planes, "gather", 0.0, run_one)[0])
+                dense += full_width - pred
+                predictors += pred
+                fixed += pred
+                if blk.skippable:
+                    body.append(branch)
+                else:
+                    body.append(0)
+                    fixed += branch
+                h = out
+            head, _ = _macs(lambda: self.classifier(h.mean((2, 3))))
         return LCMacs(fixed=fixed + head, body=tuple(body), predictors=predictors, dense=dense + head)
 
     def per_sample_macs(
@@ -525,8 +517,6 @@ class LCResNet(nn.Module):
 
     def count_macs(self, x: Tensor, **options) -> Tensor:
         """Per-sample MACs of inference on the batch ``x`` (eval, gather mode; ``options`` as ``forward``'s)."""
-        from dsnet.utils.modes import temporary_mode
-
         with temporary_mode(self, False), torch.inference_mode():
             result = self(x, return_decisions=True, **options)
         return self.per_sample_macs(result.execute, tuple(x.shape[1:]), options.get("density"))

@@ -26,8 +26,18 @@ def count_macs(model: nn.Module, inputs: Sequence[int] | Tensor, subnet: int | N
     * ``count_macs(dynamic_model, x)``: a tensor of per-sample MACs of dynamic
       inference on the batch ``x`` (each sample's routed sub-network plus the
       gate's slimming head).
+    * ``count_macs(lc_model, x)``: per-sample MACs of an LC-Net on ``x`` (its
+      predictors, and the blocks and channels each sample computes).
     """
     from dsnet.models.base import DynamicNet
+    from dsnet.models.lcnet import LCResNet
+
+    if isinstance(model, LCResNet):
+        if subnet is not None:
+            raise ValueError("an LC-Net has no sub-networks: pass a batch of images only")
+        if not isinstance(inputs, Tensor):
+            raise ValueError("LC-Net MACs depend on the input (skipped blocks, kept channels): pass a batch of images")
+        return model.count_macs(inputs)
 
     dynamic = isinstance(model, DynamicNet)
     if dynamic and subnet is None:

@@ -31,7 +31,7 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.fixture(params=dsnet.list_models())
+@pytest.fixture(params=dsnet.list_models(kind="supernet"))
 def model_name(request) -> str:
     return request.param
 

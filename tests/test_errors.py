@@ -82,7 +82,8 @@ def _outside(key: Key) -> list:
         return [int(v) if key.kind == "int" else v for v in bad] + ["abc"]
     if key.kind == "numbers":
         lo, hi, _, _ = key.range.bounds
-        return [[lo - 1.0] * (key.length or 1), [0.5] * ((key.length or 1) + 1)]
+        below = [[lo - 1.0] * (key.length or 1)]  # out of range (-inf for an unbounded key: not a number there)
+        return below + ([[0.5] * (key.length + 1)] if key.length else [["x"]])  # wrong length, or not numbers
     if key.kind in ("choice", "device"):
         return ["bogus"]
     if key.kind == "bool":

@@ -1,4 +1,8 @@
-"""``dsnet bench``: latency and throughput of sliced, extracted, zero-masked and dynamic inference."""
+"""``dsnet bench``: latency and throughput of sliced, extracted, zero-masked and dynamic inference.
+
+For an LC-Net model (``lc_*``) it runs :mod:`dsnet.bench.lcnet` instead: per-sample channel gather vs a prefix
+slice vs zero-masking at equal MACs, and real block skipping.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,14 @@ def _ints(text: str, least: int = 0) -> list[int]:
 
 def _batch_sizes(text: str) -> list[int]:
     return _ints(text, least=1)
+
+
+def _unit_fractions(text: str) -> list[float]:
+    """Comma-separated numbers in (0, 1] (LC-Net densities and skip fractions)."""
+    values = _fractions(text)
+    if not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions in (0, 1], got {text!r}")
+    return values
 
 
 def _fractions(text: str) -> list[float]:
@@ -56,6 +68,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--onnx", action="store_true", help="also time the static sub-networks and the dynamic bundle in ONNX Runtime"
     )
+    p.add_argument(
+        "--densities",
+        type=_unit_fractions,
+        default=None,
+        help="LC-Net only: channel densities to compare (default 0.25,0.5,0.75)",
+    )
+    p.add_argument(
+        "--skip-fractions",
+        type=_unit_fractions,
+        default=None,
+        help="LC-Net only: block-skip fractions (default 0.25,0.5,0.75)",
+    )
     p.add_argument("--json", metavar="FILE", type=output_file, help="write the full report as JSON")
     p.set_defaults(func=run)
 
@@ -72,6 +96,12 @@ def run(args: argparse.Namespace) -> int:
         name = ckpt["model"]["name"]
     else:
         model, name = create_model(args.model), args.model
+    from dsnet.models.lcnet import LCResNet
+
+    if isinstance(model, LCResNet):
+        return _run_lcnet(model, name, args)
+    if args.densities is not None or args.skip_fractions is not None:
+        raise ValueError("--densities and --skip-fractions apply to LC-Net models only")
     if not isinstance(model, DynamicNet):
         raise ValueError(f"{name} is not a dynamic dsnet model")
     input_size = check_input_size(model, args.input_size) if args.input_size else None
@@ -91,6 +121,32 @@ def run(args: argparse.Namespace) -> int:
     report = run_benchmark(model, config, model_name=name, log=lambda m: print(m, file=sys.stderr, flush=True))
     report["command"] = "dsnet " + " ".join(sys.argv[1:])
     print(format_report(report))
+    if args.json:
+        atomic_write_json(report, args.json)
+    return 0
+
+
+def _run_lcnet(model, name: str, args: argparse.Namespace) -> int:  # noqa: ANN001
+    """LC-Net: sparse channel gather vs prefix slice vs zero-masking at equal MACs, and block skipping."""
+    from dsnet.bench.lcnet import LCBenchConfig, format_lcnet_report, run_lcnet_benchmark
+
+    if args.subnets is not None or args.mix is not None or args.onnx or args.no_masked:
+        raise ValueError("--subnets, --mix, --onnx and --no-masked apply to DS-Net models, not LC-Nets")
+    config = LCBenchConfig(
+        batch_sizes=args.batch_sizes,
+        threads=args.threads,
+        device=args.device,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        input_size=(model.in_chans, args.input_size, args.input_size) if args.input_size else None,
+    )
+    if args.densities is not None:
+        config.densities = args.densities
+    if args.skip_fractions is not None:
+        config.skip_fractions = args.skip_fractions
+    report = run_lcnet_benchmark(model, config, model_name=name, log=lambda m: print(m, file=sys.stderr, flush=True))
+    report["command"] = "dsnet " + " ".join(sys.argv[1:])
+    print(format_lcnet_report(report))
     if args.json:
         atomic_write_json(report, args.json)
     return 0

@@ -34,7 +34,30 @@ def model_summary(name: str) -> dict:
     }
 
 
+def lcnet_summary(name: str) -> dict:
+    """An LC-Net's size and MAC range: every skippable block skipped / none skipped, and the dense ResNet."""
+    model = create_model(name)
+    table = model.macs_table()
+    return {
+        "model": name,
+        "kind": "lcnet",
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "blocks": len(model.blocks),
+        "skippable_blocks": sum(model.skippable),
+        "density": model.density,
+        "all_skipped_mmacs": table.fixed / 1e6,
+        "none_skipped_mmacs": table.all_executed / 1e6,
+        "dense_mmacs": table.dense / 1e6,
+        "input_size": list(model.default_input_size),
+        "description": model_info(name).description,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.subnets and model_info(args.subnets).kind == "lcnet":
+        raise ValueError(
+            f"{args.subnets} is an LC-Net: it has no sub-networks (it skips blocks and channels per input)"
+        )
     if args.subnets:
         model = create_model(args.subnets)
         macs = model.subnet_macs()
@@ -54,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             for s, m in zip(model.subnets, macs)
         ]
     else:
-        records = [model_summary(n) for n in list_models()]
+        records = [model_summary(n) for n in list_models(kind="supernet")]
         rows = [
             [
                 r["model"],
@@ -69,6 +92,18 @@ def run(args: argparse.Namespace) -> int:
         ]
         headers = ["model", "params (M)", "subnets", "slimmest MMACs", "widest routed MMACs", "largest MMACs", "input"]
         print(format_table(headers, rows))
+        lc_records = [lcnet_summary(n) for n in list_models(kind="lcnet")]
+        lc_rows = [
+            [r["model"], round(r["params_m"], 2), f"{r['skippable_blocks']}/{r['blocks']}", r["density"],
+             round(r["all_skipped_mmacs"], 1), round(r["none_skipped_mmacs"], 1), round(r["dense_mmacs"], 1),
+             "x".join(map(str, r["input_size"]))]
+            for r in lc_records
+        ]  # fmt: skip
+        lc_headers = ["model", "params (M)", "skippable", "density", "all skipped MMACs", "none skipped MMACs",
+                      "dense MMACs", "input"]  # fmt: skip
+        print()
+        print(format_table(lc_headers, lc_rows, title="LC-Net models (per-input block and channel skipping)"))
+        records += lc_records
     if args.json:
         atomic_write_json(records, args.json)
     return 0

@@ -1,4 +1,4 @@
-"""``dsnet train supernet|gate``: the two training stages."""
+"""``dsnet train supernet|gate|lcnet``: the two DS-Net training stages, and LC-Net training."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from dsnet.cli._args import output_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a supernet (stage I) or its gate (stage II)")
+    p = sub.add_parser("train", help="train a supernet (stage I), its gate (stage II), or an LC-Net")
     stages = p.add_subparsers(dest="stage", metavar="STAGE")
     stages.required = True
     for name, help_text in (
         ("supernet", "stage I: sandwich rule + in-place bootstrapping, then BN recalibration"),
         ("gate", "stage II: train the gate's slimming head on a frozen supernet (SGS + task + MACs losses)"),
+        ("lcnet", "LC-Net: per-input block skipping (L-Nets) and channel skipping (C-Nets), trained together"),
     ):
         s = stages.add_parser(name, help=help_text)
         s.add_argument("--config", help="YAML recipe (see configs/); defaults apply to keys it omits")
@@ -55,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
         from dsnet.train.supernet import train_supernet
 
         result = train_supernet(cfg, args.out, resume=args.resume)
+    elif args.stage == "lcnet":
+        from dsnet.train.lcnet import train_lcnet
+
+        result = train_lcnet(cfg, args.out, resume=args.resume)
     else:
         from dsnet.train.gate import train_gate
 

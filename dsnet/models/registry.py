@@ -17,27 +17,43 @@ class ModelEntry:
     factory: Callable[..., nn.Module]
     input_size: int
     description: str
+    kind: str = "supernet"  # "supernet": a DynamicNet (DS-Net); "lcnet": an LC-Net (dsnet.models.lcnet)
+
+
+KINDS = ("supernet", "lcnet")
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(input_size: int) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Register a factory under its function name; ``input_size`` is its native resolution."""
+def register_model(
+    input_size: int, kind: str = "supernet"
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a factory under its function name; ``input_size`` is its native resolution, ``kind`` its API.
+
+    ``kind="supernet"``: a :class:`~dsnet.models.base.DynamicNet` (sub-networks,
+    gate, extraction); ``kind="lcnet"``: an LC-Net (per-input block and channel
+    skipping, :mod:`dsnet.models.lcnet`), which has no sub-networks.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"model kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if fn.__name__ in _REGISTRY:
             raise ValueError(f"model {fn.__name__!r} registered twice")
         doc = (inspect.getdoc(fn) or "").splitlines()
-        _REGISTRY[fn.__name__] = ModelEntry(fn.__name__, fn, input_size, doc[0] if doc else "")
+        _REGISTRY[fn.__name__] = ModelEntry(fn.__name__, fn, input_size, doc[0] if doc else "", kind)
         return fn
 
     return wrap
 
 
-def list_models() -> list[str]:
+def list_models(kind: str | None = None) -> list[str]:
+    """Registered model names, all of them or those of one ``kind`` ("supernet" or "lcnet")."""
     _import_families()
-    return sorted(_REGISTRY)
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"model kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return sorted(name for name, e in _REGISTRY.items() if kind is None or e.kind == kind)
 
 
 def model_info(name: str) -> ModelEntry:
@@ -61,8 +77,9 @@ def create_model(name: str, **kwargs) -> nn.Module:
 def _accepted_arguments(message: str) -> list[str]:
     """Constructor arguments of the model class a TypeError message names."""
     from dsnet.models.base import DynamicNet
+    from dsnet.models.lcnet import LCResNet
 
-    pending, classes = [DynamicNet], []
+    pending, classes = [DynamicNet, LCResNet], []
     while pending:
         cls = pending.pop()
         classes.append(cls)

@@ -56,11 +56,12 @@ class DSBasicBlock(nn.Module):
         )
 
     def forward(self, x: Tensor, planes: int, slot: int) -> Tensor:
-        out = planes * self.expansion
-        # identity shortcut: its input may be narrower or wider than this block's output when the gate sits
+        y = self.body(x, planes, slot)
+        if self.shortcut is not None:
+            return F.relu(y + self.shortcut(x, y.shape[1], slot))
+        # identity shortcut: its input may be narrower or wider than the block's output when the gate sits
         # between the two widths (gate_stage=1 in a basic-block ResNet)
-        short = match_channels(x, out) if self.shortcut is None else self.shortcut(x, out, slot)
-        return F.relu(self.body(x, planes, slot) + short)
+        return F.relu(y + match_channels(x, y.shape[1]))
 
     def to_static(self, in_width: int, planes: int, slot: int) -> StaticResidual:
         out = planes * self.expansion

@@ -120,6 +120,42 @@ SCHEMA: dict[str, Any] = {
         },
         S2,
     ),
+    # LC-Net (``dsnet train lcnet``, SPEC 6.1): the rival of dynamic slicing, trained on its own
+    "lcnet": with_stage(
+        {
+            "epochs": Int(6, "[1, inf)", doc="training epochs"),
+            "optimizer": Choice("sgd", ("sgd", "adamw"), doc="sgd (masked) or adamw"),
+            "lr": Float(0.1, "(0, inf)", doc="peak learning rate for a global batch of lr_reference_batch"),
+            "lr_reference_batch": Int(256, "[1, inf)", doc="lr is scaled by global batch / this (printed at start)"),
+            "momentum": Float(0.9, "[0, 1)", doc="SGD momentum"),
+            "nesterov": Bool(False, doc="Nesterov momentum (sgd)"),
+            "betas": Numbers([0.9, 0.999], "[0, 1)", length=2, doc="AdamW betas (adamw only)"),
+            "weight_decay": Float(1e-4, "[0, inf)", doc="weight decay"),
+            "warmup_epochs": Float(1.0, "[0, inf)", doc="linear warm-up, in epochs (fractions allowed), <= epochs"),
+            "min_lr": Float(0.0, "[0, inf)", doc="final learning rate of the cosine schedule, <= lr"),
+            "label_smoothing": Float(0.0, "[0, 1)", doc="label smoothing of the cross-entropy"),
+            "grad_clip": Float(None, "(0, inf)", null=True, doc="clip the gradient norm to this (null: off)"),
+            "tau": Float(1.0, "(0, inf)", doc="Gumbel-softmax temperature of the L-Nets"),
+            "regulariser": Choice(
+                "rates", ("rates", "flops"), doc="rates: per-block execution rate target; flops: expected-MACs target"
+            ),
+            "target_rate": Float(0.6, "(0, 1]", doc="t: target execution rate of every skippable block (ConvNet-AIG)"),
+            "rate_weight": Float(2.0, "[0, inf)", doc="lambda_L of the rate loss (ConvNet-AIG)"),
+            "target_flops": Float(None, "(0, 1]", null=True, doc="rho: mean MACs / dense MACs (regulariser: flops)"),
+            "flops_weight": Float(2.0, "[0, inf)", doc="lambda_F of the expected-MACs loss"),
+            "saliency_weight": Float(1e-3, "[0, inf)", doc="lambda_C: L1 of the C-Net saliencies"),
+            "calibrate_thresholds": Bool(
+                True, doc="each epoch: inference executes each block as often as its sampled gate"
+            ),
+            "calibration_batches": Int(50, "[1, inf)", doc="holdout batches the threshold calibration reads"),
+            "final_eval": Bool(True, doc="after training: the best checkpoint on the reported split, once"),
+            "eval_skip_biases": Numbers(
+                [-2.0, -1.0, 0.0, 1.0, 2.0], "(-inf, inf)", doc="skip-bias operating points of the final evaluation"
+            ),
+            "eval_densities": Numbers([0.25, 0.75, 1.0], "(0, 1]", doc="run-time densities evaluated at skip bias 0"),
+        },
+        "lcnet",
+    ),
     "log": with_stage(
         {
             "print_every": Int(50, "[1, inf)", doc="steps between progress-bar postfix updates"),
@@ -138,7 +174,7 @@ DEFAULTS: dict[str, Any] = section_defaults(SCHEMA)
 
 def _cross_check(cfg: dict) -> None:
     """Constraints between keys (each key's own range is in the table)."""
-    for stage in ("supernet", "gate"):
+    for stage in ("supernet", "gate", "lcnet"):
         sc = cfg[stage]
         if sc["warmup_epochs"] > sc["epochs"]:
             raise ConfigError(
@@ -256,5 +292,7 @@ def check_model_config(cfg: dict) -> None:
         model = create_model(name, **kwargs)  # the meta device would be free but costs ~10 s to set up once
     except (ValueError, TypeError) as err:
         raise model_config_error(name, err) from None
-    if not isinstance(model, DynamicNet):
-        raise ConfigError(f"model.name: {name} is not a dynamic dsnet model")
+    from dsnet.models.lcnet import LCResNet
+
+    if not isinstance(model, (DynamicNet, LCResNet)):
+        raise ConfigError(f"model.name: {name} is neither a dynamic dsnet model nor an LC-Net")

@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "model": {
         "name": "ds_mobilenet_v1_cifar",
         "kwargs": {},  # passed to create_model; num_classes and in_chans default to the dataset's
+        "checkpoint_path": None,  # stage I starts from these weights (torchvision/timm/official DS-Net/dsnet)
     },
     "data": {},  # validated by dsnet.data.resolve_data_config
     "supernet": {
@@ -85,6 +86,7 @@ DEFAULTS: dict[str, Any] = {
 
 # keys whose default is None but which take a value of a known type
 _NONE_TYPES: dict[str, tuple[type, ...]] = {
+    "model.checkpoint_path": (str,),
     "supernet.grad_clip": (float, int),
     "gate.target_mmacs": (float, int),
     "gate.target_fraction": (float, int),

@@ -253,7 +253,9 @@ class OfficialDSNet(nn.Module):
     first width, the last two at their ``i``-th).
     """
 
-    def __init__(self, stem: list[int], stages: list[tuple[list[int], int, int, bool]], num_classes: int = 1000) -> None:
+    def __init__(
+        self, stem: list[int], stages: list[tuple[list[int], int, int, bool]], num_classes: int = 1000
+    ) -> None:
         super().__init__()
         self.stem_widths = stem
         self.conv_stem = nn.Conv2d(3, stem[-1], 3, 2, 1, bias=False)

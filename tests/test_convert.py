@@ -268,3 +268,42 @@ def test_reorder_channels_of_a_dsnet_model_keeps_the_largest():
         torch.testing.assert_close(model(x, subnet=model.largest), before, rtol=1e-5, atol=1e-5)
         gate_after = model.gate.logits(model.forward_pre(x, model.largest)[1])
         torch.testing.assert_close(gate_after, gate_before, rtol=1e-5, atol=1e-5)
+
+
+def test_factory_model_trains_from_source_weights_and_reloads(tmp_path):
+    """``model.name: "module:factory"`` + ``model.checkpoint_path`` through stage I, then the checkpoint reloads."""
+    from dsnet.train.checkpoint import load_model
+    from dsnet.train.config import load_config
+    from dsnet.train.supernet import train_supernet
+
+    torch.manual_seed(5)
+    plain = tmp_path / "plain.pt"
+    torch.save(randomize(ResidualCNN()).state_dict(), plain)
+    cfg = load_config(
+        None,
+        [
+            "model.name=tests.test_convert:residual_factory",
+            f"model.checkpoint_path={plain}",
+            "data.dataset=synthetic",
+            "data.synthetic.num_train=64",
+            "data.synthetic.num_val=32",
+            "data.synthetic.channels=1",
+            "data.synthetic.image_size=16",
+            "data.batch_size=32",
+            "data.workers=0",
+            "supernet.epochs=1",
+            "supernet.bn_calibration_batches=1",
+            "log.progress=false",
+            "log.tensorboard=false",
+        ],
+    )
+    train_supernet(cfg, tmp_path / "run")
+    model, ckpt = load_model(tmp_path / "run" / "best.ckpt")
+    assert ckpt["model"] == {
+        "name": "tests.test_convert:residual_factory",
+        "kwargs": {"num_classes": 10, "in_chans": 1},
+    }
+    assert isinstance(model, dsnet.DynamicNet) and float(model.gate.attention_gain) == 2.0
+    x = _images(2)
+    with torch.no_grad():
+        assert model(x).shape == (2, 10)

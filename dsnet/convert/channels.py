@@ -262,7 +262,8 @@ def trace(model: nn.Module, example: Tensor, watch: str | None = None) -> tuple[
             raise ValueError(f"gate_after={watch!r}: the module returns {type(out).__name__}, not one tensor")
         watched = out.node
     try:
-        with temporary_mode(gm, False), torch.no_grad():
+        # grad mode on: dsnet's sliced layers then take their plain path and leave no inference caches behind
+        with temporary_mode(gm, False), torch.enable_grad():
             ShapeProp(gm).propagate(example)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -178,7 +178,8 @@ def _finish(
         if value.shape != target.shape and target.dim() == value.dim() + 1 and target.shape[1:] == value.shape:
             value = value.expand_as(target).clone()  # one BN statistic -> every statistics slot
         if value.shape != target.shape and key == first_conv:
-            value = _first_conv_adapted(key, value, target, report) or value
+            adapted = _first_conv_adapted(key, value, target, report)
+            value = value if adapted is None else adapted
         if value.shape != target.shape and key in classifier:
             skipped_classifier = True
             continue

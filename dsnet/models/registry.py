@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -55,10 +55,10 @@ def model_info(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
-def create_model(name: str, checkpoint_path: str | os.PathLike | None = None, **kwargs) -> nn.Module:
+def create_model(name: str, checkpoint_path: str | os.PathLike | Mapping | None = None, **kwargs) -> nn.Module:
     """Build a registered model (or a ``"package.module:factory"`` one), optionally from pretrained weights.
 
-    ``checkpoint_path``: weights to start from, in any format the model imports
+    ``checkpoint_path``: weights to start from (a file, or a state dict), in any format the model imports
     (dsnet checkpoints, torchvision/timm, the official DS-Net release; see
     :mod:`dsnet.models.pretrained`). Unknown names and arguments are errors
     that say what is known.

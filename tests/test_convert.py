@@ -307,3 +307,16 @@ def test_factory_model_trains_from_source_weights_and_reloads(tmp_path):
     x = _images(2)
     with torch.no_grad():
         assert model(x).shape == (2, 10)
+
+
+def test_static_export_of_a_converted_network(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from dsnet.export import check_static, export_static
+
+    torch.manual_seed(6)
+    net = randomize(ConcatCNN())
+    x = _images(3, c=3, size=8)
+    dyn = make_dynamic(net, x, gate_after="bn").eval()
+    path = export_static(dyn, 1, tmp_path / "s1.onnx")  # interleaved concatenation, flattened classifier
+    assert check_static(dyn, 1, path, x) < 1e-4

@@ -8,6 +8,8 @@ import torch
 import dsnet
 from dsnet.models.mobilenet_v1 import OFFICIAL_STAGES
 from dsnet.models.pretrained import load_pretrained
+from dsnet.train.checkpoint import save_checkpoint
+from dsnet.train.run import rng_state
 from tests.reference_nets import (
     OfficialDSNet,
     TimmViT,
@@ -133,6 +135,13 @@ def test_dsnet_checkpoint_and_module_factory_names(tmp_path):
     torch.save({"state_dict": model.state_dict()}, path)
     again = dsnet.create_model("ds_resnet8_tiny", checkpoint_path=str(path))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    # a dsnet run checkpoint holds more than tensors (config, RNG states): read as --resume reads it
+    run = tmp_path / "last.ckpt"
+    save_checkpoint(
+        run, {"model": {"name": "ds_resnet8_tiny", "kwargs": {}}, "state_dict": model.state_dict(), "rng": rng_state()}
+    )
+    report = load_pretrained(dsnet.create_model("ds_resnet8_tiny"), run)
+    assert report.format == "dsnet format, dsnet checkpoint, state_dict" and report.loaded == len(model.state_dict())
     with pytest.raises(
         ValueError, match=r"cannot import 'no_such_pkg.models' \(No module named 'no_such_pkg'\); is it on PYTHONPATH"
     ):

@@ -267,6 +267,7 @@ class FxDynamicNet(DynamicNet):
         self.gate.init_identity_attention()
         self.gate.to(next(iter(self.net.parameters()), example_input).device)
         self._arrange(importance)
+        self.train(model.training)  # new sliced layers and kept ones in the source's mode
 
     # ------------------------------------------------------------ conversion
     @staticmethod

@@ -38,9 +38,10 @@ from dsnet.quickstart import QUICKSTART
 from dsnet.train.bn_calibration import calibrate_bn
 from dsnet.train.checkpoint import load_model
 from dsnet.train.config import apply_overrides, resolve_config
+from dsnet.train.ema import ModelEma
 from dsnet.train.optim import MaskedSGD, cosine_lr
 from dsnet.train.run import seed_everything, top1_accuracy, train_epoch
-from dsnet.train.supernet import train_supernet
+from dsnet.train.supernet import sample_subnets, supernet_step, train_supernet
 from dsnet.utils.io import atomic_torch_save, atomic_write_json
 from dsnet.utils.table import format_table
 
@@ -101,6 +102,7 @@ def dynamic_resnet8(num_classes: int = 10, in_chans: int = 1) -> dsnet.DynamicNe
 # --------------------------------------------------------------------------------------------- the runs
 def _cfg(args: argparse.Namespace, *extra: str) -> dict:
     overrides = [
+        f"seed={args.seed}",
         f"data.holdout={args.holdout}",
         f"supernet.epochs={args.epochs}",
         "log.progress=false",
@@ -183,11 +185,56 @@ def supernet(cfg: dict, out: Path) -> dict:
     return {"seconds": round(seconds, 1), "subnets": evaluate(model, cfg)}
 
 
+def step_cost(cfg: dict, rounds: int = 20) -> dict:
+    """Seconds per training step, alone vs supernet (sandwich of 4 + EMA teacher), interleaved in one process.
+
+    Wall times of whole runs on a shared machine depend on what else runs; this ratio does not (much).
+    """
+    sc = cfg["supernet"]
+    loader, info = build_loader(cfg["data"], "train", seed=cfg["seed"])
+    batches = [b for _, b in zip(range(4), loader)]
+    plain = ResNet8(info.num_classes, info.in_chans).train()
+    dyn = dsnet.create_model("ds_resnet8_tiny", num_classes=info.num_classes, in_chans=info.in_chans).train()
+    dyn.gate.slim_head.requires_grad_(False)
+    teacher = ModelEma(dyn, sc["ema_decay"])
+    opt_plain = MaskedSGD(list(plain.parameters()), 0.01, sc["momentum"], sc["weight_decay"])
+    opt_dyn = MaskedSGD([p for p in dyn.parameters() if p.requires_grad], 0.01, sc["momentum"], sc["weight_decay"])
+    times: dict[str, list[float]] = {"alone": [], "supernet": []}
+    for r in range(rounds + 2):  # two warm-up rounds
+        images, labels = batches[r % len(batches)]
+        t0 = time.perf_counter()
+        opt_plain.zero_grad()
+        F.cross_entropy(plain(images), labels, label_smoothing=0.1).backward()
+        opt_plain.step()
+        t1 = time.perf_counter()
+        opt_dyn.zero_grad()
+        supernet_step(dyn, teacher.module, [images], labels, sample_subnets(dyn, r, 0, sc["num_random"]))
+        opt_dyn.step()
+        teacher.update(dyn)
+        t2 = time.perf_counter()
+        if r >= 2:
+            times["alone"].append(t1 - t0)
+            times["supernet"].append(t2 - t1)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {
+        "alone_s": round(med["alone"], 4),
+        "supernet_s": round(med["supernet"], 4),
+        "ratio": round(med["supernet"] / med["alone"], 2),
+        "rounds": rounds,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/byo_fashion_mnist")
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--holdout", type=int, default=5000)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds initialisation, data order and augmentation (the held-out slice is fixed)",
+    )
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--json", default="benchmarks/results/byo_fashion_mnist.json")
@@ -208,6 +255,7 @@ def main() -> None:
         atomic_write_json(results, results_path)
 
     alone = out / "alone.pth"
+    part("step_cost", lambda: step_cost(_cfg(args)))
     part("alone", lambda: train_alone(_cfg(args), out))
     part("converted", lambda: converted_only(_cfg(args), alone, "l1"))
     part("converted-noorder", lambda: converted_only(_cfg(args), alone, None))
@@ -240,6 +288,9 @@ def main() -> None:
             row.append(f"{subs[k]['test_top1']:.2f}")
         rows.append(row)
     print(format_table(["#", "widths", "MMACs", *names], rows))
+    if "step_cost" in results:
+        c = results["step_cost"]
+        print(f"step cost (interleaved medians): alone {c['alone_s']}s, supernet {c['supernet_s']}s, x{c['ratio']}")
     if "alone" in results:
         print(f"alone: {results['alone']['test_top1']:.2f}% test top-1, {results['alone']['seconds']:.0f}s")
     for n in ("scratch", "import", "import-noorder", "make_dynamic"):

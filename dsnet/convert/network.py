@@ -61,7 +61,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from dsnet.convert.channels import ChannelGroup, Unsliceable, analyse, trace
+from dsnet.convert.channels import ChannelGraph, ChannelGroup, Unsliceable, analyse, trace
 from dsnet.convert.order import Importance, group_permutations, permute_channels
 from dsnet.layers.gate import DynamicGate, make_divisible
 from dsnet.layers.sliced import SlicedBatchNorm2d, SlicedConv2d, SlicedLinear
@@ -77,6 +77,48 @@ def _distinct_widths(size: int, ratios: Sequence[float]) -> list[int] | None:
         if len(set(widths)) == len(widths):
             return widths
     return None
+
+
+def _stages(
+    cg: ChannelGraph, pre_ratio: float, ratios: list[float], unsliced: list[Unsliceable], gate_after: str
+) -> tuple[list[str], list[tuple[int, ...]], dict[int, int], int]:
+    """The sub-network table: one stage per group that slices, pre-gate groups first.
+
+    Returns stage names, width choices, group id -> stage index, and the
+    number of pre-gate stages. Groups after the gate too narrow for distinct
+    widths keep their full width (appended to ``unsliced``).
+    """
+    groups = cg.groups
+    pre_ids = [g for g in groups if groups[g].pre_gate and groups[g].fixed is None]
+    post_ids = [g for g in groups if not groups[g].pre_gate and groups[g].fixed is None]
+    widths: dict[int, tuple[int, ...]] = {}
+    for gid in pre_ids:
+        ws = _distinct_widths(groups[gid].size, [pre_ratio, 1.0]) if pre_ratio < 1 else None
+        widths[gid] = tuple(ws) if ws else (groups[gid].size,)
+    for gid in post_ids:
+        ws = _distinct_widths(groups[gid].size, ratios)
+        if ws is None:
+            groups[gid].fixed = f"{groups[gid].size} channels cannot give {len(ratios)} distinct widths"
+            unsliced.append(Unsliceable(groups[gid].name, groups[gid].fixed))
+        else:
+            widths[gid] = tuple(ws)
+    post_ids = [g for g in post_ids if groups[g].fixed is None]
+    if not post_ids:
+        reasons = "; ".join(str(u) for u in unsliced) or "every group after it is the output"
+        raise ValueError(f"gate_after={gate_after!r}: nothing after the gate can slice ({reasons})")
+    if not pre_ids:  # the sub-network table needs a stage before the gate: the input channels
+        first = next(g for g in groups.values() if g.name == "input")
+        pre_ids, widths[first.id] = [first.id], (first.size,)
+    names: list[str] = []
+    stage_of: dict[int, int] = {}
+    for gid in pre_ids + post_ids:
+        stage_of[gid] = len(names)
+        name, n = groups[gid].name, 1
+        while name in names:  # parts of a split group share their layer's name
+            n += 1
+            name = f"{groups[gid].name}#{n}"
+        names.append(name)
+    return names, [widths[g] for g in pre_ids + post_ids], stage_of, len(pre_ids)
 
 
 def _set_module(root: nn.Module, qualname: str, value: nn.Module | Tensor) -> None:
@@ -187,44 +229,14 @@ class FxDynamicNet(DynamicNet):
         for gid, group in cg.groups.items():
             group.pre_gate = gid in pre_groups
 
-        # widths of every group; groups too narrow for distinct widths keep their full width
-        stage_names: list[str] = []
-        stage_widths: list[tuple[int, ...]] = []
-        self._stage_of: dict[int, int] = {}
         unsliced = list(cg.issues)
-        pre_ids = [g for g in cg.groups if cg.groups[g].pre_gate and cg.groups[g].fixed is None]
-        post_ids = [g for g in cg.groups if not cg.groups[g].pre_gate and cg.groups[g].fixed is None]
-        routed_widths: dict[int, tuple[int, ...]] = {}
-        for gid in pre_ids:
-            group = cg.groups[gid]
-            ws = _distinct_widths(group.size, [pre_ratio, 1.0]) if pre_ratio < 1 else None
-            routed_widths[gid] = tuple(ws) if ws else (group.size,)
-        for gid in post_ids:
-            group = cg.groups[gid]
-            ws = _distinct_widths(group.size, ratios)
-            if ws is None:
-                group.fixed = f"{group.size} channels cannot give {len(ratios)} distinct widths"
-                unsliced.append(Unsliceable(group.name, group.fixed))
-                continue
-            routed_widths[gid] = tuple(ws)
-        post_ids = [g for g in post_ids if cg.groups[g].fixed is None]
-        if not post_ids:
-            reasons = "; ".join(str(u) for u in unsliced) or "every group after it is the output"
-            raise ValueError(f"gate_after={gate_after!r}: nothing after the gate can slice ({reasons})")
-        if not pre_ids:  # the sub-network table needs a stage before the gate: the input channels
-            input_group = next(g for g in cg.groups.values() if g.name == "input")
-            pre_ids = [input_group.id]
-            routed_widths[input_group.id] = (input_group.size,)
-        for gid in pre_ids + post_ids:
-            self._stage_of[gid] = len(stage_names)
-            stage_names.append(cg.groups[gid].name)
-            stage_widths.append(routed_widths[gid])
+        stage_names, stage_widths, self._stage_of, num_pre = _stages(cg, pre_ratio, ratios, unsliced, gate_after)
         in_chans = example_input.shape[1]
         num_classes = gm.graph.find_nodes(op="output")[0].args[0].meta["tensor_meta"].shape[1]
         super().__init__(
             stage_names,
             stage_widths,
-            len(pre_ids),
+            num_pre,
             in_chans,
             num_classes,
             tuple(example_input.shape[1:]),

@@ -118,7 +118,8 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Tensor], use_ema: b
     if not isinstance(obj, Mapping):
         raise ValueError(f"expected a state dict or a checkpoint dict, found {type(obj).__name__}")
     container = "state dict"
-    if obj.get("format", "").startswith("dsnet-checkpoint") if isinstance(obj.get("format"), str) else False:
+    fmt = obj.get("format")
+    if isinstance(fmt, str) and fmt.startswith("dsnet-checkpoint"):
         key = "ema_state_dict" if use_ema and obj.get("ema_state_dict") else "state_dict"
         obj, container = obj[key], f"dsnet checkpoint, {key}"
     else:

@@ -29,7 +29,7 @@ def test_ds_vit_small_full_width_is_deit_small():
     backbone = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("_gate."))
     assert backbone == pytest.approx(DEIT_S_PARAMS, rel=0.005)
     macs = dsnet.count_macs(model, (1, 3, 224, 224), subnet=model.largest)
-    assert macs / 1e9 == pytest.approx(4.24, rel=0.01)
+    assert macs / 1e9 == pytest.approx(4.60, rel=0.01)  # 4.24 G linear + 0.36 G attention (timm: 4.6)
     # timm names and shapes, so DeiT/timm checkpoints load into the supernet
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     assert shapes["blocks.11.attn.qkv.weight"] == (1152, 384) and shapes["pos_embed"] == (1, 197, 384)

@@ -57,9 +57,12 @@ class SqueezeExcite(SliceableModule):
         """The shared encoder: ``ReLU(FC_r(GAP(h)))``."""
         return F.relu(self.reduce(h.mean((2, 3))))
 
+    def attention(self, z: Tensor, channels: int) -> Tensor:
+        """Per-channel attention weights ``sigmoid(FC_e(z))`` for the first ``channels`` channels, ``(N, channels)``."""
+        return torch.sigmoid(self.expand(z, channels))
+
     def attend(self, h: Tensor, z: Tensor) -> Tensor:
-        attn = torch.sigmoid(self.expand(z, h.shape[1]))
-        return h * attn[:, :, None, None]
+        return h * self.attention(z, h.shape[1])[:, :, None, None]
 
     def forward(self, h: Tensor) -> Tensor:
         return self.attend(h, self.encode(h))
@@ -67,7 +70,12 @@ class SqueezeExcite(SliceableModule):
     def to_static(self, channels: int) -> nn.Module:
         from dsnet.models.static import StaticSqueezeExcite
 
-        return StaticSqueezeExcite(self.reduce.to_static(channels), self.expand.to_static(self.reduced, channels))
+        return StaticSqueezeExcite(
+            self.reduce.to_static(channels), self.expand.to_static(self.reduced, channels), self._static_gain()
+        )
+
+    def _static_gain(self) -> float:
+        return 1.0
 
 
 def bias_ramp(num_choices: int) -> Tensor:
@@ -90,6 +98,11 @@ class DynamicGate(SqueezeExcite):
     head's logits at every call: stage II sets it so the trained gate meets a
     target mean-MACs budget (see ``dsnet.train.gate.calibrate_budget``); it is
     zero otherwise.
+
+    ``attention_gain`` (a scalar buffer, saved with the model) multiplies the
+    attention head: ``h * gain * sigmoid(FC_e(z))``. It is 1 (the plain
+    squeeze-excitation of DS-Net) unless :meth:`init_identity_attention` set
+    it; see there.
     """
 
     def __init__(self, channels: int, num_choices: int, se_ratio: float = 0.25) -> None:
@@ -98,6 +111,30 @@ class DynamicGate(SqueezeExcite):
         # bias-free, as the official gate head; budget and run-time biases are added to the logits instead
         self.slim_head = nn.Linear(self.reduced, num_choices, bias=False)  # FC_g
         self.register_buffer("budget_bias", torch.zeros(num_choices))
+        self.register_buffer("attention_gain", torch.ones(()))
+
+    def attention(self, z: Tensor, channels: int) -> Tensor:
+        return torch.sigmoid(self.expand(z, channels)) * self.attention_gain
+
+    @torch.no_grad()
+    def init_identity_attention(self) -> None:
+        """Make the attention head the identity, exactly: ``FC_e = 0`` and gain 2.
+
+        Used when the gate is inserted into a network that had no attention
+        there (an imported torchvision/timm network, ``make_dynamic``), so the
+        widest sub-network computes exactly the source network's function:
+        ``2 * sigmoid(0) = 2 * 0.5 = 1.0`` holds bit for bit in floating point,
+        and ``h * 1.0 == h``. A large positive bias instead (``sigmoid(b)``
+        rounding to 1.0) would also be exact, but it saturates the sigmoid and
+        leaves the head without gradient, so it could never learn; here the
+        head trains from the first step (``sigmoid'(0) = 1/4``). The gain of 2
+        is NF-Net's squeeze-excitation gain (timm ``attn_gain=2.0``): attention
+        may then scale channels up as well as down, by at most 2x.
+        """
+        nn.init.zeros_(self.expand.weight)
+        if self.expand.bias is not None:
+            nn.init.zeros_(self.expand.bias)
+        self.attention_gain.fill_(2.0)
 
     def raw_logits(self, z: Tensor) -> Tensor:
         """The slimming head alone (what stage II trains)."""
@@ -110,7 +147,12 @@ class DynamicGate(SqueezeExcite):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         # checkpoints written before the budget bias existed load with a zero bias
         state_dict.setdefault(prefix + "budget_bias", torch.zeros_like(self.budget_bias))
+        # ... and before the attention gain existed, with the plain squeeze-excitation (gain 1)
+        state_dict.setdefault(prefix + "attention_gain", torch.ones_like(self.attention_gain))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _static_gain(self) -> float:
+        return float(self.attention_gain)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, reduced={self.reduced}, num_choices={self.num_choices}"

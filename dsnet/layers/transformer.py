@@ -344,7 +344,7 @@ class TokenGate(DynamicGate):
         return F.relu(self.reduce(self.pooled(h, slot)))
 
     def attend(self, h: Tensor, z: Tensor) -> Tensor:
-        return h * torch.sigmoid(self.expand(z, h.shape[-1]))[:, None, :]
+        return h * self.attention(z, h.shape[-1])[:, None, :]
 
     def forward(self, h: Tensor, slot: int = 0) -> Tensor:
         return self.attend(h, self.encode(h, slot))
@@ -356,6 +356,7 @@ class TokenGate(DynamicGate):
             self.expand.to_static(self.reduced, channels),
             self.pool,
             self.num_prefix_tokens,
+            self._static_gain(),
         )
 
     def extra_repr(self) -> str:
@@ -433,7 +434,13 @@ class StaticTokenGate(nn.Module):
     """The gate's attention head as a plain module (the slimming head is not needed once a width is fixed)."""
 
     def __init__(
-        self, bn: nn.BatchNorm2d | None, reduce: nn.Linear, expand: nn.Linear, pool: str, num_prefix_tokens: int
+        self,
+        bn: nn.BatchNorm2d | None,
+        reduce: nn.Linear,
+        expand: nn.Linear,
+        pool: str,
+        num_prefix_tokens: int,
+        gain: float = 1.0,
     ) -> None:
         super().__init__()
         self.bn = bn
@@ -441,10 +448,14 @@ class StaticTokenGate(nn.Module):
         self.expand = expand
         self.pool = pool
         self.num_prefix_tokens = num_prefix_tokens
+        self.gain = gain
 
     def forward(self, x: Tensor) -> Tensor:
         z = F.relu(self.reduce(normalized_pool(x, self.pool, self.num_prefix_tokens, self.bn)))
-        return x * torch.sigmoid(self.expand(z))[:, None, :]
+        attn = torch.sigmoid(self.expand(z))
+        if self.gain != 1.0:
+            attn = attn * self.gain
+        return x * attn[:, None, :]
 
 
 class StaticViTHead(nn.Module):

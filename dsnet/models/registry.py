@@ -1,9 +1,17 @@
-"""Model registry: ``create_model(name, **kwargs)`` and ``list_models()``."""
+"""Model registry: ``create_model(name, **kwargs)`` and ``list_models()``.
+
+A name is a registered model (``"ds_resnet50"``) or a user factory written
+``"package.module:function"``, imported on demand: training configs, checkpoints
+and the CLI accept both, so a network made dynamic with ``dsnet.make_dynamic``
+trains and reloads like a registered one.
+"""
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -63,15 +71,49 @@ def model_info(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """Build a registered model. Unknown names and arguments are errors that say what is known."""
-    entry = model_info(name)
+def create_model(name: str, checkpoint_path: str | os.PathLike | Mapping | None = None, **kwargs) -> nn.Module:
+    """Build a registered model (or a ``"package.module:factory"`` one), optionally from pretrained weights.
+
+    ``checkpoint_path``: weights to start from (a file, or a state dict), in any format the model imports
+    (dsnet checkpoints, torchvision/timm, the official DS-Net release; see
+    :mod:`dsnet.models.pretrained`). Unknown names and arguments are errors
+    that say what is known.
+    """
+    factory = _factory(name)
     try:
-        return entry.factory(**kwargs)
+        model = factory(**kwargs)
     except TypeError as err:
         if "unexpected keyword argument" not in str(err):
             raise
-        raise ValueError(f"{name}: {err}; accepted arguments: {', '.join(_accepted_arguments(str(err)))}") from None
+        accepted = _accepted_arguments(str(err)) or _signature_arguments(factory)
+        raise ValueError(f"{name}: {err}; accepted arguments: {', '.join(accepted)}") from None
+    if checkpoint_path is not None:
+        from dsnet.models.pretrained import load_pretrained
+
+        load_pretrained(model, checkpoint_path)
+    return model
+
+
+def _factory(name: str) -> Callable[..., nn.Module]:
+    """The factory a name stands for: a registered model, or ``module:function`` imported on demand."""
+    if ":" not in name:
+        return model_info(name).factory
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"model {name!r}: cannot import {module_name!r} ({err}); is it on PYTHONPATH?") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"model {name!r}: module {module_name!r} has no function {attr!r}")
+    return factory
+
+
+def _signature_arguments(factory: Callable[..., nn.Module]) -> list[str]:
+    try:
+        return sorted(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return []
 
 
 def _accepted_arguments(message: str) -> list[str]:

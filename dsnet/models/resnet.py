@@ -43,6 +43,7 @@ class DSBasicBlock(nn.Module):
         self.conv2 = SlicedConv2d(planes, out, 3)
         self.bn2 = SlicedBatchNorm2d(out, num_slots)
         self.shortcut = _Shortcut(in_channels, out, stride, num_slots) if stride != 1 or in_channels != out else None
+        self.crosses_gate = False  # set by DSResNet for the first routed block (see forward)
 
     def body(self, x: Tensor, planes: int, slot: int) -> Tensor:
         x = F.relu(self.bn1(self.conv1(x, planes), slot))
@@ -56,19 +57,21 @@ class DSBasicBlock(nn.Module):
         )
 
     def forward(self, x: Tensor, planes: int, slot: int) -> Tensor:
-        y = self.body(x, planes, slot)
+        out = planes * self.expansion
         if self.shortcut is not None:
-            return F.relu(y + self.shortcut(x, y.shape[1], slot))
-        # identity shortcut: its input may be narrower or wider than the block's output when the gate sits
-        # between the two widths (gate_stage=1 in a basic-block ResNet)
-        return F.relu(y + match_channels(x, y.shape[1]))
+            short = self.shortcut(x, out, slot)
+        else:
+            # an identity shortcut across the gate (the first routed block, when no projection is needed at full
+            # width: gate_stage=1 in a basic-block ResNet) joins a pre-gate width to a routed one
+            short = match_channels(x, out) if self.crosses_gate else x
+        return F.relu(self.body(x, planes, slot) + short)
 
     def to_static(self, in_width: int, planes: int, slot: int) -> StaticResidual:
         out = planes * self.expansion
         if self.shortcut is not None:
             short: nn.Module = self.shortcut.to_static(in_width, out, slot)
         else:
-            short = nn.Identity() if in_width == out else ChannelMatch(out)
+            short = ChannelMatch(out) if self.crosses_gate and in_width != out else nn.Identity()
         return StaticResidual(self.static_body(in_width, planes, slot), short, nn.ReLU())
 
 
@@ -85,6 +88,7 @@ class DSBottleneck(DSBasicBlock):
         self.conv3 = SlicedConv2d(planes, out, 1)
         self.bn3 = SlicedBatchNorm2d(out, num_slots)
         self.shortcut = _Shortcut(in_channels, out, stride, num_slots) if stride != 1 or in_channels != out else None
+        self.crosses_gate = False
 
     def body(self, x: Tensor, planes: int, slot: int) -> Tensor:
         x = F.relu(self.bn1(self.conv1(x, planes), slot))
@@ -206,6 +210,7 @@ class DSResNet(DynamicNet):
                 in_ch = p * block_cls.expansion
         self.expansion = block_cls.expansion
         self.gate_block = self._block_stage.index(gate_stage)
+        self.blocks[self.gate_block].crosses_gate = True
         gate_channels = stem_width if gate_stage == 1 else planes[gate_stage - 2] * block_cls.expansion
         self._gate = DynamicGate(gate_channels, len(self.routing_space), gate_se_ratio)
         self._build_exit_head(gate_mode)

@@ -30,14 +30,20 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module | None) -> n
 
 
 class StaticSqueezeExcite(nn.Module):
-    def __init__(self, reduce: nn.Linear, expand: nn.Linear) -> None:
+    """``x * gain * sigmoid(expand(relu(reduce(GAP(x)))))`` (gain 1: plain squeeze-excitation)."""
+
+    def __init__(self, reduce: nn.Linear, expand: nn.Linear, gain: float = 1.0) -> None:
         super().__init__()
         self.reduce = reduce
         self.expand = expand
+        self.gain = gain
 
     def forward(self, x: Tensor) -> Tensor:
         z = F.relu(self.reduce(x.mean((2, 3))))
-        return x * torch.sigmoid(self.expand(z))[:, :, None, None]
+        attn = torch.sigmoid(self.expand(z))
+        if self.gain != 1.0:
+            attn = attn * self.gain
+        return x * attn[:, :, None, None]
 
 
 class StaticDepthwiseSeparable(nn.Module):

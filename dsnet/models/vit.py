@@ -46,11 +46,11 @@ routed sub-network). Argmax at evaluation, straight-through Gumbel in training
 resampled bicubically (as timm's dynamic image size), and cached per grid size
 for inference.
 
-**MACs.** ``FlopCounterMode`` does not count CPU ``scaled_dot_product_attention``
-(no formula for its CPU kernel), so ``count_macs`` on a CPU reports the linear
-and convolution MACs only: 4.24 G for DeiT-S, the standard model's number under
-the same counter; the attention matmuls add ``2 * L^2 * w`` per block
-(0.36 G for DeiT-S at 224 px).
+**MACs.** ``count_macs`` counts every matmul, attention included: the CPU
+``scaled_dot_product_attention`` kernel has no ``FlopCounterMode`` formula, so
+``dsnet.macs.count_forward_macs`` registers one (``2 * L^2 * w`` per block).
+DeiT-S at 224 px: 4.24 G of linear and convolution MACs + 0.36 G of attention
+= 4.60 G, timm's figure for the model.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from dsnet.utils.schema import (
     Int,
     Mapping,
     Numbers,
+    PathKey,
     Str,
     reference_rows,
     resolve_section,
@@ -58,6 +59,9 @@ SCHEMA: dict[str, Any] = {
             "name": Str("ds_mobilenet_v1_cifar", doc="registered model (`dsnet models`)"),
             "kwargs": Mapping(
                 doc="create_model arguments, checked by building the model; num_classes/in_chans: the dataset's"
+            ),
+            "checkpoint_path": PathKey(
+                None, null=True, doc="stage I starts from these weights (torchvision/timm/official DS-Net/dsnet)"
             ),
         },
         S1,

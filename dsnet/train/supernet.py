@@ -254,6 +254,12 @@ def train_supernet(
     val_loader, val_split = selection_loader(cfg["data"], cfg["seed"], device)
     run = RunDir(out, cfg, ctx, resume, "supernet")  # checks the folder and the resume state; writes nothing yet
     model = build_model(cfg, info.num_classes, info.in_chans).to(device)
+    if cfg["model"]["checkpoint_path"] and not resume:  # fine-tune from pretrained weights (a resume has its own)
+        from dsnet.models.pretrained import load_pretrained
+
+        report = load_pretrained(model, cfg["model"]["checkpoint_path"])
+        if ctx.is_main:
+            print(f"[supernet] initialised: {report}", flush=True)
     if sc["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     model.gate.slim_head.requires_grad_(False)  # the slimming head trains in stage II

@@ -279,3 +279,19 @@ def test_no_weight_decay_on_normalisation_and_biases(optimizer):
     for name, p in model.named_parameters():
         assert (id(p) in decay) == (p.dim() > 1), name
     assert model.stem_bn.weight.dim() == 1 and id(model.stem_bn.weight) not in decay
+
+
+def test_checkpoint_from_before_gate_buffers_loads():
+    # checkpoints written before the gate's budget bias and attention gain existed still load, with the
+    # defaults (zero bias, gain 1); a key missing for any other reason is still an error
+    from dsnet.train.checkpoint import load_state_into
+
+    model = dsnet.create_model("ds_resnet8_tiny", num_classes=10, in_chans=1)
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith(("budget_bias", "attention_gain"))}
+    fresh = dsnet.create_model("ds_resnet8_tiny", num_classes=10, in_chans=1)
+    fresh.gate.budget_bias.fill_(3.0)
+    load_state_into(fresh, old, "old.ckpt")
+    assert float(fresh.gate.attention_gain) == 1.0 and not fresh.gate.budget_bias.any()
+    del old["classifier.weight"]
+    with pytest.raises(ValueError, match=r"old.ckpt: .*1 missing \(classifier.weight\)"):
+        load_state_into(fresh, old, "old.ckpt")

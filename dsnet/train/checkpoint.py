@@ -150,13 +150,18 @@ def load_state_into(
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{path}: its {what} are empty (checkpoint of {recorded}); expected those of a {expected}")
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
     shapes = [
         f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
         for k in own
         if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape
     ]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if not shapes:
+        # non-strict load so modules can fill keys added after a checkpoint was written (their
+        # _load_from_state_dict defaults, e.g. a gate's budget bias); what is still missing is an error
+        result = model.load_state_dict(state, strict=False)
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -169,7 +174,6 @@ def load_state_into(
             f"{path}: its {what} do not fit the model (checkpoint records {recorded}; model is a {expected}): "
             + "; ".join(parts)
         )
-    model.load_state_dict(state)
     return model
 
 

@@ -94,6 +94,8 @@ class DSMobileNetV1(DynamicNet):
             routed stage; the gate sits in its first block.
         routing_space: indices of ``subnets`` the gate chooses among
             (default: the slimmest four routed sub-networks).
+        subnet_widths: an explicit list of sub-networks (per-stage widths, slimmest first) instead of
+            the index-aligned stage choices; layer sizes still come from the stages' widest choices.
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class DSMobileNetV1(DynamicNet):
         se_ratio: float = 0.25,
         drop_rate: float = 0.2,
         input_size: int = 224,
+        subnet_widths: Sequence[Sequence[int]] | None = None,
     ) -> None:
         stage_names = ("stem",) + tuple(f"s{i}" for i in range(len(stages)))
         stage_widths = [tuple(stem_widths)] + [tuple(s.widths) for s in stages]
@@ -119,6 +122,7 @@ class DSMobileNetV1(DynamicNet):
             num_classes,
             (in_chans, input_size, input_size),
             routing_space,
+            subnet_widths,
         )
         slots = self.num_slots
         self.drop_rate = drop_rate

@@ -96,6 +96,8 @@ class DSViT(DynamicNet):
         gate_pool: the same choice for the gate's input.
         gate_bn: BatchNorm on the gate's pooled input (see ``TokenGate``).
         routing_space: sub-networks the gate picks among (default: every routed one).
+        subnet_widths: an explicit list of sub-networks (per-stage widths in embedding dims, multiples of
+            ``head_dim``, slimmest first) instead of ``head_choices``/``pre_gate_heads``.
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class DSViT(DynamicNet):
         gate_bn: bool = True,
         se_ratio: float = 0.25,
         routing_space: Sequence[int] | None = None,
+        subnet_widths: Sequence[Sequence[int]] | None = None,
     ) -> None:
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
@@ -151,8 +154,16 @@ class DSViT(DynamicNet):
             in_chans,
             num_classes,
             (in_chans, img_size, img_size),
-            list(range(n_routed)) if routing_space is None else routing_space,
+            (list(range(n_routed)) if subnet_widths is None else None) if routing_space is None else routing_space,
+            subnet_widths,
         )
+        if subnet_widths is not None:
+            for net in self.subnets:
+                odd = [f"{n}={w}" for n, w in zip(stage_names[1:], net.widths[1:]) if w % head_dim]
+                if odd:
+                    raise ValueError(f"subnet_widths: block widths must be multiples of head_dim={head_dim}: {odd}")
+                if idle_slicing and net.widths[0] != embed_dim:
+                    raise ValueError(f"subnet_widths: with idle slicing the embed stage is always {embed_dim} wide")
         self.embed_dim = embed_dim
         self.head_dim = head_dim
         self.patch_size = patch_size
@@ -179,6 +190,10 @@ class DSViT(DynamicNet):
         self.head = SlicedLinear(embed_dim, num_classes)
         self._pos_cache = TensorCache()
         self._init_weights()
+
+    def width_multiple(self, stage: int) -> int:
+        """Block widths are whole heads; the embedding (stage 0) slices in multiples of 8."""
+        return self.head_dim if stage > 0 else 8
 
     def _init_weights(self) -> None:
         """timm's default ViT initialisation: truncated normal (0.02) weights, zero biases, tiny class token."""

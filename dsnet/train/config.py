@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
         "min_lr": 0.0,
         "label_smoothing": 0.1,
         "num_random": 2,  # sandwich rule: largest + n random + smallest
+        "width_sampling": "discrete",  # discrete: uniform over routed sub-networks | continuous: r ~ U[r_min, 1]
         "distill": "ib",  # ib | ieb | inplace | none
         "ema_decay": 0.997,
         "ema_warmup": True,  # decay min(ema_decay, (1+t)/(10+t)): a usable teacher from the first epoch
@@ -93,6 +94,7 @@ _NONE_TYPES: dict[str, tuple[type, ...]] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "supernet.distill": ("ib", "ieb", "inplace", "none"),
     "supernet.optimizer": ("sgd", "adamw"),
+    "supernet.width_sampling": ("discrete", "continuous"),
     "gate.macs_unit": ("gmacs", "relative"),
 }
 

@@ -48,15 +48,30 @@ from dsnet.utils.io import atomic_copy, atomic_write_json
 __all__ = ["sample_subnets", "supernet_step", "train_supernet", "build_model", "calibrate_checkpoint"]
 
 
-def sample_subnets(model: DynamicNet, step: int, seed: int, num_random: int) -> list[int]:
+def sample_subnets(
+    model: DynamicNet, step: int, seed: int, num_random: int, width_sampling: str = "discrete"
+) -> list[int]:
     """Sandwich rule for one step: largest, ``num_random`` random routed ones, smallest.
 
+    ``width_sampling="discrete"`` draws the random ones uniformly among the
+    routed sub-networks above the slimmest (DS-Net); ``"continuous"`` draws a
+    width multiplier ``r ~ U[r_min, 1]`` (``r_min``: the slimmest's) and takes
+    the routed sub-network nearest it (US-Nets over a fine width grid). A model
+    with a single sub-network (a network trained alone) trains just that one.
     Drawn from a generator seeded by (seed, step), so every DDP rank and a
     resumed run draw the same sub-networks as an uninterrupted run.
     """
+    if len(model.subnets) == 1:
+        return [0]
     routed = [s.index for s in model.subnets if s.routed]
-    pool = routed[1:] or routed
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    if width_sampling == "continuous":
+        r_min = model.width_ratio(routed[0])
+        ratios = (r_min + (1.0 - r_min) * torch.rand(num_random, generator=g, dtype=torch.float64)).tolist()
+        return [model.largest, *(model.subnet_for_width(r) for r in ratios), routed[0]]
+    if width_sampling != "discrete":
+        raise ValueError(f"width_sampling must be 'discrete' or 'continuous', got {width_sampling!r}")
+    pool = routed[1:] or routed
     picks = torch.randint(len(pool), (num_random,), generator=g).tolist()
     return [model.largest, *(pool[i] for i in picks), routed[0]]
 
@@ -223,7 +238,7 @@ def train_supernet(
             ema.module,
             image_views,
             labels.to(device, non_blocking=True),
-            sample_subnets(model, step.count, cfg["seed"], sc["num_random"]),
+            sample_subnets(model, step.count, cfg["seed"], sc["num_random"], sc["width_sampling"]),
             distill=sc["distill"],
             label_smoothing=sc["label_smoothing"],
             amp=sc["amp"],
@@ -253,8 +268,11 @@ def train_supernet(
         record = epoch_record(epoch, lr, epoch_time, sums, steps_per_epoch, ctx, device)
         if ctx.is_main:  # the EMA teacher on the selection split (BN statistics not yet recalibrated)
             record["selection_split"] = val_split
+            measured: dict[int, float] = {}  # a network trained alone is its own slimmest, widest and largest
             for name, k in (("slimmest", routed[0]), ("widest", routed[-1]), ("largest", model.largest)):
-                record[f"ema_top1_{name}"] = top1_accuracy(ema.module, val_loader, device, subnet=k)
+                if k not in measured:
+                    measured[k] = top1_accuracy(ema.module, val_loader, device, subnet=k)
+                record[f"ema_top1_{name}"] = measured[k]
         metric = record.get("ema_top1_widest", -1.0)
         best_metric = run.end_epoch(
             record,

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_torch_save", "atomic_write_text", "atomic_write_json", "atomic_copy"]
+__all__ = ["atomic_torch_save", "atomic_write_text", "atomic_write_bytes", "atomic_write_json", "atomic_copy"]
 
 
 def _atomic(path: str | os.PathLike, write) -> Path:
@@ -35,6 +35,10 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     return _atomic(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    return _atomic(path, lambda f: f.write(data))
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:

@@ -108,7 +108,6 @@ def plot_compare(result: dict[str, Any], path: str | os.PathLike, dpi: int = 110
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-
     b = result["timing"]["batch_size"]
     panels = (
         ("mmacs", "MMACs per image"),

@@ -24,7 +24,6 @@ import torch
 from dsnet.compare.core import METHODS, CompareContext, Point, time_points
 from dsnet.search.pss import PSS_DEFAULTS
 from dsnet.utils.io import atomic_write_json, atomic_write_text
-from dsnet.utils.table import format_table
 
 __all__ = ["COMPARE_DEFAULTS", "compare_config", "run_compare", "gain_at_equal_macs"]
 

@@ -262,7 +262,7 @@ class DynamicNet(nn.Module):
         return 8
 
     def width_ratio(self, subnet: int) -> float:
-        """Width multiplier of a sub-network: its routed stages' widths over the widest routed sub-network's, averaged."""
+        """Width multiplier of a sub-network: its routed stages' widths over the widest routed one's, averaged."""
         widest = self.subnets[[s.index for s in self.subnets if s.routed][-1]].widths
         widths = self.subnets[self.check_subnet(subnet)].widths
         stages = range(self.gate_stage, len(widths))

@@ -46,17 +46,20 @@ def learn_noise_scales(
     batches: Iterator[tuple[Tensor, Tensor]],
     steps: int,
     *,
-    lr: float = 0.05,
+    lr: float = 0.1,
     reward: float = 1.0,
     init_log_alpha: float = -2.0,
-    max_log_alpha: float = 3.0,
+    max_log_alpha: float = 8.0,
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> list[Tensor]:
     """Learned ``log alpha`` of the first ``kept_groups[i]`` groups of each space (the groups sub-network uses).
 
     ``subnet`` is run with its own widths and BatchNorm statistics (calibrate
-    them first). Returns one tensor per space, shape ``(kept_groups[i],)``.
+    them first). Returns one tensor per space, shape ``(kept_groups[i],)``:
+    each scale averaged over the second half of the steps (less noisy than the
+    last value, and scales that reach the cap early rank above those that
+    reach it late, instead of tying).
     """
     if steps < 1:
         raise ValueError(f"noise ranking needs at least one step, got {steps}")
@@ -65,6 +68,7 @@ def learn_noise_scales(
     device = torch.device(device)
     log_alpha = [torch.full((k,), float(init_log_alpha), device=device, requires_grad=True) for k in kept_groups]
     total = sum(kept_groups)
+    averaged = [torch.zeros(k, device=device) for k in kept_groups]
     optimizer = torch.optim.SGD(log_alpha, lr=lr, momentum=0.9)
     params = dict(model.named_parameters())
     producers = [(i, axis) for i, space in enumerate(spaces) for axis in space.producers()]
@@ -75,7 +79,7 @@ def learn_noise_scales(
         p.requires_grad_(False)
     try:
         with temporary_mode(model, False):
-            for _ in range(steps):
+            for step in range(steps):
                 images, labels = next(batches)
                 images, labels = images.to(device), labels.to(device)
                 noisy: dict[str, Tensor] = {}
@@ -93,12 +97,14 @@ def learn_noise_scales(
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
-                    for t in log_alpha:
-                        t.clamp_(max=max_log_alpha)
+                    for t, total_t in zip(log_alpha, averaged, strict=True):
+                        t.clamp_(max=max_log_alpha)  # a scale the loss ignores would grow without bound
+                        if step >= steps // 2:
+                            total_t += t
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-    return [t.detach().cpu() for t in log_alpha]
+    return [(t / (steps - steps // 2)).cpu() for t in averaged]
 
 
 def importance_order(log_alpha: Tensor) -> Tensor:

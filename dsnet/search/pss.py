@@ -85,7 +85,7 @@ PSS_DEFAULTS: dict[str, Any] = {
     "num_subnets": 4,  # with targets_mmacs None: how many evenly spaced targets
     "min_fraction": 0.2,  # with targets_mmacs None: the slimmest target, as a fraction of the widest
     "noise_steps": 100,  # steps of noise-scale learning per ranking
-    "noise_lr": 0.05,
+    "noise_lr": 0.1,
     "noise_reward": 1.0,
     "threshold": 1.0,  # held-out top-1 points lost since the last fine-tuning that trigger one
     "finetune_steps": 100,
@@ -164,7 +164,8 @@ class ProgressiveSearch:
     """The search state: working weights, channel order, kept groups per searched space.
 
     ``model`` is a trained single-sub-network dsnet model (its one sub-network
-    is the start); ``spec`` rebuilds its family (``{"name", "kwargs"}``).
+    is the start); ``spec`` rebuilds its family (``{"name", "kwargs"}``) through
+    the registry, or through ``factory(**kwargs)`` when given.
     """
 
     def __init__(
@@ -179,7 +180,9 @@ class ProgressiveSearch:
         device: torch.device | str = "cpu",
         progress: bool = False,
         log=print,
+        factory=None,
     ) -> None:
+        self.factory = factory
         self.settings = {**PSS_DEFAULTS, **(settings or {})}
         unknown = set(self.settings) - set(PSS_DEFAULTS)
         if unknown:
@@ -233,7 +236,7 @@ class ProgressiveSearch:
         kwargs = {**self.spec["kwargs"], "subnet_widths": [list(w) for w in subnet_widths]}
         if routing_space is not None:
             kwargs["routing_space"] = list(routing_space)
-        net = create_model(self.spec["name"], **kwargs).to(self.device)
+        net = (self.factory(**kwargs) if self.factory else create_model(self.spec["name"], **kwargs)).to(self.device)
         own = dict(self.work.named_parameters())
         with torch.no_grad():
             for name, p in net.named_parameters():

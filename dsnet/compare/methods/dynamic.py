@@ -134,4 +134,3 @@ class ConfidenceCascade(Method):
 
     def stages(self, ctx: CompareContext) -> list[str]:
         return [SUPERNET]
-

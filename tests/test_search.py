@@ -187,3 +187,28 @@ def test_searched_prefix_equals_the_original_network_without_the_dropped_groups(
             t.copy_(state[name] if state[name].shape == t.shape else state[name][:1].expand_as(t))
         x = small_input(sliced, batch=4, size=16)
         torch.testing.assert_close(sliced.eval()(x, subnet=0), original.eval()(x, subnet=0), rtol=1e-4, atol=1e-5)
+
+
+def test_search_cli_from_a_supernet_checkpoint(tmp_path, capsys):
+    """``dsnet search`` starts from a supernet's widest routed sub-network and saves a gate-ready supernet."""
+    from dsnet.cli import main
+    from dsnet.train.checkpoint import load_model, save_checkpoint
+    from dsnet.train.config import resolve_config
+
+    cfg = resolve_config({"model": {"name": "ds_resnet8_tiny"}, "data": {**SYNTH, "synthetic": {"image_size": 28}}})
+    spec = {"name": "ds_resnet8_tiny", "kwargs": {"num_classes": 10, "in_chans": 1}}
+    model = perturb(dsnet.create_model(**{"name": spec["name"]}, **spec["kwargs"]))
+    save_checkpoint(tmp_path / "sup.ckpt", {"model": spec, "state_dict": model.state_dict(), "config": cfg})
+    out = tmp_path / "pss"
+    args = ["search", "--checkpoint", str(tmp_path / "sup.ckpt"), "--out", str(out), "--no-progress"]
+    tiny = ["pss.group_size=32", "pss.noise_steps=2", "pss.finetune_steps=2", "pss.calibration_batches=1"]
+    assert main(args + [a for kv in tiny for a in ("--set", kv)] + ["--targets-mmacs", "3,6"]) == 0
+    assert "Searched sub-networks" in capsys.readouterr().out
+    searched, ckpt = load_model(out / "best.ckpt")
+    assert ckpt["stage"] == "pss" and ckpt["bn_calibrated"]
+    assert searched.routing_space == list(range(len(searched.subnets)))
+    assert all(w[:2] == (16, 16) for w in (s.widths for s in searched.subnets))  # the pre-gate trunk is kept
+    assert max(searched.subnet_macs()) <= 6e6 and len(searched.subnets) >= 1
+    # data.holdout unset: one clear line
+    assert main(args + ["--set", "data.holdout=null"]) == 2
+    assert "data.holdout" in capsys.readouterr().err

@@ -11,6 +11,7 @@ other method's, interleaved, with the same threads. Registering a class with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -137,20 +138,31 @@ class CompareContext:
     def stage_dir(self, key: str) -> Path:
         return self.root / key
 
-    def stage(self, key: str, run: Callable[[Path, bool], Any], what: str) -> dict[str, Any]:
+    def stage(self, key: str, run: Callable[[Path, bool], Any], what: str, config: Any) -> dict[str, Any]:
         """Run a training stage into ``root/key``, or reuse it if finished, or resume it if interrupted.
 
-        ``run(out, resume)`` must write ``out/summary.json`` last. The stage's
-        wall time is kept in ``out/stage.json``; a stage that had to resume
-        says so (its time then excludes the interrupted part).
+        ``run(out, resume)`` must write ``out/summary.json`` last. ``config``
+        (JSON-serialisable) is everything the stage's result depends on: a
+        finished stage is reused only if it matches, so changing a setting
+        never silently reuses a stage trained with another. The stage's wall
+        time is kept in ``out/stage.json``; a stage that had to resume says so
+        (its time then excludes the interrupted part).
         """
         out = self.stage_dir(key)
         record_path = out / "stage.json"
+        config = _without_logging(config)  # progress bars and log files do not change a result
+        fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        started = out / "stage_config.json"
+        if started.is_file() and json.loads(started.read_text())["fingerprint"] != fingerprint:
+            raise ValueError(
+                f"{out} holds a stage run with other settings; use another --out (or delete {out}) to run it again"
+            )
         if (out / "summary.json").is_file() and record_path.is_file():
             self.log(f"[compare] {key}: reusing finished stage")
             return json.loads(record_path.read_text())
         resume = (out / "last.ckpt").is_file()
         self.log(f"[compare] {key}: {'resuming' if resume else what}")
+        atomic_write_json({"fingerprint": fingerprint, "config": config}, started)
         t0 = time.time()
         run(out, resume)
         record = {"stage": key, "seconds": round(time.time() - t0, 2), "how": "resumed" if resume else "trained"}
@@ -196,6 +208,12 @@ class CompareContext:
         )
         atomic_write_json(report, path)
         return report
+
+
+def _without_logging(config: Any) -> Any:
+    if isinstance(config, dict):
+        return {k: _without_logging(v) for k, v in config.items() if k != "log"}
+    return config
 
 
 def _static_runner(model: DynamicNet, subnet: int) -> Callable[[Tensor], Tensor]:

@@ -43,7 +43,7 @@ COMPARE_DEFAULTS: dict[str, Any] = {
     },
 }
 HOLDOUT = {"full": 5000, "fast": 2500}  # training images held out for selection
-FAST_SETTINGS = ["pss.noise_steps=40", "pss.finetune_steps=40", "pss.eval_batches=3", "timing.repeats=6"]
+FAST_SETTINGS = ["pss.noise_steps=40", "pss.finetune_steps=40", "timing.repeats=6"]
 _SETTING_SECTIONS = tuple(COMPARE_DEFAULTS)
 
 

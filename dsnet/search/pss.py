@@ -414,12 +414,15 @@ def run_pss(
     out: str | Path,
     *,
     targets_macs: Sequence[float] | None = None,
+    subnet: int | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
     log=print,
 ) -> dict[str, Any]:
-    """Search from a network trained alone and save the searched supernet (``out/best.ckpt``, ``summary.json``).
+    """Search from a trained network and save the searched supernet (``out/best.ckpt``, ``summary.json``).
 
+    The start is the checkpoint's network if it has one sub-network (trained
+    alone), else its sub-network ``subnet`` (default: the widest routed one).
     ``cfg`` is the run's training config: its data section gives the training
     batches and the held-out slice (``data.holdout`` must be set: search
     decisions never read the reported split).
@@ -430,9 +433,21 @@ def run_pss(
         raise ValueError("progressive search selects on data.holdout: set it (e.g. --set data.holdout=5000)")
     out = Path(out)
     ckpt = read_checkpoint(start_checkpoint)
-    spec = ckpt["model"]
+    spec = copy.deepcopy(ckpt["model"])
     model = create_model(spec["name"], **spec["kwargs"])
     model.load_state_dict(ckpt["ema_state_dict"] if ckpt.get("ema_state_dict") else ckpt["state_dict"])
+    if len(model.subnets) > 1 or subnet is not None:  # start from one sub-network of a supernet
+        k = model.check_subnet([s.index for s in model.subnets if s.routed][-1] if subnet is None else subnet)
+        kwargs = {n: v for n, v in spec["kwargs"].items() if n not in ("subnet_widths", "routing_space")}
+        spec["kwargs"] = {**kwargs, "subnet_widths": [list(model.subnets[k].widths)]}
+        single = create_model(spec["name"], **spec["kwargs"])
+        own = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, p in single.named_parameters():
+                if own[name].shape == p.shape:  # BN statistics are recalibrated by the search
+                    p.copy_(own[name])
+        model = single
+        log(f"[pss] starting from sub-network #{k} {list(model.subnets[0].widths)} of {start_checkpoint}")
     settings = {**PSS_DEFAULTS, **settings}
     train_loader, _ = build_loader(cfg["data"], "train", seed=cfg["seed"], device=device)
     holdout_loader, _ = build_loader(cfg["data"], "holdout", seed=cfg["seed"], device=device)

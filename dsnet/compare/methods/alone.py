@@ -27,6 +27,7 @@ def alone_checkpoint(ctx: CompareContext, k: int) -> Path:
         key,
         lambda out, resume: train_supernet(cfg, out, resume=resume),
         f"training {widths} alone, {cfg['supernet']['epochs']} epochs",
+        cfg,
     )
     return ctx.stage_dir(key) / "best.ckpt"
 

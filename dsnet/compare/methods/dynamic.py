@@ -32,6 +32,7 @@ def supernet_checkpoint(ctx: CompareContext) -> Path:
         SUPERNET,
         lambda out, resume: train_supernet(ctx.cfg, out, resume=resume),
         f"training the DS-Net supernet, {ctx.cfg['supernet']['epochs']} epochs",
+        ctx.cfg,
     )
     return ctx.stage_dir(SUPERNET) / "best.ckpt"
 
@@ -64,6 +65,7 @@ class DSNetGate(Method):
             GATE,
             lambda out, resume: train_gate(ctx.cfg, supernet, out, resume=resume),
             f"training the gate, {ctx.cfg['gate']['epochs']} epochs",
+            ctx.cfg,
         )
 
     def points(self, ctx: CompareContext) -> list[Point]:

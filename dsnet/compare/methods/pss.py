@@ -46,6 +46,7 @@ def searched_checkpoint(ctx: CompareContext) -> Path:
             start, ctx.cfg, settings, out, targets_macs=targets, device=ctx.device, progress=ctx.progress, log=ctx.log
         ),
         "progressive sub-network search from the widest network trained alone",
+        {"config": ctx.cfg, "pss": settings, "targets": targets},
     )
     return ctx.stage_dir(SEARCH) / "best.ckpt"
 
@@ -94,6 +95,7 @@ class SearchedGate(_PSSBase):
             GATE,
             lambda out, resume: train_gate(ctx.cfg, supernet, out, resume=resume),
             f"training a gate on the searched sub-networks, {ctx.cfg['gate']['epochs']} epochs",
+            {"config": ctx.cfg, "pss": ctx.settings["pss"]},
         )
 
     def points(self, ctx: CompareContext) -> list[Point]:

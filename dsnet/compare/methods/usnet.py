@@ -22,6 +22,7 @@ class USNet(Method):
             STAGE,
             lambda out, resume: train_supernet(cfg, out, resume=resume),
             f"training a US-Net over {n} widths, {cfg['supernet']['epochs']} epochs",
+            cfg,
         )
 
     def points(self, ctx: CompareContext) -> list[Point]:

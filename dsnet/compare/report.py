@@ -20,6 +20,8 @@ _COLORS = {
     "alone": "tab:gray",
     "pss": "tab:orange",
     "pss_gate": "tab:brown",
+    "pss_uniform": "tab:olive",
+    "pss_uniform_gate": "tab:cyan",
 }
 
 

@@ -89,7 +89,14 @@ CLAIMS = (
     ("usnet_vs_static", "usnet", "static", "continuous-width training vs DS-Net's 4-width supernet"),
     ("static_vs_alone", "static", "alone", "sharing weights in a supernet vs each width trained alone"),
     ("dsnet_vs_static", "dsnet", "static", "DS-Net: the gate beats the static sub-networks at equal MACs"),
-    ("pss_gate_vs_dsnet", "pss_gate", "dsnet", "a gate over searched widths vs over uniform widths"),
+    ("pss_vs_pss_uniform", "pss", "pss_uniform", "searched vs uniform widths, the same start and fine-tuning"),
+    ("pss_gate_vs_dsnet", "pss_gate", "dsnet", "a gate over searched widths vs DS-Net's gate over its supernet"),
+    (
+        "pss_gate_vs_pss_uniform_gate",
+        "pss_gate",
+        "pss_uniform_gate",
+        "gate over searched vs uniform widths, same training",
+    ),
     ("pss_gate_vs_pss", "pss_gate", "pss", "the gate over the searched sub-networks vs those sub-networks"),
     ("cascade_vs_dsnet", "cascade", "dsnet", "a training-free confidence cascade vs the trained gate"),
 )

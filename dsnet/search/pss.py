@@ -17,11 +17,13 @@ authors' Parametric Noise Injection and from AutoSlim:
    least. Each space's channels are then permuted once so its groups are in
    importance order, and keeping the ``k`` most important groups becomes a
    prefix slice.
-4. **Progressive removal**, widest to slimmest: each step removes one group,
-   the most noise-tolerant of the groups each space would lose next (the last
-   kept one of its order) [ours: one global ranking by learned log-scale], so
-   every sub-network found is a prefix of the one before: the set is
-   **nested**. The chain runs until the slimmest MAC target is met; the first
+4. **Progressive removal**, widest to slimmest: each step removes one group.
+   Each space offers its least important kept group (the last of its order);
+   the offer that costs the fewest held-out points per MAC saved is taken
+   (AutoSlim's greedy step; ``across="noise"`` takes the most noise-tolerant
+   offer instead, one global ranking by learned scale) [ours, see
+   :meth:`ProgressiveSearch.remove_one`]. Every sub-network found is a prefix
+   of the one before: the set is **nested**. The chain runs until the slimmest MAC target is met; the first
    chain member at or below a target *meets it within one group*.
 5. **Selective fine-tuning**: after each step the held-out top-1 of the
    current sub-network is measured (BN statistics recalibrated for its widths
@@ -87,6 +89,7 @@ PSS_DEFAULTS: dict[str, Any] = {
     "noise_steps": 100,  # steps of noise-scale learning per ranking
     "noise_lr": 0.1,
     "noise_reward": 1.0,
+    "across": "measured",  # which space loses a group: measured (points per MAC) | noise | uniform (control)
     "threshold": 1.0,  # held-out top-1 points lost since the last fine-tuning that trigger one
     "finetune_steps": 100,
     "finetune_lr": 0.02,  # for data.batch_size 256 (scaled linearly)
@@ -187,6 +190,8 @@ class ProgressiveSearch:
         unknown = set(self.settings) - set(PSS_DEFAULTS)
         if unknown:
             raise ValueError(f"pss: unknown settings {sorted(unknown)}; known: {', '.join(PSS_DEFAULTS)}")
+        if self.settings["across"] not in ("measured", "noise", "uniform"):
+            raise ValueError(f"pss.across must be measured, noise or uniform, got {self.settings['across']!r}")
         if len(model.subnets) != 1:
             raise ValueError("progressive search starts from a network with one sub-network (trained alone)")
         self.device = torch.device(device)
@@ -304,6 +309,44 @@ class ProgressiveSearch:
                 best, best_value = i, value
         return best
 
+    def remove_one(self, current: Candidate) -> tuple[tuple[int, int], tuple[int, ...], int, float] | None:
+        """Remove one group; returns (removed (space, group id), widths, MACs, held-out top-1), or None.
+
+        Each space offers its least important kept group (the noise ranking's
+        choice within the space). ``across="noise"`` removes the offer with
+        the largest learned noise scale; ``across="measured"`` (default)
+        measures every offer on the held-out slice and removes the one that
+        loses the fewest points per MAC saved (AutoSlim's greedy step) [ours:
+        noise scales of different layers are not on one scale -- a stage with
+        many groups has many individually dispensable ones -- and on
+        Fashion-MNIST the noise-only rule cut the last stage to 8 channels].
+        ``across="uniform"`` is the control: it shrinks the space with the
+        largest kept fraction, so the chain passes through the uniform widths
+        and only the width allocation differs from the search.
+        """
+        offers = [i for i, k in enumerate(self.kept) if k > 1]
+        if not offers:
+            return None
+        if self.settings["across"] == "noise":
+            offers = [self.next_removal()]
+        elif self.settings["across"] == "uniform":  # the control: keep every space at the same fraction
+            groups = [space.units // self.settings["group_size"] for space in self.spaces]
+            offers = [max(offers, key=lambda i: (self.kept[i] / groups[i], groups[i]))]
+        best = None
+        for i in offers:
+            self.kept[i] -= 1
+            widths = self.widths()
+            macs = self.macs(widths)
+            top1 = self.evaluate(widths)
+            self.kept[i] += 1
+            cost = (current.top1_search - top1) / max(1, current.macs - macs)
+            if best is None or cost < best[0]:
+                best = (cost, i, widths, macs, top1)
+        _, i, widths, macs, top1 = best
+        removed = (i, int(self.group_ids[i][self.kept[i] - 1]))
+        self.kept[i] -= 1
+        return removed, widths, macs, top1
+
     # ---------------------------------------------------------- fine-tuning
     def finetune(self, nets: Sequence[Sequence[int]]) -> None:
         """The nested set ``nets`` (slimmest first): widest on labels, the rest by in-place distillation."""
@@ -344,16 +387,11 @@ class ProgressiveSearch:
         reference = start_top1
         bar = tqdm(total=max(1, start_macs - targets[-1]), desc="PSS", disable=None if self.progress else True)
         while chain[-1].macs > targets[-1]:
-            i = self.next_removal()
-            if i is None:
+            step = self.remove_one(chain[-1])
+            if step is None:
                 self.log(f"[pss] cannot reach {targets[-1] / 1e6:.2f} MMACs: every searched stage is at one group")
                 break
-            position = self.kept[i] - 1
-            removed = (i, int(self.group_ids[i][position]))
-            self.kept[i] -= 1
-            widths = self.widths()
-            macs = self.macs(widths)
-            top1 = self.evaluate(widths)
+            removed, widths, macs, top1 = step
             finetuned = False
             if reference - top1 > s["threshold"]:
                 found = {chain[h].widths for h in hits.values()} | {widths, chain[0].widths}
@@ -363,6 +401,10 @@ class ProgressiveSearch:
                 top1 = self.evaluate(widths)
                 reference, finetuned = top1, True
                 self.result_log.append({"step": len(chain), "finetune": True, "top1_before": before, "top1": top1})
+                self.log(
+                    f"[pss] step {len(chain)}: {list(widths)} {macs / 1e6:.2f} MMACs, held-out top-1 {before:.2f} "
+                    f"-> fine-tuned {top1:.2f}"
+                )
                 if s["rerank"]:
                     self.rank()
             chain.append(Candidate(widths, macs, top1, finetuned, removed))

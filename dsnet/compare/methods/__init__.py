@@ -7,4 +7,4 @@ it below.
 
 from dsnet.compare.methods import alone, dynamic, pss, usnet  # noqa: F401
 
-DEFAULT_ORDER = ("dsnet", "static", "cascade", "usnet", "alone", "pss", "pss_gate")
+DEFAULT_ORDER = ("dsnet", "static", "cascade", "usnet", "alone", "pss", "pss_gate", "pss_uniform", "pss_uniform_gate")

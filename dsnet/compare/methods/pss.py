@@ -1,4 +1,4 @@
-"""Progressive sub-network search (SPEC 6.2, dsnet.search.pss), and a DS-Net gate on the searched set.
+"""Progressive sub-network search (SPEC 6.2, dsnet.search.pss), a DS-Net gate on the searched set, and a control.
 
 The search starts from the widest routed width trained alone (the ``alone``
 method's widest network, trained once and shared) and targets the MACs of the
@@ -6,6 +6,14 @@ family's uniform routed sub-networks, so each searched sub-network meets one
 uniform sub-network's budget: the comparison with uniform widths is at equal
 MACs. ``pss_gate`` trains stage II on the searched supernet (its sub-networks
 are the routing space).
+
+``pss_uniform`` (and ``pss_uniform_gate``) is the control [ours]: the same
+start, noise ranking, removal chain, fine-tuning and re-selection, but groups
+are removed so that every searched stage keeps the same fraction of its width
+(``pss.across=uniform``): the chain passes through the uniform widths. It
+separates what the *width allocation* buys from what the search's training
+(a network trained alone, then fine-tuned) buys, which the comparison with the
+DS-Net supernet's uniform sub-networks mixes up.
 """
 
 from __future__ import annotations
@@ -14,13 +22,6 @@ from pathlib import Path
 
 from dsnet.compare.core import CompareContext, Method, Point, register_method, static_points, sweep_points
 from dsnet.compare.methods.alone import alone_checkpoint, routed_widths
-
-SEARCH = "pss/search"
-GATE = "pss/gate"
-
-
-def _alone_widest_key(ctx: CompareContext) -> str:
-    return f"alone/net{len(routed_widths(ctx)) - 1}"
 
 
 def uniform_targets(ctx: CompareContext) -> list[float]:
@@ -34,24 +35,12 @@ def uniform_targets(ctx: CompareContext) -> list[float]:
     return [float(macs[k]) for k in model.routing_space]
 
 
-def searched_checkpoint(ctx: CompareContext) -> Path:
-    from dsnet.search.pss import run_pss
+class _Search(Method):
+    """A search variant: ``across`` is the ``pss.across`` rule, ``key`` its stage folder."""
 
-    start = alone_checkpoint(ctx, len(routed_widths(ctx)) - 1)
-    settings = ctx.settings["pss"]
-    targets = None if settings.get("targets_mmacs") is not None else uniform_targets(ctx)
-    ctx.stage(
-        SEARCH,
-        lambda out, resume: run_pss(
-            start, ctx.cfg, settings, out, targets_macs=targets, device=ctx.device, progress=ctx.progress, log=ctx.log
-        ),
-        "progressive sub-network search from the widest network trained alone",
-        {"config": ctx.cfg, "pss": settings, "targets": targets},
-    )
-    return ctx.stage_dir(SEARCH) / "best.ckpt"
+    across: str | None = None  # None: the pss.across setting
+    key = "pss"
 
-
-class _PSSBase(Method):
     def applicable(self, ctx: CompareContext) -> str | None:
         from dsnet.models import create_model
         from dsnet.search.channels import channel_map
@@ -64,44 +53,98 @@ class _PSSBase(Method):
             return str(err)
         return None
 
+    def settings(self, ctx: CompareContext) -> dict:
+        settings = dict(ctx.settings["pss"])
+        if self.across is not None:
+            settings["across"] = self.across
+        return settings
 
-@register_method
-class ProgressiveSearch(_PSSBase):
-    name = "pss"
-    description = "progressive sub-network search: noise-ranked channel groups, nested non-uniform widths"
+    def searched(self, ctx: CompareContext) -> Path:
+        from dsnet.search.pss import run_pss
 
+        start = alone_checkpoint(ctx, len(routed_widths(ctx)) - 1)
+        settings = self.settings(ctx)
+        targets = None if settings.get("targets_mmacs") is not None else uniform_targets(ctx)
+        ctx.stage(
+            f"{self.key}/search",
+            lambda out, resume: run_pss(
+                start,
+                ctx.cfg,
+                settings,
+                out,
+                targets_macs=targets,
+                device=ctx.device,
+                progress=ctx.progress,
+                log=ctx.log,
+            ),
+            f"progressive sub-network search (across={settings['across']}) from the widest network trained alone",
+            {"config": ctx.cfg, "pss": settings, "targets": targets},
+        )
+        return ctx.stage_dir(f"{self.key}/search") / "best.ckpt"
+
+    def search_stages(self, ctx: CompareContext) -> list[str]:
+        return [f"alone/net{len(routed_widths(ctx)) - 1}", f"{self.key}/search"]
+
+
+class _SearchStatic(_Search):
     def train(self, ctx: CompareContext) -> None:
-        searched_checkpoint(ctx)
+        self.searched(ctx)
 
     def points(self, ctx: CompareContext) -> list[Point]:
-        ckpt = ctx.stage_dir(SEARCH) / "best.ckpt"
+        key = f"{self.key}/search"
+        ckpt = ctx.stage_dir(key) / "best.ckpt"
         model = ctx.load(ckpt)
-        return static_points(self.name, ctx.report(SEARCH, ckpt, model), model, lambda s: f"pss #{s['index']}")
+        return static_points(self.name, ctx.report(key, ckpt, model), model, lambda s: f"{self.name} #{s['index']}")
 
     def stages(self, ctx: CompareContext) -> list[str]:
-        return [_alone_widest_key(ctx), SEARCH]
+        return self.search_stages(ctx)
 
 
-@register_method
-class SearchedGate(_PSSBase):
-    name = "pss_gate"
-    description = "DS-Net gate (stage II) over the searched sub-networks as routing space"
-
+class _SearchGate(_Search):
     def train(self, ctx: CompareContext) -> None:
         from dsnet.train.gate import train_gate
 
-        supernet = searched_checkpoint(ctx)
+        supernet = self.searched(ctx)
         ctx.stage(
-            GATE,
+            f"{self.key}/gate",
             lambda out, resume: train_gate(ctx.cfg, supernet, out, resume=resume),
-            f"training a gate on the searched sub-networks, {ctx.cfg['gate']['epochs']} epochs",
-            {"config": ctx.cfg, "pss": ctx.settings["pss"]},
+            f"training a gate on the {self.key} sub-networks, {ctx.cfg['gate']['epochs']} epochs",
+            {"config": ctx.cfg, "pss": self.settings(ctx)},
         )
 
     def points(self, ctx: CompareContext) -> list[Point]:
-        ckpt = ctx.stage_dir(GATE) / "best.ckpt"
+        key = f"{self.key}/gate"
+        ckpt = ctx.stage_dir(key) / "best.ckpt"
         model = ctx.load(ckpt)
-        return sweep_points(self.name, ctx.report(GATE, ckpt, model), model)
+        return sweep_points(self.name, ctx.report(key, ckpt, model), model)
 
     def stages(self, ctx: CompareContext) -> list[str]:
-        return [_alone_widest_key(ctx), SEARCH, GATE]
+        return [*self.search_stages(ctx), f"{self.key}/gate"]
+
+
+@register_method
+class ProgressiveSearch(_SearchStatic):
+    name = "pss"
+    description = "progressive sub-network search: noise-ranked channel groups, nested non-uniform widths"
+
+
+@register_method
+class SearchedGate(_SearchGate):
+    name = "pss_gate"
+    description = "DS-Net gate (stage II) over the searched sub-networks as routing space"
+
+
+@register_method
+class UniformSearchControl(_SearchStatic):
+    name = "pss_uniform"
+    description = "control: the search's training with uniform widths (pss.across=uniform)"
+    across = "uniform"
+    key = "pss_uniform"
+
+
+@register_method
+class UniformSearchGate(_SearchGate):
+    name = "pss_uniform_gate"
+    description = "control: a gate over the uniform widths of pss_uniform"
+    across = "uniform"
+    key = "pss_uniform"

@@ -78,6 +78,13 @@ def test_compare_end_to_end_and_resume(tmp_path, capsys):
     assert search["selection_split"] == "holdout"
     assert result["train_seconds"]["pss_gate"] > result["train_seconds"]["pss"]  # it includes the search
     assert "pss_vs_usnet" in result["claims"] and "static_vs_alone" in result["claims"]
+    assert "pss_vs_pss_uniform" in result["claims"]
+    # alone #k and static #k are the same plain network: the harness reports how far apart their timings came out
+    assert result["timing_noise"]["identical_networks"] >= 4
+    # the uniform control's chain meets each target exactly at DS-Net's uniform widths
+    control = json.loads((out / "seed0" / "pss_uniform" / "search" / "summary.json").read_text())
+    hits = sorted(control["chain"][h]["widths"] for h in control["hits"])
+    assert hits == sorted(list(static_widths[k].values()) for k in range(4))
     # a re-run trains nothing
     assert main(_args(out)) == 0
     log = capsys.readouterr().out

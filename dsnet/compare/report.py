@@ -78,6 +78,16 @@ def render_markdown(result: dict[str, Any]) -> str:
         "|" + "---|" * len(_headers(result)),
     ]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(result)]
+    noise = result.get("timing_noise")
+    if noise:
+        lines += [
+            "",
+            f"Timing noise floor: {noise['identical_networks']} widths appear in several methods as the same plain "
+            f"network; their latencies differ by up to {100 * noise['latency_ms_b1_max_spread']:.0f}% at batch 1 "
+            f"(median {100 * noise['latency_ms_b1_median_spread']:.0f}%) and up to "
+            f"{100 * noise['latency_ms_batch_max_spread']:.0f}% at batch {t['batch_size']} "
+            f"(median {100 * noise['latency_ms_batch_median_spread']:.0f}%). Smaller latency differences are noise.",
+        ]
     lines += ["", "## Training time per method", "", "| method | train s (stages it needs, shared ones included) |"]
     lines += ["|---|---|"]
     lines += [f"| {m} | {_fmt(s, 0)} |" for m, s in result["train_seconds"].items()]
@@ -127,6 +137,8 @@ def plot_compare(result: dict[str, Any], path: str | os.PathLike, dpi: int = 110
             if not pts:
                 continue
             style = "o-" if pts[0]["kind"] == "static" else ".--"
+            if key != "mmacs":  # accuracy is not monotone in measured time: markers, no connecting line
+                style = "o" if pts[0]["kind"] == "static" else "."
             ax.plot(
                 [p[key] for p in pts],
                 [p["top1"] for p in pts],

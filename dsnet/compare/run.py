@@ -13,6 +13,7 @@ resumed by a re-run.
 from __future__ import annotations
 
 import copy
+import json
 import platform
 import time
 from pathlib import Path
@@ -133,6 +134,28 @@ def _aggregate(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             point["top1_std"] = float(np.std([r["top1"] for r in rows], ddof=1))
             point["top1_per_seed"] = [r["top1"] for r in rows]
         out.append(point)
+    return out
+
+
+def timing_noise(points: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How far apart the timings of *identical* plain networks came out: the run's timing noise floor.
+
+    Static points of different methods with the same widths extract to the
+    same plain network (``alone #k`` and ``static #k``, US-Nets grid points),
+    so any difference between their latencies is measurement noise.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        if p["kind"] == "static" and p.get("latency_ms_batch") and "widths" in p["params"]:
+            groups.setdefault(json.dumps(p["params"]["widths"], sort_keys=True), []).append(p)
+    pairs = [g for g in groups.values() if len(g) > 1]
+    if not pairs:
+        return None
+    out: dict[str, Any] = {"identical_networks": len(pairs)}
+    for key in ("latency_ms_b1", "latency_ms_batch"):
+        spreads = [max(p[key] for p in g) / min(p[key] for p in g) - 1.0 for g in pairs]
+        out[f"{key}_max_spread"] = float(max(spreads))
+        out[f"{key}_median_spread"] = float(np.median(spreads))
     return out
 
 
@@ -265,6 +288,7 @@ def run_compare(
         "points": points,
         "per_seed_points": per_seed_points if seeds > 1 else None,
         "claims": check_claims(points),
+        "timing_noise": timing_noise(points),
         "config": cfg0,
         "settings": settings,
         "total_seconds": round(time.time() - t_start, 1),

@@ -99,6 +99,7 @@ CLAIMS = (
         "gate over searched vs uniform widths, same training",
     ),
     ("pss_gate_vs_pss", "pss_gate", "pss", "the gate over the searched sub-networks vs those sub-networks"),
+    ("pss_uniform_gate_vs_pss_uniform", "pss_uniform_gate", "pss_uniform", "the control's gate vs its sub-networks"),
     ("cascade_vs_dsnet", "cascade", "dsnet", "a training-free confidence cascade vs the trained gate"),
 )
 

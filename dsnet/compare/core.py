@@ -186,13 +186,21 @@ class CompareContext:
         model, _ = load_model(checkpoint, map_location=self.device)
         return model
 
-    def report(self, key: str, checkpoint: str | Path, model: DynamicNet | None = None) -> dict[str, Any]:
-        """``dsnet.evaluation.evaluate`` of a checkpoint on the test split, cached in ``root/key/report_test.json``."""
+    def report(
+        self, key: str, checkpoint: str | Path, model: DynamicNet | None = None, require: str | None = None
+    ) -> dict[str, Any]:
+        """``dsnet.evaluation.evaluate`` of a checkpoint on the test split, cached in ``root/key/report_test.json``.
+
+        A cached report is used unless the checkpoint is newer or it lacks the
+        key ``require`` (written by an older ``evaluate``: evaluate again).
+        """
         from dsnet.evaluation import evaluate
 
         path = self.stage_dir(key) / "report_test.json"
         if path.is_file() and path.stat().st_mtime >= Path(checkpoint).stat().st_mtime:
-            return json.loads(path.read_text())
+            cached = json.loads(path.read_text())
+            if require is None or require in cached:
+                return cached
         model = model or self.load(checkpoint)
         info = self.info
         report = evaluate(

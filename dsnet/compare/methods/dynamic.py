@@ -110,7 +110,7 @@ class ConfidenceCascade(Method):
     def points(self, ctx: CompareContext) -> list[Point]:
         ckpt = ctx.stage_dir(SUPERNET) / "best.ckpt"
         model = ctx.load(ckpt)
-        report = ctx.report(SUPERNET, ckpt, model)
+        report = ctx.report(SUPERNET, ckpt, model, require="baselines")
         cascade = (report.get("baselines") or {}).get("cascade")
         if not cascade:
             ctx.log(

@@ -39,7 +39,9 @@ TINY = [
 
 
 def _args(out, *extra):
-    return ["compare", "--fast", "--no-progress", "--out", str(out), *extra] + [a for kv in TINY for a in ("--set", kv)]
+    return (
+        ["compare", "--fast", "--no-progress", "--out", str(out)] + [a for kv in TINY for a in ("--set", kv)] + [*extra]
+    )
 
 
 def test_compare_end_to_end_and_resume(tmp_path, capsys):
@@ -98,6 +100,8 @@ def test_compare_rejects_unknown_methods_in_one_line(tmp_path, capsys):
     assert "unknown method" in err and "lcnet_typo" in err and "Traceback" not in err
     assert main(_args(tmp_path / "x", "--set", "pss.treshold=2")) == 2
     assert "pss.treshold: unknown key" in capsys.readouterr().err
+    assert main(_args(tmp_path / "x", "--set", "data.holdout=null")) == 2
+    assert "data.holdout" in capsys.readouterr().err
 
 
 def test_methods_are_registered_in_the_default_order():

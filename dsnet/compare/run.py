@@ -201,6 +201,8 @@ def run_compare(
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     cfg0, settings = compare_config(fast, data, overrides, model)
+    if not cfg0["data"]["holdout"]:
+        raise ValueError("dsnet compare makes every choice on data.holdout (held-out training images): set it > 0")
     cfg0["log"]["progress"] = cfg0["log"]["progress"] and progress
     out = Path(out)
     _, info = build_dataset(cfg0["data"], "val")  # fails in a second, with instructions, if the data is missing

@@ -184,8 +184,10 @@ class ProgressiveSearch:
         progress: bool = False,
         log=print,
         factory=None,
+        input_size: Sequence[int] | None = None,
     ) -> None:
         self.factory = factory
+        self.input_size = None if input_size is None else tuple(input_size)  # (C, H, W) MACs are counted at
         self.settings = {**PSS_DEFAULTS, **(settings or {})}
         unknown = set(self.settings) - set(PSS_DEFAULTS)
         if unknown:
@@ -196,7 +198,8 @@ class ProgressiveSearch:
             raise ValueError("progressive search starts from a network with one sub-network (trained alone)")
         self.device = torch.device(device)
         self.work = model.to(self.device)
-        self.spec = {"name": spec["name"], "kwargs": {k: v for k, v in spec["kwargs"].items() if k != "subnet_widths"}}
+        own = {k: v for k, v in spec["kwargs"].items() if k not in ("subnet_widths", "routing_space")}
+        self.spec = {"name": spec["name"], "kwargs": own}
         self.train_loader = train_loader
         self.holdout_loader = holdout_loader
         self.batches = cycle(train_loader, start_epoch=10_000 + seed)  # never the training run's own epochs
@@ -251,7 +254,7 @@ class ProgressiveSearch:
 
     def macs(self, widths: Sequence[int]) -> int:
         net = self.build([widths])
-        return net.subnet_macs()[0]
+        return net.subnet_macs(self.input_size)[0]
 
     def evaluate(self, widths: Sequence[int]) -> float:
         """Held-out top-1 of one width configuration, BN statistics recalibrated for it first."""
@@ -491,10 +494,19 @@ def run_pss(
         model = single
         log(f"[pss] starting from sub-network #{k} {list(model.subnets[0].widths)} of {start_checkpoint}")
     settings = {**PSS_DEFAULTS, **settings}
-    train_loader, _ = build_loader(cfg["data"], "train", seed=cfg["seed"], device=device)
+    train_loader, info = build_loader(cfg["data"], "train", seed=cfg["seed"], device=device)
     holdout_loader, _ = build_loader(cfg["data"], "holdout", seed=cfg["seed"], device=device)
     search = ProgressiveSearch(
-        model, spec, train_loader, holdout_loader, settings, seed=cfg["seed"], device=device, progress=progress, log=log
+        model,
+        spec,
+        train_loader,
+        holdout_loader,
+        settings,
+        seed=cfg["seed"],
+        device=device,
+        progress=progress,
+        log=log,
+        input_size=(info.in_chans, info.image_size, info.image_size),
     )
     start_macs = search.macs(search.widths())
     if targets_macs is None:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from dsnet.layers.gate import GATE_MODES, DynamicGate, ExitHead, straight_through_gumbel
 from dsnet.layers.sliced import SlicedBatchNorm2d, TensorCache
 
-__all__ = ["Subnet", "RoutingResult", "DynamicNet", "build_subnets"]
+__all__ = ["Subnet", "RoutingResult", "DynamicNet", "build_subnets", "explicit_subnets"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,52 @@ def build_subnets(stage_names: Sequence[str], stage_widths: Sequence[Sequence[in
     return subnets
 
 
+def explicit_subnets(
+    stage_names: Sequence[str],
+    subnet_widths: Sequence[Sequence[int]],
+    gate_stage: int,
+    full_widths: Sequence[int],
+) -> list[Subnet]:
+    """Sub-networks from an explicit list of per-stage widths (non-uniform sets: US-Nets grids, searched sets).
+
+    The list is slimmest first and widest last: the last entry must be at least
+    as wide as every other in every stage (it is the sandwich rule's largest and
+    the in-place distillation teacher), the first at most as wide (its smallest).
+    Every entry is routed, so all must agree on the stages before the gate
+    (dynamic inference runs them once for the whole batch). No training-only
+    largest is appended: channels beyond the widest entry are simply never used.
+    """
+    n_stages = len(stage_names)
+    nets = [tuple(int(w) for w in widths) for widths in subnet_widths]
+    if not nets:
+        raise ValueError("subnet_widths: give at least one sub-network")
+    for i, widths in enumerate(nets):
+        if len(widths) != n_stages:
+            raise ValueError(
+                f"subnet_widths[{i}]: one width per stage ({', '.join(stage_names)}) is needed, got {list(widths)}"
+            )
+        bad = [f"{n}={w} (max {f})" for n, w, f in zip(stage_names, widths, full_widths) if not 0 < w <= f]
+        if bad:
+            raise ValueError(f"subnet_widths[{i}]: widths outside 1..the layer's size: {', '.join(bad)}")
+    if len(set(nets)) != len(nets):
+        raise ValueError("subnet_widths: the sub-networks must be distinct")
+    pre = {widths[:gate_stage] for widths in nets}
+    if len(pre) > 1:
+        raise ValueError(
+            f"subnet_widths: every sub-network must share the widths of the stages before the gate "
+            f"({', '.join(stage_names[:gate_stage])}), got {sorted(pre)}"
+        )
+    widest = tuple(max(col) for col in zip(*nets))
+    slimmest = tuple(min(col) for col in zip(*nets))
+    if nets[-1] != widest or nets[0] != slimmest:
+        raise ValueError(
+            "subnet_widths: list the sub-networks slimmest first and widest last (the last must be at least as "
+            f"wide as every other in every stage, the first at most as wide), got {[list(w) for w in nets]}"
+        )
+    names = tuple(stage_names)
+    return [Subnet(i, widths, names, routed=True) for i, widths in enumerate(nets)]
+
+
 def _statistics_slots(subnets: Sequence[Subnet]) -> list[tuple[int, ...]]:
     """For each sub-network and stage, which BatchNorm statistics slot to use.
 
@@ -112,7 +158,14 @@ class DynamicNet(nn.Module):
     """Base class of dsnet's dynamic supernets. Subclasses set up the layers.
 
     Call ``model(x)`` for dynamic inference (the gate picks a sub-network per
-    sample) or ``model(x, subnet=k)`` to run sub-network ``k`` for the batch.
+    sample), ``model(x, subnet=k)`` to run sub-network ``k`` for the batch, or
+    ``model(x, width=0.6)`` for the routed sub-network nearest that width
+    multiplier (see :meth:`subnet_for_width`).
+
+    ``subnet_widths`` (a family constructor argument) replaces the index-aligned
+    per-stage choices by an explicit list of sub-networks, one width per stage
+    each (see :func:`explicit_subnets`): a US-Nets width grid, a searched
+    non-uniform set, or a single network trained alone.
     """
 
     gate: DynamicGate
@@ -127,14 +180,22 @@ class DynamicNet(nn.Module):
         num_classes: int,
         input_size: tuple[int, int, int],
         routing_space: Sequence[int] | None,
+        subnet_widths: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
-        self.stage_widths = [list(w) for w in stage_widths]
         self.gate_stage = gate_stage
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.default_input_size = input_size
-        self.subnets: list[Subnet] = build_subnets(stage_names, stage_widths, gate_stage)
+        if subnet_widths is None:
+            self.subnets: list[Subnet] = build_subnets(stage_names, stage_widths, gate_stage)
+        else:
+            if not 0 < gate_stage < len(stage_widths):
+                raise ValueError(f"gate_stage must name a stage after the first, got {gate_stage}")
+            full = [max(w) for w in stage_widths]
+            self.subnets = explicit_subnets(stage_names, subnet_widths, gate_stage, full)
+            stage_widths = [sorted({net.widths[s] for net in self.subnets}) for s in range(len(stage_names))]
+        self.stage_widths = [list(w) for w in stage_widths]
         self._slots = _statistics_slots(self.subnets)
         routed = [s.index for s in self.subnets if s.routed]
         self.routing_space: list[int] = (
@@ -218,6 +279,24 @@ class DynamicNet(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point input, got {x.dtype}")
 
+    def width_multiple(self, stage: int) -> int:
+        """The channel multiple widths of ``stage`` are rounded to (fast kernels want multiples of 8)."""
+        return 8
+
+    def width_ratio(self, subnet: int) -> float:
+        """Width multiplier of a sub-network: its routed stages' widths over the widest routed one's, averaged."""
+        widest = self.subnets[[s.index for s in self.subnets if s.routed][-1]].widths
+        widths = self.subnets[self.check_subnet(subnet)].widths
+        stages = range(self.gate_stage, len(widths))
+        return sum(widths[s] / widest[s] for s in stages) / len(stages)
+
+    def subnet_for_width(self, width: float) -> int:
+        """The routed sub-network whose width multiplier is nearest ``width`` (ties: the wider one)."""
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0.0 < width <= 1.0:
+            raise ValueError(f"width must be a multiplier in (0, 1], got {width!r}")
+        routed = [s.index for s in self.subnets if s.routed]
+        return min(routed, key=lambda k: (abs(self.width_ratio(k) - width), -self.width_ratio(k)))
+
     def sliced_batchnorms(self) -> list[SlicedBatchNorm2d]:
         return [m for m in self.modules() if isinstance(m, SlicedBatchNorm2d)]
 
@@ -256,17 +335,24 @@ class DynamicNet(nn.Module):
         x: Tensor,
         subnet: int | None = None,
         *,
+        width: float | None = None,
         return_routing: bool = False,
         gate_bias: Tensor | Sequence[float] | None = None,
     ) -> Tensor | RoutingResult:
         """Dynamic inference, or sub-network ``subnet`` for the whole batch.
 
+        ``width`` (a multiplier in (0, 1]) picks the routed sub-network nearest
+        it instead of an index (US-Nets style; see :meth:`subnet_for_width`).
         ``gate_bias`` (one value per routing choice) is added to the gate's
         logits: positive values on slim choices trade accuracy for compute
         without retraining. ``return_routing=True`` returns a
         :class:`RoutingResult` with the decisions.
         """
         self.check_input(x)
+        if width is not None:
+            if subnet is not None:
+                raise ValueError("pass subnet or width, not both")
+            subnet = self.subnet_for_width(width)
         if subnet is not None:
             if return_routing or gate_bias is not None:
                 raise ValueError("return_routing and gate_bias apply to dynamic inference (subnet=None) only")

@@ -95,6 +95,8 @@ class DSMobileNetV1(DynamicNet):
         routing_space: indices of ``subnets`` the gate chooses among
             (default: the slimmest four routed sub-networks).
         gate_mode: ``"pre"`` (the paper's gate) or ``"exit"`` (see :meth:`DynamicNet._build_exit_head`).
+        subnet_widths: an explicit list of sub-networks (per-stage widths, slimmest first) instead of
+            the index-aligned stage choices; layer sizes still come from the stages' widest choices.
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class DSMobileNetV1(DynamicNet):
         drop_rate: float = 0.2,
         input_size: int = 224,
         gate_mode: str = "pre",
+        subnet_widths: Sequence[Sequence[int]] | None = None,
     ) -> None:
         # stages from a YAML config arrive as [widths, depth, stride] lists
         stages = tuple(s if isinstance(s, MBStage) else MBStage(tuple(s[0]), *s[1:]) for s in stages)
@@ -127,6 +130,7 @@ class DSMobileNetV1(DynamicNet):
             num_classes,
             (in_chans, input_size, input_size),
             routing_space,
+            subnet_widths,
         )
         slots = self.num_slots
         self.drop_rate = drop_rate

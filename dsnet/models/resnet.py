@@ -135,6 +135,8 @@ class DSResNet(DynamicNet):
             (0.25 as squeeze-excitation; narrow networks need more to tell easy inputs from hard ones).
         gate_mode: ``"pre"`` (the paper's gate) or ``"exit"`` (decide after the slimmest ran; see
             :meth:`DynamicNet._build_exit_head`).
+        subnet_widths: an explicit list of sub-networks (per-stage widths, slimmest first) instead of
+            ``width_ratios``/``pre_gate_ratio``; layer sizes still come from ``planes`` and ``stem_width``.
     """
 
     def __init__(
@@ -155,6 +157,7 @@ class DSResNet(DynamicNet):
         zero_init_residual: bool = True,
         gate_se_ratio: float = 0.25,
         gate_mode: str = "pre",
+        subnet_widths: Sequence[Sequence[int]] | None = None,
     ) -> None:
         if block not in ("basic", "bottleneck"):
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
@@ -190,6 +193,7 @@ class DSResNet(DynamicNet):
             num_classes,
             (in_chans, input_size, input_size),
             routing_space,
+            subnet_widths,
         )
         block_cls = DSBottleneck if block == "bottleneck" else DSBasicBlock
         slots = self.num_slots
@@ -209,6 +213,8 @@ class DSResNet(DynamicNet):
                 self._block_stage.append(s)
                 in_ch = p * block_cls.expansion
         self.expansion = block_cls.expansion
+        if subnet_widths is not None:
+            self._check_identity_shortcuts()
         self.gate_block = self._block_stage.index(gate_stage)
         self.blocks[self.gate_block].crosses_gate = True
         gate_channels = stem_width if gate_stage == 1 else planes[gate_stage - 2] * block_cls.expansion
@@ -223,6 +229,20 @@ class DSResNet(DynamicNet):
     @property
     def gate(self) -> DynamicGate:  # type: ignore[override]
         return self._gate
+
+    def _check_identity_shortcuts(self) -> None:
+        """An identity shortcut across stages adds the previous stage's features: both need one width."""
+        for i, blk in enumerate(self.blocks):
+            s = self._block_stage[i]
+            prev = s - 1 if i == 0 or self._block_stage[i - 1] != s else s
+            if blk.shortcut is not None or prev == s:
+                continue
+            for net in self.subnets:
+                if self._out_width(net.index, prev) != self._out_width(net.index, s):
+                    raise ValueError(
+                        f"subnet_widths[{net.index}]: stages {net.stage_names[prev]} and {net.stage_names[s]} are "
+                        f"joined by an identity shortcut and need the same width, got {net.widths}"
+                    )
 
     def _stem(self, x: Tensor, width: int, slot: int) -> Tensor:
         x = F.relu(self.stem_bn(self.stem(x, width), slot))

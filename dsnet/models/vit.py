@@ -97,6 +97,8 @@ class DSViT(DynamicNet):
         gate_bn: BatchNorm on the gate's pooled input (see ``TokenGate``).
         routing_space: sub-networks the gate picks among (default: every routed one).
         gate_mode: ``"pre"`` (the paper's gate) or ``"exit"`` (see :meth:`DynamicNet._build_exit_head`).
+        subnet_widths: an explicit list of sub-networks (per-stage widths in embedding dims, multiples of
+            ``head_dim``, slimmest first) instead of ``head_choices``/``pre_gate_heads``.
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class DSViT(DynamicNet):
         se_ratio: float = 0.25,
         routing_space: Sequence[int] | None = None,
         gate_mode: str = "pre",
+        subnet_widths: Sequence[Sequence[int]] | None = None,
     ) -> None:
         if min(embed_dim, num_heads, patch_size, img_size) < 1 or mlp_ratio <= 0 or se_ratio <= 0:
             raise ValueError(
@@ -160,8 +163,16 @@ class DSViT(DynamicNet):
             in_chans,
             num_classes,
             (in_chans, img_size, img_size),
-            list(range(n_routed)) if routing_space is None else routing_space,
+            (list(range(n_routed)) if subnet_widths is None else None) if routing_space is None else routing_space,
+            subnet_widths,
         )
+        if subnet_widths is not None:
+            for net in self.subnets:
+                odd = [f"{n}={w}" for n, w in zip(stage_names[1:], net.widths[1:]) if w % head_dim]
+                if odd:
+                    raise ValueError(f"subnet_widths: block widths must be multiples of head_dim={head_dim}: {odd}")
+                if idle_slicing and net.widths[0] != embed_dim:
+                    raise ValueError(f"subnet_widths: with idle slicing the embed stage is always {embed_dim} wide")
         self.embed_dim = embed_dim
         self.head_dim = head_dim
         self.patch_size = patch_size
@@ -189,6 +200,10 @@ class DSViT(DynamicNet):
         self._pos_cache = TensorCache()
         self._init_weights()
         self._build_exit_head(gate_mode)
+
+    def width_multiple(self, stage: int) -> int:
+        """Block widths are whole heads; the embedding (stage 0) slices in multiples of 8."""
+        return self.head_dim if stage > 0 else 8
 
     def _init_weights(self) -> None:
         """timm's default ViT initialisation: truncated normal (0.02) weights, zero biases, tiny class token."""

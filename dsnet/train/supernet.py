@@ -58,15 +58,30 @@ __all__ = [
 ]
 
 
-def sample_subnets(model: DynamicNet, step: int, seed: int, num_random: int) -> list[int]:
+def sample_subnets(
+    model: DynamicNet, step: int, seed: int, num_random: int, width_sampling: str = "discrete"
+) -> list[int]:
     """Sandwich rule for one step: largest, ``num_random`` random routed ones, smallest.
 
+    ``width_sampling="discrete"`` draws the random ones uniformly among the
+    routed sub-networks above the slimmest (DS-Net); ``"continuous"`` draws a
+    width multiplier ``r ~ U[r_min, 1]`` (``r_min``: the slimmest's) and takes
+    the routed sub-network nearest it (US-Nets over a fine width grid). A model
+    with a single sub-network (a network trained alone) trains just that one.
     Drawn from a generator seeded by (seed, step), so every DDP rank and a
     resumed run draw the same sub-networks as an uninterrupted run.
     """
+    if len(model.subnets) == 1:
+        return [0]
     routed = [s.index for s in model.subnets if s.routed]
-    pool = routed[1:] or routed
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    if width_sampling == "continuous":
+        r_min = model.width_ratio(routed[0])
+        ratios = (r_min + (1.0 - r_min) * torch.rand(num_random, generator=g, dtype=torch.float64)).tolist()
+        return [model.largest, *(model.subnet_for_width(r) for r in ratios), routed[0]]
+    if width_sampling != "discrete":
+        raise ValueError(f"width_sampling must be 'discrete' or 'continuous', got {width_sampling!r}")
+    pool = routed[1:] or routed
     picks = torch.randint(len(pool), (num_random,), generator=g).tolist()
     return [model.largest, *(pool[i] for i in picks), routed[0]]
 
@@ -151,12 +166,14 @@ class SandwichStep:
         grad_clip: float | None = None,
         channels_last: bool = False,
         seed: int = 0,
+        width_sampling: str = "discrete",
     ) -> None:
         if distill in ("ib", "ieb") and ema is None:
             raise ValueError(f"distill={distill!r} learns from an EMA teacher: pass one (or distill='inplace')")
         self.model, self.optimizer, self.ema, self.ddp = model, optimizer, ema, ddp or model
         self.num_random, self.distill, self.label_smoothing = num_random, distill, label_smoothing
         self.amp, self.grad_clip, self.channels_last, self.seed = amp, grad_clip, channels_last, seed
+        self.width_sampling = width_sampling
         self.device = next(model.parameters()).device
         self.count = 0
 
@@ -171,7 +188,7 @@ class SandwichStep:
             None if self.ema is None else self.ema.module,
             views,
             labels.to(self.device, non_blocking=True),
-            sample_subnets(self.model, self.count, self.seed, self.num_random),
+            sample_subnets(self.model, self.count, self.seed, self.num_random, self.width_sampling),
             distill=self.distill,
             label_smoothing=self.label_smoothing,
             amp=self.amp,
@@ -306,6 +323,7 @@ def train_supernet(
         grad_clip=sc["grad_clip"],
         channels_last=sc["channels_last"],
         seed=cfg["seed"],
+        width_sampling=sc["width_sampling"],
     )
 
     for epoch in range(start_epoch, sc["epochs"]):
@@ -326,8 +344,11 @@ def train_supernet(
         record = epoch_record(epoch, lr, epoch_time, sums, steps_per_epoch, ctx, device)
         if ctx.is_main:  # the EMA teacher on the selection split (BN statistics not yet recalibrated)
             record["selection_split"] = val_split
+            measured: dict[int, float] = {}  # a network trained alone is its own slimmest, widest and largest
             for name, k in (("slimmest", routed[0]), ("widest", routed[-1]), ("largest", model.largest)):
-                record[f"ema_top1_{name}"] = top1_accuracy(ema.module, val_loader, device, subnet=k)
+                if k not in measured:
+                    measured[k] = top1_accuracy(ema.module, val_loader, device, subnet=k)
+                record[f"ema_top1_{name}"] = measured[k]
         metric = record.get("ema_top1_widest", -1.0)
         best_metric = run.end_epoch(
             record,

@@ -1,0 +1,150 @@
+"""Progressive sub-network search (SPEC 6.2, dsnet.search.pss), a DS-Net gate on the searched set, and a control.
+
+The search starts from the widest routed width trained alone (the ``alone``
+method's widest network, trained once and shared) and targets the MACs of the
+family's uniform routed sub-networks, so each searched sub-network meets one
+uniform sub-network's budget: the comparison with uniform widths is at equal
+MACs. ``pss_gate`` trains stage II on the searched supernet (its sub-networks
+are the routing space).
+
+``pss_uniform`` (and ``pss_uniform_gate``) is the control [ours]: the same
+start, noise ranking, removal chain, fine-tuning and re-selection, but groups
+are removed so that every searched stage keeps the same fraction of its width
+(``pss.across=uniform``): the chain passes through the uniform widths. It
+separates what the *width allocation* buys from what the search's training
+(a network trained alone, then fine-tuned) buys, which the comparison with the
+DS-Net supernet's uniform sub-networks mixes up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dsnet.compare.core import CompareContext, Method, Point, register_method, static_points, sweep_points
+from dsnet.compare.methods.alone import alone_checkpoint, routed_widths
+
+
+def uniform_targets(ctx: CompareContext) -> list[float]:
+    """MACs of the family's uniform routed sub-networks: the search's targets."""
+    from dsnet.models import create_model
+
+    info = ctx.info
+    kwargs = {"num_classes": info.num_classes, "in_chans": info.in_chans, **ctx.cfg["model"]["kwargs"]}
+    model = create_model(ctx.cfg["model"]["name"], **kwargs)
+    macs = model.subnet_macs((info.in_chans, info.image_size, info.image_size))
+    return [float(macs[k]) for k in model.routing_space]
+
+
+class _Search(Method):
+    """A search variant: ``across`` is the ``pss.across`` rule, ``key`` its stage folder."""
+
+    across: str | None = None  # None: the pss.across setting
+    key = "pss"
+
+    def applicable(self, ctx: CompareContext) -> str | None:
+        from dsnet.models import create_model
+        from dsnet.search.channels import channel_map
+
+        info = ctx.info
+        kwargs = {"num_classes": info.num_classes, "in_chans": info.in_chans, **ctx.cfg["model"]["kwargs"]}
+        try:
+            channel_map(create_model(ctx.cfg["model"]["name"], **kwargs))
+        except ValueError as err:
+            return str(err)
+        return None
+
+    def settings(self, ctx: CompareContext) -> dict:
+        settings = dict(ctx.settings["pss"])
+        if self.across is not None:
+            settings["across"] = self.across
+        return settings
+
+    def searched(self, ctx: CompareContext) -> Path:
+        from dsnet.search.pss import run_pss
+
+        start = alone_checkpoint(ctx, len(routed_widths(ctx)) - 1)
+        settings = self.settings(ctx)
+        targets = None if settings.get("targets_mmacs") is not None else uniform_targets(ctx)
+        ctx.stage(
+            f"{self.key}/search",
+            lambda out, resume: run_pss(
+                start,
+                ctx.cfg,
+                settings,
+                out,
+                targets_macs=targets,
+                device=ctx.device,
+                progress=ctx.progress,
+                log=ctx.log,
+            ),
+            f"progressive sub-network search (across={settings['across']}) from the widest network trained alone",
+            {"config": ctx.cfg, "pss": settings, "targets": targets},
+        )
+        return ctx.stage_dir(f"{self.key}/search") / "best.ckpt"
+
+    def search_stages(self, ctx: CompareContext) -> list[str]:
+        return [f"alone/net{len(routed_widths(ctx)) - 1}", f"{self.key}/search"]
+
+
+class _SearchStatic(_Search):
+    def train(self, ctx: CompareContext) -> None:
+        self.searched(ctx)
+
+    def points(self, ctx: CompareContext) -> list[Point]:
+        key = f"{self.key}/search"
+        ckpt = ctx.stage_dir(key) / "best.ckpt"
+        model = ctx.load(ckpt)
+        return static_points(self.name, ctx.report(key, ckpt, model), model, lambda s: f"{self.name} #{s['index']}")
+
+    def stages(self, ctx: CompareContext) -> list[str]:
+        return self.search_stages(ctx)
+
+
+class _SearchGate(_Search):
+    def train(self, ctx: CompareContext) -> None:
+        from dsnet.train.gate import train_gate
+
+        supernet = self.searched(ctx)
+        ctx.stage(
+            f"{self.key}/gate",
+            lambda out, resume: train_gate(ctx.cfg, supernet, out, resume=resume),
+            f"training a gate on the {self.key} sub-networks, {ctx.cfg['gate']['epochs']} epochs",
+            {"config": ctx.cfg, "pss": self.settings(ctx)},
+        )
+
+    def points(self, ctx: CompareContext) -> list[Point]:
+        key = f"{self.key}/gate"
+        ckpt = ctx.stage_dir(key) / "best.ckpt"
+        model = ctx.load(ckpt)
+        return sweep_points(self.name, ctx.report(key, ckpt, model), model)
+
+    def stages(self, ctx: CompareContext) -> list[str]:
+        return [*self.search_stages(ctx), f"{self.key}/gate"]
+
+
+@register_method
+class ProgressiveSearch(_SearchStatic):
+    name = "pss"
+    description = "progressive sub-network search: noise-ranked channel groups, nested non-uniform widths"
+
+
+@register_method
+class SearchedGate(_SearchGate):
+    name = "pss_gate"
+    description = "DS-Net gate (stage II) over the searched sub-networks as routing space"
+
+
+@register_method
+class UniformSearchControl(_SearchStatic):
+    name = "pss_uniform"
+    description = "control: the search's training with uniform widths (pss.across=uniform)"
+    across = "uniform"
+    key = "pss_uniform"
+
+
+@register_method
+class UniformSearchGate(_SearchGate):
+    name = "pss_uniform_gate"
+    description = "control: a gate over the uniform widths of pss_uniform"
+    across = "uniform"
+    key = "pss_uniform"

@@ -1,0 +1,309 @@
+"""``dsnet compare``: every method on the same data and epochs, one evaluation, one timing harness.
+
+Training config: the quickstart recipe (``dsnet.quickstart.QUICKSTART``, its
+``--fast`` variant with ``--fast``) plus a held-out slice of the training
+split (``data.holdout``) that every selection reads (best epoch, gate budget,
+search decisions); the test split is evaluated once, at the end. Every method
+gets the recipe's epochs. Output, in ``--out``: ``compare.json`` (one entry per
+method point), ``compare.md`` (tables and the claims checked) and
+``compare.png``; each seed's stages live in ``seed<i>/`` and are reused or
+resumed by a re-run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dsnet.compare.core import METHODS, CompareContext, Point, time_points
+from dsnet.search.pss import PSS_SCHEMA
+from dsnet.utils.io import atomic_write_json, atomic_write_text
+from dsnet.utils.schema import Float, Int, resolve_section, section_defaults, with_stage
+
+__all__ = ["COMPARE_DEFAULTS", "COMPARE_SCHEMA", "compare_config", "run_compare", "gain_at_equal_macs"]
+
+SCHEMA_VERSION = 1
+
+# Settings of the comparison itself (``--set pss.threshold=2`` etc.); training keys go to the recipe.
+COMPARE_SCHEMA: dict[str, Any] = {
+    "pss": with_stage(PSS_SCHEMA, "compare, search"),
+    "usnet": {
+        "r_min": Float(None, "(0, 1]", null=True, doc="slimmest width multiplier (null: the slimmest routed one's)")
+    },
+    "eval": {"sweep": Int(9, "[2, inf)", doc="gate-bias sweep points per gated model")},
+    "timing": {
+        "batch_size": Int(256, "[1, inf)", doc="the large batch (ms per batch)"),
+        "batch1_images": Int(32, "[1, inf)", doc="batch-1 latency: each of these test images alone (ms per image)"),
+        "repeats": Int(10, "[1, inf)", doc="timed repeats per method, interleaved"),
+        "warmup": Int(2, "[0, inf)", doc="untimed warm-up repeats"),
+        "threads": Int(None, "[1, inf)", null=True, doc="torch threads for every method (null: torch's current)"),
+    },
+}
+for _name in ("usnet", "eval", "timing"):
+    COMPARE_SCHEMA[_name] = with_stage(COMPARE_SCHEMA[_name], "compare")
+COMPARE_DEFAULTS: dict[str, Any] = section_defaults(COMPARE_SCHEMA)
+HOLDOUT = {"full": 5000, "fast": 2500}  # training images held out for selection
+FAST_SETTINGS = ["pss.noise_steps=40", "pss.finetune_steps=40", "timing.repeats=6"]
+_SETTING_SECTIONS = tuple(COMPARE_DEFAULTS)
+
+
+def compare_config(
+    fast: bool = False, data: str | None = None, overrides: list[str] | None = None, model: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(training config, comparison settings) from the quickstart recipe, ``--fast`` and ``--set`` overrides."""
+    from dsnet.quickstart import quickstart_config
+    from dsnet.train.config import apply_overrides
+
+    ours = [o for o in overrides or [] if o.split("=", 1)[0].split(".", 1)[0] in _SETTING_SECTIONS]
+    training = [o for o in overrides or [] if o not in ours]
+    extra = [f"data.holdout={HOLDOUT['fast' if fast else 'full']}"] + ([f"model.name={model}"] if model else [])
+    cfg = quickstart_config(fast, data, extra + training)
+    raw = apply_overrides({}, (FAST_SETTINGS if fast else []) + ours)
+    return cfg, resolve_section(COMPARE_SCHEMA, raw, "")
+
+
+def gain_at_equal_macs(points: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Top-1 of ``points`` minus the ``reference`` curve (linear in MACs) at the same MACs.
+
+    Only points inside the reference's MAC range count (no extrapolation).
+    Returns mean, max, min and how many points, or None if none is inside.
+    """
+    ref = sorted((p["mmacs"], p["top1"]) for p in reference)
+    if len(ref) < 2:
+        return None
+    lo, hi = ref[0][0], ref[-1][0]
+    diffs = [
+        p["top1"] - float(np.interp(p["mmacs"], [m for m, _ in ref], [a for _, a in ref]))
+        for p in points
+        if lo - 1e-9 <= p["mmacs"] <= hi + 1e-9
+    ]
+    if not diffs:
+        return None
+    return {"mean": float(np.mean(diffs)), "max": float(max(diffs)), "min": float(min(diffs)), "points": len(diffs)}
+
+
+# (claim name, method, reference method, what the papers say)
+CLAIMS = (
+    ("pss_vs_usnet", "pss", "usnet", "PSS paper: +2.3 points average (+4.4 max) over US-Nets at equal size"),
+    ("pss_vs_uniform", "pss", "static", "searched non-uniform widths beat the supernet's uniform widths"),
+    ("usnet_vs_static", "usnet", "static", "continuous-width training vs DS-Net's 4-width supernet"),
+    ("static_vs_alone", "static", "alone", "sharing weights in a supernet vs each width trained alone"),
+    ("dsnet_vs_static", "dsnet", "static", "DS-Net: the gate beats the static sub-networks at equal MACs"),
+    ("pss_vs_pss_uniform", "pss", "pss_uniform", "searched vs uniform widths, the same start and fine-tuning"),
+    ("pss_gate_vs_dsnet", "pss_gate", "dsnet", "a gate over searched widths vs DS-Net's gate over its supernet"),
+    (
+        "pss_gate_vs_pss_uniform_gate",
+        "pss_gate",
+        "pss_uniform_gate",
+        "gate over searched vs uniform widths, same training",
+    ),
+    ("pss_gate_vs_pss", "pss_gate", "pss", "the gate over the searched sub-networks vs those sub-networks"),
+    ("pss_uniform_gate_vs_pss_uniform", "pss_uniform_gate", "pss_uniform", "the control's gate vs its sub-networks"),
+    ("cascade_vs_dsnet", "cascade", "dsnet", "a training-free confidence cascade vs the trained gate"),
+)
+
+
+def _routed_only(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [p for p in points if "(largest)" not in p["name"]]
+
+
+def check_claims(points: list[dict[str, Any]]) -> dict[str, Any]:
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        by_method.setdefault(p["method"], []).append(p)
+    claims = {}
+    for name, a, b, what in CLAIMS:
+        if a in by_method and b in by_method:
+            gain = gain_at_equal_macs(_routed_only(by_method[a]), _routed_only(by_method[b]))
+            if gain is not None:
+                claims[name] = {"method": a, "reference": b, "claim": what, **gain}
+    return claims
+
+
+def _aggregate(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Mean over seeds of the points present in every seed (by name); spread as the standard deviation."""
+    names = [p["name"] for p in per_seed[0]]
+    common = [n for n in names if all(any(p["name"] == n for p in seed) for seed in per_seed)]
+    out = []
+    for name in common:
+        rows = [next(p for p in seed if p["name"] == name) for seed in per_seed]
+        point = copy.deepcopy(rows[0])
+        point["top1"] = float(np.mean([r["top1"] for r in rows]))
+        point["mmacs"] = float(np.mean([r["mmacs"] for r in rows]))
+        if len(rows) > 1:
+            point["top1_std"] = float(np.std([r["top1"] for r in rows], ddof=1))
+            point["top1_per_seed"] = [r["top1"] for r in rows]
+        out.append(point)
+    return out
+
+
+def timing_noise(points: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How far apart the timings of *identical* plain networks came out: the run's timing noise floor.
+
+    Static points of different methods with the same widths extract to the
+    same plain network (``alone #k`` and ``static #k``, US-Nets grid points),
+    so any difference between their latencies is measurement noise.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        if p["kind"] == "static" and p.get("latency_ms_batch") and "widths" in p["params"]:
+            groups.setdefault(json.dumps(p["params"]["widths"], sort_keys=True), []).append(p)
+    pairs = [g for g in groups.values() if len(g) > 1]
+    if not pairs:
+        return None
+    out: dict[str, Any] = {"identical_networks": len(pairs)}
+    for key in ("latency_ms_b1", "latency_ms_batch"):
+        spreads = [max(p[key] for p in g) / min(p[key] for p in g) - 1.0 for g in pairs]
+        out[f"{key}_max_spread"] = float(max(spreads))
+        out[f"{key}_median_spread"] = float(np.median(spreads))
+    return out
+
+
+def _timing_images(ctx: CompareContext, n: int) -> torch.Tensor:
+    images = []
+    count = 0
+    for x, _ in ctx.loader("val"):
+        images.append(x)
+        count += len(x)
+        if count >= n:
+            break
+    x = torch.cat(images)
+    if len(x) < n:  # a tiny test split: repeat it
+        x = x.repeat(-(-n // len(x)), 1, 1, 1)
+    return x[:n]
+
+
+def run_compare(
+    out: str | Path = "runs/compare",
+    *,
+    fast: bool = False,
+    data: str | None = None,
+    methods: list[str] | None = None,
+    seeds: int = 1,
+    model: str | None = None,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict[str, Any]:
+    """Train/derive, evaluate and time every method; write compare.json/.md/.png. Returns compare.json's content."""
+    from dsnet.compare.methods import DEFAULT_ORDER
+    from dsnet.compare.report import plot_compare, render_markdown, render_screen
+    from dsnet.data import build_dataset
+
+    t_start = time.time()
+    names = list(methods) if methods else [m for m in DEFAULT_ORDER if m in METHODS]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--methods lists a method twice: {','.join(names)}")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    cfg0, settings = compare_config(fast, data, overrides, model)
+    if not cfg0["data"]["holdout"]:
+        raise ValueError("dsnet compare makes every choice on data.holdout (held-out training images): set it > 0")
+    cfg0["log"]["progress"] = cfg0["log"]["progress"] and progress
+    out = Path(out)
+    _, info = build_dataset(cfg0["data"], "val")  # fails in a second, with instructions, if the data is missing
+    train_info = build_dataset(cfg0["data"], "train")[1]
+    log(
+        f"[compare] {cfg0['model']['name']} on {info.name}: {train_info.num_samples} training / "
+        f"{cfg0['data']['holdout']} held-out / {info.num_samples} test images, {cfg0['supernet']['epochs']} epochs "
+        f"each{' (--fast)' if fast else ''}; methods: {', '.join(names)}"
+    )
+    device = torch.device("cpu")
+    instances = [METHODS[m]() for m in names]
+    per_seed_points: list[list[dict[str, Any]]] = []
+    train_seconds: dict[str, list[float | None]] = {m: [] for m in names}
+    skipped: dict[str, str] = {}
+    timed_points: list[Point] = []
+    ctx0 = None
+    for seed in range(seeds):
+        cfg = copy.deepcopy(cfg0)
+        cfg["seed"] = cfg0["seed"] + seed
+        ctx = CompareContext(cfg, settings, out / f"seed{seed}", device, progress=progress, log=log)
+        active = []
+        for method in instances:
+            reason = method.applicable(ctx)
+            if reason:
+                if seed == 0:
+                    log(f"[compare] {method.name}: not applicable to {cfg['model']['name']} ({reason}); skipped")
+                skipped[method.name] = reason
+            else:
+                active.append(method)
+        for method in active:
+            method.train(ctx)
+        points: list[Point] = []
+        for method in active:
+            found = method.points(ctx)
+            if not found:
+                skipped.setdefault(method.name, "no points (see the log)")
+            points += found
+            train_seconds[method.name].append(ctx.seconds(method.stages(ctx)))
+        per_seed_points.append([p.as_dict() for p in points])
+        if seed == 0:
+            timed_points, ctx0 = points, ctx
+    # one timing harness: every point of seed 0, interleaved, the same threads
+    t = settings["timing"]
+    threads = t["threads"] or torch.get_num_threads()
+    log(f"[compare] timing {len(timed_points)} points (batch 1 and {t['batch_size']}, {threads} threads, interleaved)")
+    images = _timing_images(ctx0, max(t["batch_size"], t["batch1_images"]))
+    latency = time_points(
+        timed_points,
+        images,
+        batch_size=t["batch_size"],
+        batch1_images=t["batch1_images"],
+        repeats=t["repeats"],
+        warmup=t["warmup"],
+        threads=threads,
+        device=device,
+        progress=progress,
+    )
+    points = _aggregate(per_seed_points)
+    method_seconds = {}
+    for m, values in train_seconds.items():
+        known = [v for v in values if v is not None]
+        method_seconds[m] = float(np.mean(known)) if known else None
+    for p in points:
+        p.update(latency.get(p["name"], {"latency_ms_b1": None, "latency_ms_batch": None}))
+        p["batch_size"] = t["batch_size"]
+        p["train_seconds"] = method_seconds.get(p["method"])
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "model": cfg0["model"]["name"],
+        "dataset": {"name": info.name, "test_images": info.num_samples, "train_images": train_info.num_samples},
+        "fast": fast,
+        "seeds": [cfg0["seed"] + s for s in range(seeds)],
+        "methods": names,
+        "skipped": skipped,
+        "train_seconds": method_seconds,
+        "train_seconds_per_seed": train_seconds,
+        "timing": {
+            "threads": threads,
+            "batch_size": t["batch_size"],
+            "batch1_images": t["batch1_images"],
+            "repeats": t["repeats"],
+            "device": str(device),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "note": "interleaved round-robin; re-run on an idle machine for absolute numbers",
+        },
+        "points": points,
+        "per_seed_points": per_seed_points if seeds > 1 else None,
+        "claims": check_claims(points),
+        "timing_noise": timing_noise(points),
+        "config": cfg0,
+        "settings": settings,
+        "total_seconds": round(time.time() - t_start, 1),
+    }
+    atomic_write_json(result, out / "compare.json")
+    atomic_write_text(render_markdown(result), out / "compare.md")
+    plot_compare(result, out / "compare.png")
+    log(render_screen(result))
+    return result

@@ -54,7 +54,7 @@ def test_compare_end_to_end_and_resume(tmp_path, capsys):
     md = (out / "compare.md").read_text()
     assert "| method | point | top-1 % | MMACs |" in md
     methods = {p["method"] for p in result["points"]}
-    expected = {"dsnet", "static", "cascade", "usnet", "alone", "pss", "pss_gate"}
+    expected = {"dsnet", "static", "cascade", "usnet", "alone", "lcnet", "pss", "pss_gate"}
     assert expected <= methods
     names = [p["name"] for p in result["points"]]
     assert len(names) == len(set(names))

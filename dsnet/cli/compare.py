@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods",
         type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
-        help="comma-separated methods (default: all): dsnet,static,cascade,usnet,alone,pss,pss_gate,pss_uniform,"
+        help="comma-separated methods (default: all): dsnet,static,cascade,usnet,alone,lcnet,pss,pss_gate,pss_uniform,"
         "pss_uniform_gate",
     )
     p.add_argument("--seeds", type=int, default=1, help="train every method with N seeds (mean and spread)")

@@ -25,7 +25,7 @@ import torch
 from dsnet.compare.core import METHODS, CompareContext, Point, time_points
 from dsnet.search.pss import PSS_SCHEMA
 from dsnet.utils.io import atomic_write_json, atomic_write_text
-from dsnet.utils.schema import Float, Int, resolve_section, section_defaults, with_stage
+from dsnet.utils.schema import Float, Int, Numbers, resolve_section, section_defaults, with_stage
 
 __all__ = ["COMPARE_DEFAULTS", "COMPARE_SCHEMA", "compare_config", "run_compare", "gain_at_equal_macs"]
 
@@ -37,7 +37,12 @@ COMPARE_SCHEMA: dict[str, Any] = {
     "usnet": {
         "r_min": Float(None, "(0, 1]", null=True, doc="slimmest width multiplier (null: the slimmest routed one's)")
     },
-    "eval": {"sweep": Int(9, "[2, inf)", doc="gate-bias sweep points per gated model")},
+    "eval": {
+        "sweep": Int(9, "[2, inf)", doc="gate-bias sweep points per gated model"),
+        "lcnet_skip_biases": Numbers(
+            [-1.0, 0.0, 1.0, 2.0, 3.0], "(-inf, inf)", doc="LC-Net run-time skip biases evaluated (> 0 skips more)"
+        ),
+    },
     "timing": {
         "batch_size": Int(256, "[1, inf)", doc="the large batch (ms per batch)"),
         "batch1_images": Int(32, "[1, inf)", doc="batch-1 latency: each of these test images alone (ms per image)"),
@@ -107,6 +112,8 @@ CLAIMS = (
     ("pss_gate_vs_pss", "pss_gate", "pss", "the gate over the searched sub-networks vs those sub-networks"),
     ("pss_uniform_gate_vs_pss_uniform", "pss_uniform_gate", "pss_uniform", "the control's gate vs its sub-networks"),
     ("cascade_vs_dsnet", "cascade", "dsnet", "a training-free confidence cascade vs the trained gate"),
+    ("lcnet_vs_dsnet", "lcnet", "dsnet", "LC-Net's per-input block/channel skipping vs DS-Net's gate at equal MACs"),
+    ("lcnet_vs_static", "lcnet", "static", "LC-Net vs DS-Net's static sub-networks at equal MACs"),
 )
 
 

@@ -97,7 +97,9 @@ PSS_SCHEMA: dict[str, Any] = {
         ("measured", "noise", "uniform"),
         doc="who loses a group: measured points per MAC, noise rank, uniform (control)",
     ),
-    "threshold": Float(1.0, "(-inf, inf)", doc="top-1 points lost since the last fine-tuning that trigger one (<0: always)"),
+    "threshold": Float(
+        1.0, "(-inf, inf)", doc="top-1 points lost since the last fine-tuning that trigger one (<0: always)"
+    ),
     "finetune_steps": Int(100, "[0, inf)", doc="steps of each fine-tuning"),
     "finetune_lr": Float(0.02, "(0, inf)", doc="fine-tuning learning rate for data.batch_size 256 (scaled linearly)"),
     "weight_decay": Float(5.0e-5, "[0, inf)", doc="fine-tuning weight decay"),

@@ -5,6 +5,17 @@ subclass decorated with :func:`dsnet.compare.core.register_method`, and import
 it below.
 """
 
-from dsnet.compare.methods import alone, dynamic, pss, usnet  # noqa: F401
+from dsnet.compare.methods import alone, dynamic, lcnet, pss, usnet  # noqa: F401
 
-DEFAULT_ORDER = ("dsnet", "static", "cascade", "usnet", "alone", "pss", "pss_gate", "pss_uniform", "pss_uniform_gate")
+DEFAULT_ORDER = (
+    "dsnet",
+    "static",
+    "cascade",
+    "usnet",
+    "alone",
+    "lcnet",
+    "pss",
+    "pss_gate",
+    "pss_uniform",
+    "pss_uniform_gate",
+)

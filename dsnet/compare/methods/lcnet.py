@@ -1,0 +1,105 @@
+"""LC-Net (SPEC 6.1): per-input block and channel skipping, DS-Net's rival, on the same data and epochs.
+
+The LC-Net counterpart of the compared family (``ds_resnet8_tiny`` ->
+``lc_resnet8_tiny``) is trained by :func:`dsnet.train.lcnet.train_lcnet` with
+the recipe's data, batch, learning rate and epochs (the LC-Net recipe's
+defaults otherwise: C-Net density 0.5, ConvNet-AIG rate target 0.6); its best
+epoch and skip thresholds come from the held-out slice like every method's.
+Its points are the run-time skip-bias sweep (``--set eval.lcnet_skip_biases=[...]``),
+evaluated once on the test split and timed as real skipping inference
+(skipped blocks not computed, kept channels gathered).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from dsnet.compare.core import CompareContext, Method, Point, register_method
+from dsnet.models import list_models
+from dsnet.utils.io import atomic_write_json
+
+__all__ = ["lcnet_model_name", "lcnet_config"]
+
+STAGE = "lcnet"
+DENSITY = 0.5  # the LC-Net recipe's C-Net density (configs/lcnet_fashion_mnist.yaml)
+
+
+def lcnet_model_name(name: str) -> str | None:
+    """The registered LC-Net of a DS-Net family (``ds_resnet20_cifar`` -> ``lc_resnet20_cifar``), or None."""
+    candidate = "lc_" + name.removeprefix("ds_")
+    return candidate if candidate in list_models(kind="lcnet") else None
+
+
+def lcnet_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The compared recipe turned into an LC-Net recipe: same data, seed, optimiser settings and epochs."""
+    name = lcnet_model_name(cfg["model"]["name"])
+    if name is None:
+        raise ValueError(f"no LC-Net counterpart of {cfg['model']['name']!r}")
+    out = copy.deepcopy(cfg)
+    kwargs = {k: v for k, v in cfg["model"]["kwargs"].items() if k in ("num_classes", "in_chans")}
+    out["model"] = {"name": name, "kwargs": {**kwargs, "density": DENSITY}, "checkpoint_path": None}
+    sc, lc = cfg["supernet"], out["lcnet"]
+    for key in ("epochs", "optimizer", "lr", "lr_reference_batch", "momentum", "nesterov", "betas"):
+        lc[key] = sc[key]
+    for key in ("weight_decay", "warmup_epochs", "min_lr", "grad_clip"):
+        lc[key] = sc[key]
+    lc["final_eval"] = False  # the comparison evaluates the test split itself, once
+    return out
+
+
+@register_method
+class LCNet(Method):
+    name = "lcnet"
+    description = "LC-Net: per-input block skipping (L-Nets) and channel gathering (C-Nets), same epochs"
+
+    def applicable(self, ctx: CompareContext) -> str | None:
+        if lcnet_model_name(ctx.cfg["model"]["name"]) is None:
+            return f"LC-Net exists for the ResNet families only ({', '.join(list_models(kind='lcnet'))})"
+        return None
+
+    def train(self, ctx: CompareContext) -> None:
+        from dsnet.train.lcnet import train_lcnet
+
+        cfg = lcnet_config(ctx.cfg)
+        ctx.stage(
+            STAGE,
+            lambda out, resume: train_lcnet(cfg, out, resume=resume),
+            f"training {cfg['model']['name']}, {cfg['lcnet']['epochs']} epochs",
+            cfg,
+        )
+
+    def points(self, ctx: CompareContext) -> list[Point]:
+        from dsnet.train.lcnet import evaluate_lcnet
+
+        ckpt = ctx.stage_dir(STAGE) / "best.ckpt"
+        model = ctx.load(ckpt)
+        biases = [float(b) for b in ctx.settings["eval"]["lcnet_skip_biases"]]
+        path = ctx.stage_dir(STAGE) / "report_test.json"
+        cached = json.loads(path.read_text()) if path.is_file() else None
+        fresh = cached and cached.get("skip_biases") == biases and path.stat().st_mtime >= Path(ckpt).stat().st_mtime
+        if not fresh:
+            ctx.log(f"[compare] lcnet: evaluating {len(biases)} skip biases on the test split")
+            found = evaluate_lcnet(model, ctx.loader("val"), ctx.device, skip_biases=biases, progress=ctx.progress)
+            cached = {"skip_biases": biases, "points": found}
+            atomic_write_json(cached, path)
+        points = []
+        for p in cached["points"]:
+            b = float(p["skip_bias"])
+            points.append(
+                Point(
+                    "lcnet (trained)" if b == 0.0 else f"lcnet skip bias {b:+g}",
+                    self.name,
+                    p["top1"],
+                    float(p["mean_macs"]),
+                    "dynamic",
+                    {"skip_bias": b, "density": p["density"], "exec_rate": p["exec_rate"]},
+                    lambda x, b=b: model(x, skip_bias=b),
+                )
+            )
+        return points
+
+    def stages(self, ctx: CompareContext) -> list[str]:
+        return [STAGE]

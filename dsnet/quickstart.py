@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from dsnet.evaluation import routed_curve
 from dsnet.train.config import apply_overrides, resolve_config
@@ -72,10 +73,36 @@ def quickstart_config(fast: bool = False, data: str | None = None, overrides: li
     return resolve_config(apply_overrides(copy.deepcopy(QUICKSTART), extra + list(overrides or [])))
 
 
-def _stage(name: str, out: Path, run, fresh_msg: str) -> tuple[float, str]:
-    """Run a stage, or reuse/resume it from ``out``."""
+def _fill_unset(new: Any, old: Any) -> Any:
+    """``new`` with its unset (None) values taken from ``old``: a run records what "auto" resolved to."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        return {k: _fill_unset(v, old[k]) if k in old else v for k, v in new.items()}
+    return old if new is None else new
+
+
+def _stage(
+    name: str, out: Path, run, fresh_msg: str, cfg: dict[str, Any], ignore: tuple[str, ...] = ()
+) -> tuple[float, str]:
+    """Run a stage, or reuse/resume it from ``out``.
+
+    A finished stage is reused only if it was trained with this recipe (up to
+    the sections in ``ignore``, which it does not read): a changed recipe never
+    silently reuses a stale result.
+    """
+    from dsnet.train.run import _config_difference
+
     t0 = time.time()
     if (out / "summary.json").is_file():
+        saved = out / "config.yaml"
+        old = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
+        old = {k: v for k, v in (old or {}).items() if k not in ignore}
+        diff = _config_difference(old, _fill_unset({k: v for k, v in cfg.items() if k not in ignore}, old))
+        if diff:
+            key, was, now = diff
+            raise ValueError(
+                f"{out} was trained with {key}={was!r} but the recipe now says {now!r}; "
+                f"choose another --out (or remove {out} to train it again)"
+            )
         print(f"[quickstart] {name}: reusing finished run in {out}")
         return 0.0, "reused"
     resume = (out / "last.ckpt").is_file()
@@ -157,12 +184,16 @@ def run_quickstart(
         sup_dir,
         lambda resume: train_supernet(cfg, sup_dir, resume=resume),
         f"training {cfg['supernet']['epochs']} epochs",
+        cfg,
+        ignore=("gate", "lcnet"),
     )
     t_gate, how_gate = _stage(
         "stage II (gate)",
         gate_dir,
         lambda resume: train_gate(cfg, sup_dir / "best.ckpt", gate_dir, resume=resume),
         f"training {cfg['gate']['epochs']} epochs",
+        cfg,
+        ignore=("lcnet",),
     )
     device = torch.device("cpu")
     model, _ = load_model(gate_dir / "best.ckpt")

@@ -46,6 +46,12 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     # a re-run reuses the finished stages instead of training again
     assert main(args) == 0
     assert "reusing finished run" in capsys.readouterr().out
+    # ... but never one trained with another recipe: the stale stage is named, nothing is overwritten
+    mtime = (out / "gate" / "best.ckpt").stat().st_mtime
+    assert main(args + ["--set", "gate.tau=2.0"]) == 2
+    err = capsys.readouterr().err
+    assert "gate.tau=1.0" in err and "2.0" in err and "another --out" in err and "Traceback" not in err
+    assert (out / "gate" / "best.ckpt").stat().st_mtime == mtime
 
 
 def test_quickstart_without_data_says_how_to_get_it(tmp_path, capsys):

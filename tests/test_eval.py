@@ -310,3 +310,19 @@ def test_evaluate_restores_each_modules_mode():
     x = small_input(model, batch=8, size=28)
     evaluate(model, DataLoader(TensorDataset(x, torch.arange(8) % 4), batch_size=8), progress=False)
     assert [m.training for m in model.modules()] == before
+
+
+def test_worst_sweep_margin_ignores_points_that_route_to_one_subnet():
+    from dsnet.evaluation.core import _min_gain
+
+    def point(macs, top1, static, fractions):
+        return {"mean_macs": macs, "top1": top1, "static_top1_at_macs": static, "histogram": {"fractions": fractions}}
+
+    points = [
+        point(1.0, 80.0, 80.0, [1.0, 0.0]),  # everything to the slimmest: a static point, margin 0 by construction
+        point(1.5, 83.0, 82.0, [0.5, 0.5]),
+        point(1.8, 84.5, 84.0, [0.2, 0.8]),
+        point(5.0, 90.0, 80.0, [0.5, 0.5]),  # outside the static range: not counted
+    ]
+    assert _min_gain(points, "static_top1_at_macs", [1.0, 2.0]) == pytest.approx(0.5)
+    assert _min_gain(points[:1], "static_top1_at_macs", [1.0, 2.0]) is None

@@ -62,7 +62,7 @@ histograms are indexed by routing choice (position in ``routing_space``).
                      oracle_capture: float | null  (share of the oracle's gain over the static curve the gate
                      captures at its MACs), random_router: {top1, mean_macs, mix},
                      sweep_min_gain_over_static, sweep_min_gain_over_cascade: float | null  (worst sweep point
-                     inside the static range)}
+                     inside the static range, among those routing to more than one sub-network)}
     consistency     {top1_mismatches: int  (samples where the dynamic forward and the arithmetic disagree),
                      max_rel_logit_diff: float  (largest |dynamic - static| logit, over max(1, |logit|))}
 """
@@ -246,8 +246,16 @@ def _collect(model: DynamicNet, loader: Iterable, device: torch.device, k5: int,
 
 
 def _min_gain(points: Sequence[dict[str, Any]], key: str, curve_macs: Sequence[float]) -> float | None:
-    """The smallest margin of a sweep point over a baseline, among points inside the routed static range."""
-    inside = [p["top1"] - p[key] for p in points if curve_macs[0] <= p["mean_macs"] <= curve_macs[-1]]
+    """The smallest margin of a sweep point over a baseline, among points inside the routed static range.
+
+    Points that route every sample to one sub-network are left out: they *are*
+    a static point (margin 0 by construction), not a routing decision.
+    """
+    inside = [
+        p["top1"] - p[key]
+        for p in points
+        if curve_macs[0] <= p["mean_macs"] <= curve_macs[-1] and sum(f > 0 for f in p["histogram"]["fractions"]) > 1
+    ]
     return min(inside) if inside else None
 
 

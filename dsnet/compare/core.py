@@ -138,7 +138,9 @@ class CompareContext:
     def stage_dir(self, key: str) -> Path:
         return self.root / key
 
-    def stage(self, key: str, run: Callable[[Path, bool], Any], what: str, config: Any) -> dict[str, Any]:
+    def stage(
+        self, key: str, run: Callable[[Path, bool], Any], what: str, config: Any, ignore: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         """Run a training stage into ``root/key``, or reuse it if finished, or resume it if interrupted.
 
         ``run(out, resume)`` must write ``out/summary.json`` last. ``config``
@@ -146,9 +148,13 @@ class CompareContext:
         finished stage is reused only if it matches, so changing a setting
         never silently reuses a stage trained with another. The stage's wall
         time is kept in ``out/stage.json``; a stage that had to resume says so
-        (its time then excludes the interrupted part).
+        (its time then excludes the interrupted part). ``ignore`` names the
+        recipe sections the stage does not read (stage I ignores ``gate``), so
+        changing one of them does not invalidate it.
         """
         out = self.stage_dir(key)
+        if ignore and isinstance(config, dict):
+            config = {k: v for k, v in config.items() if k not in ignore}
         record_path = out / "stage.json"
         config = _without_logging(config)  # progress bars and log files do not change a result
         fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]

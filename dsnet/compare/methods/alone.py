@@ -28,6 +28,7 @@ def alone_checkpoint(ctx: CompareContext, k: int) -> Path:
         lambda out, resume: train_supernet(cfg, out, resume=resume),
         f"training {widths} alone, {cfg['supernet']['epochs']} epochs",
         cfg,
+        ignore=("gate", "lcnet"),
     )
     return ctx.stage_dir(key) / "best.ckpt"
 

@@ -33,6 +33,7 @@ def supernet_checkpoint(ctx: CompareContext) -> Path:
         lambda out, resume: train_supernet(ctx.cfg, out, resume=resume),
         f"training the DS-Net supernet, {ctx.cfg['supernet']['epochs']} epochs",
         ctx.cfg,
+        ignore=("gate", "lcnet"),
     )
     return ctx.stage_dir(SUPERNET) / "best.ckpt"
 
@@ -66,6 +67,7 @@ class DSNetGate(Method):
             lambda out, resume: train_gate(ctx.cfg, supernet, out, resume=resume),
             f"training the gate, {ctx.cfg['gate']['epochs']} epochs",
             ctx.cfg,
+            ignore=("lcnet",),
         )
 
     def points(self, ctx: CompareContext) -> list[Point]:

@@ -69,6 +69,7 @@ class LCNet(Method):
             lambda out, resume: train_lcnet(cfg, out, resume=resume),
             f"training {cfg['model']['name']}, {cfg['lcnet']['epochs']} epochs",
             cfg,
+            ignore=("gate", "supernet"),  # the supernet's optimiser settings are copied into lcnet
         )
 
     def points(self, ctx: CompareContext) -> list[Point]:

@@ -78,7 +78,11 @@ class _Search(Method):
                 log=ctx.log,
             ),
             f"progressive sub-network search (across={settings['across']}) from the widest network trained alone",
-            {"config": ctx.cfg, "pss": settings, "targets": targets},
+            {
+                "config": {k: v for k, v in ctx.cfg.items() if k not in ("gate", "lcnet")},  # sections it never reads
+                "pss": settings,
+                "targets": targets,
+            },
         )
         return ctx.stage_dir(f"{self.key}/search") / "best.ckpt"
 
@@ -109,7 +113,7 @@ class _SearchGate(_Search):
             f"{self.key}/gate",
             lambda out, resume: train_gate(ctx.cfg, supernet, out, resume=resume),
             f"training a gate on the {self.key} sub-networks, {ctx.cfg['gate']['epochs']} epochs",
-            {"config": ctx.cfg, "pss": self.settings(ctx)},
+            {"config": {k: v for k, v in ctx.cfg.items() if k != "lcnet"}, "pss": self.settings(ctx)},
         )
 
     def points(self, ctx: CompareContext) -> list[Point]:

@@ -23,6 +23,7 @@ class USNet(Method):
             lambda out, resume: train_supernet(cfg, out, resume=resume),
             f"training a US-Net over {n} widths, {cfg['supernet']['epochs']} epochs",
             cfg,
+            ignore=("gate", "lcnet"),
         )
 
     def points(self, ctx: CompareContext) -> list[Point]:

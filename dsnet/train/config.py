@@ -26,6 +26,7 @@ from dsnet.utils.schema import (
     Device,
     Float,
     Int,
+    Key,
     Mapping,
     Numbers,
     PathKey,
@@ -49,6 +50,23 @@ __all__ = [
 
 S1, S2, BOTH = "supernet", "gate", "supernet, gate"
 
+
+def _optimiser_keys(epochs: int) -> dict[str, Key]:
+    """The optimiser and schedule keys stage I and LC-Net share (same defaults but the epochs)."""
+    return {
+        "epochs": Int(epochs, "[1, inf)", doc="training epochs"),
+        "optimizer": Choice("sgd", ("sgd", "adamw"), doc="sgd: masked SGD (official); adamw: for transformers"),
+        "lr": Float(0.1, "(0, inf)", doc="peak learning rate for a global batch of lr_reference_batch"),
+        "lr_reference_batch": Int(256, "[1, inf)", doc="lr is scaled by global batch / this (printed at start)"),
+        "momentum": Float(0.9, "[0, 1)", doc="SGD momentum"),
+        "nesterov": Bool(False, doc="Nesterov momentum (sgd)"),
+        "betas": Numbers([0.9, 0.999], "[0, 1)", length=2, doc="AdamW betas (adamw only)"),
+        "weight_decay": Float(1e-4, "[0, inf)", doc="weight decay"),
+        "warmup_epochs": Float(1.0, "[0, inf)", doc="linear warm-up, in epochs (fractions allowed), <= epochs"),
+        "min_lr": Float(0.0, "[0, inf)", doc="final learning rate of the cosine schedule, <= lr"),
+    }
+
+
 # One table per section: default, range or choices, which stage reads it, what it means.
 # The ``data`` section's table lives with the data package (dsnet.data.config.DATA_SCHEMA).
 SCHEMA: dict[str, Any] = {
@@ -69,16 +87,7 @@ SCHEMA: dict[str, Any] = {
     "data": DATA_SCHEMA,
     "supernet": with_stage(
         {
-            "epochs": Int(10, "[1, inf)", doc="training epochs"),
-            "optimizer": Choice("sgd", ("sgd", "adamw"), doc="sgd: masked SGD (official); adamw: for transformers"),
-            "lr": Float(0.1, "(0, inf)", doc="peak learning rate for a global batch of lr_reference_batch"),
-            "lr_reference_batch": Int(256, "[1, inf)", doc="lr is scaled by global batch / this (printed at start)"),
-            "momentum": Float(0.9, "[0, 1)", doc="SGD momentum"),
-            "nesterov": Bool(False, doc="Nesterov momentum (sgd)"),
-            "betas": Numbers([0.9, 0.999], "[0, 1)", length=2, doc="AdamW betas (adamw only)"),
-            "weight_decay": Float(1e-4, "[0, inf)", doc="weight decay"),
-            "warmup_epochs": Float(1.0, "[0, inf)", doc="linear warm-up, in epochs (fractions allowed), <= epochs"),
-            "min_lr": Float(0.0, "[0, inf)", doc="final learning rate of the cosine schedule, <= lr"),
+            **_optimiser_keys(epochs=10),
             "label_smoothing": Float(0.1, "[0, 1)", doc="label smoothing of the largest sub-network's loss"),
             "num_random": Int(2, "[0, inf)", doc="sandwich rule: largest + num_random random + smallest"),
             "width_sampling": Choice(
@@ -132,16 +141,7 @@ SCHEMA: dict[str, Any] = {
     # LC-Net (``dsnet train lcnet``, SPEC 6.1): the rival of dynamic slicing, trained on its own
     "lcnet": with_stage(
         {
-            "epochs": Int(6, "[1, inf)", doc="training epochs"),
-            "optimizer": Choice("sgd", ("sgd", "adamw"), doc="sgd (masked) or adamw"),
-            "lr": Float(0.1, "(0, inf)", doc="peak learning rate for a global batch of lr_reference_batch"),
-            "lr_reference_batch": Int(256, "[1, inf)", doc="lr is scaled by global batch / this (printed at start)"),
-            "momentum": Float(0.9, "[0, 1)", doc="SGD momentum"),
-            "nesterov": Bool(False, doc="Nesterov momentum (sgd)"),
-            "betas": Numbers([0.9, 0.999], "[0, 1)", length=2, doc="AdamW betas (adamw only)"),
-            "weight_decay": Float(1e-4, "[0, inf)", doc="weight decay"),
-            "warmup_epochs": Float(1.0, "[0, inf)", doc="linear warm-up, in epochs (fractions allowed), <= epochs"),
-            "min_lr": Float(0.0, "[0, inf)", doc="final learning rate of the cosine schedule, <= lr"),
+            **_optimiser_keys(epochs=6),
             "label_smoothing": Float(0.0, "[0, 1)", doc="label smoothing of the cross-entropy"),
             "grad_clip": Float(None, "(0, inf)", null=True, doc="clip the gradient norm to this (null: off)"),
             "tau": Float(1.0, "(0, inf)", doc="Gumbel-softmax temperature of the L-Nets"),

@@ -93,14 +93,14 @@ def _stage(
     the sections in ``ignore``, which it does not read): a changed recipe never
     silently reuses a stale result.
     """
-    from dsnet.train.run import _config_difference
+    from dsnet.train.run import config_difference
 
     t0 = time.time()
     if (out / "summary.json").is_file():
         saved = out / "config.yaml"
         old = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
         old = {k: v for k, v in (old or {}).items() if k not in ignore}
-        diff = _config_difference(old, _fill_unset({k: v for k, v in cfg.items() if k not in ignore}, old))
+        diff = config_difference(old, _fill_unset({k: v for k, v in cfg.items() if k not in ignore}, old))
         if diff:
             key, was, now = diff
             raise ValueError(

@@ -31,6 +31,7 @@ __all__ = [
     "METHODS",
     "register_method",
     "CompareContext",
+    "without_sections",
     "static_points",
     "sweep_points",
     "time_points",
@@ -154,7 +155,7 @@ class CompareContext:
         """
         out = self.stage_dir(key)
         if ignore and isinstance(config, dict):
-            config = {k: v for k, v in config.items() if k not in ignore}
+            config = without_sections(config, ignore)
         record_path = out / "stage.json"
         config = _without_logging(config)  # progress bars and log files do not change a result
         fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -192,36 +193,58 @@ class CompareContext:
         model, _ = load_model(checkpoint, map_location=self.device)
         return model
 
-    def report(
-        self, key: str, checkpoint: str | Path, model: DynamicNet | None = None, require: str | None = None
+    def cached(
+        self,
+        key: str,
+        checkpoint: str | Path,
+        compute: Callable[[], dict[str, Any]],
+        valid: Callable[[dict[str, Any]], bool] = lambda cached: True,
     ) -> dict[str, Any]:
-        """``dsnet.evaluation.evaluate`` of a checkpoint on the test split, cached in ``root/key/report_test.json``.
+        """A test-split result of a checkpoint, cached in ``root/key/report_test.json``.
 
-        A cached report is used unless the checkpoint is newer or it lacks the
-        key ``require`` (written by an older ``evaluate``: evaluate again).
+        The cache is used unless the checkpoint is newer or ``valid`` rejects it
+        (written by an older version or with other settings); otherwise
+        ``compute()`` runs and its result replaces the cache.
         """
-        from dsnet.evaluation import evaluate
-
         path = self.stage_dir(key) / "report_test.json"
         if path.is_file() and path.stat().st_mtime >= Path(checkpoint).stat().st_mtime:
             cached = json.loads(path.read_text())
-            if require is None or require in cached:
+            if valid(cached):
                 return cached
-        model = model or self.load(checkpoint)
-        info = self.info
-        report = evaluate(
-            model,
-            self.loader("val"),
-            sweep=self.settings["eval"]["sweep"],
-            device=self.device,
-            progress=self.progress,
-            model_name=self.cfg["model"]["name"],
-            dataset_name=info.name,
-            class_names=info.class_names,
-            split="test",
-        )
-        atomic_write_json(report, path)
-        return report
+        result = compute()
+        atomic_write_json(result, path)
+        return result
+
+    def report(
+        self, key: str, checkpoint: str | Path, model: DynamicNet | None = None, require: str | None = None
+    ) -> dict[str, Any]:
+        """``dsnet.evaluation.evaluate`` of a checkpoint on the test split, cached (:meth:`cached`).
+
+        A cached report lacking the key ``require`` (written by an older
+        ``evaluate``) is evaluated again.
+        """
+        from dsnet.evaluation import evaluate
+
+        def compute() -> dict[str, Any]:
+            info = self.info
+            return evaluate(
+                model or self.load(checkpoint),
+                self.loader("val"),
+                sweep=self.settings["eval"]["sweep"],
+                device=self.device,
+                progress=self.progress,
+                model_name=self.cfg["model"]["name"],
+                dataset_name=info.name,
+                class_names=info.class_names,
+                split="test",
+            )
+
+        return self.cached(key, checkpoint, compute, lambda cached: require is None or require in cached)
+
+
+def without_sections(cfg: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """``cfg`` without the top-level recipe sections ``names`` (those a stage never reads)."""
+    return {k: v for k, v in cfg.items() if k not in names}
 
 
 def _without_logging(config: Any) -> Any:

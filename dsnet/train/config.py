@@ -40,6 +40,7 @@ from dsnet.utils.schema import (
 __all__ = [
     "SCHEMA",
     "DEFAULTS",
+    "OPTIMISER_KEYS",
     "load_config",
     "resolve_config",
     "apply_overrides",
@@ -66,6 +67,9 @@ def _optimiser_keys(epochs: int) -> dict[str, Key]:
         "min_lr": Float(0.0, "[0, inf)", doc="final learning rate of the cosine schedule, <= lr"),
     }
 
+
+# the keys of that table, by name (``dsnet compare`` gives LC-Net the recipe's stage I values of these)
+OPTIMISER_KEYS: tuple[str, ...] = tuple(_optimiser_keys(epochs=1))
 
 # One table per section: default, range or choices, which stage reads it, what it means.
 # The ``data`` section's table lives with the data package (dsnet.data.config.DATA_SCHEMA).

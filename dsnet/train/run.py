@@ -26,6 +26,7 @@ from dsnet.utils.modes import temporary_mode
 
 __all__ = [
     "RunDir",
+    "config_difference",
     "autocast",
     "seed_everything",
     "selection_loader",
@@ -126,14 +127,14 @@ def top1_accuracy(
 RESUME_MAY_CHANGE = ("device", "data.root", "data.workers", "data.download", "log", "distributed")
 
 
-def _config_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+def config_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
     """The first key (dotted) whose value differs between two resolved configs; keys one side lacks are skipped."""
     if prefix and any(prefix == k or prefix.startswith(k + ".") for k in RESUME_MAY_CHANGE):
         return None
     if isinstance(old, dict) and isinstance(new, dict):
         for key in old:
             if key in new:
-                found = _config_difference(old[key], new[key], f"{prefix}.{key}" if prefix else str(key))
+                found = config_difference(old[key], new[key], f"{prefix}.{key}" if prefix else str(key))
                 if found:
                     return found
         return None
@@ -176,7 +177,7 @@ class RunDir:
             self.state = read_checkpoint(self.last)
             if self.state.get("stage", stage) != stage:
                 raise ValueError(f"--resume: {self.last} is a {self.state['stage']} run, not a {stage} run")
-            diff = _config_difference(self.state.get("config") or {}, cfg)
+            diff = config_difference(self.state.get("config") or {}, cfg)
             if diff:
                 key, old, new = diff
                 raise ValueError(

@@ -13,13 +13,11 @@ evaluated once on the test split and timed as real skipping inference
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 from typing import Any
 
 from dsnet.compare.core import CompareContext, Method, Point, register_method
 from dsnet.models import list_models
-from dsnet.utils.io import atomic_write_json
+from dsnet.train.config import OPTIMISER_KEYS
 
 __all__ = ["lcnet_model_name", "lcnet_config"]
 
@@ -42,9 +40,7 @@ def lcnet_config(cfg: dict[str, Any]) -> dict[str, Any]:
     kwargs = {k: v for k, v in cfg["model"]["kwargs"].items() if k in ("num_classes", "in_chans")}
     out["model"] = {"name": name, "kwargs": {**kwargs, "density": DENSITY}, "checkpoint_path": None}
     sc, lc = cfg["supernet"], out["lcnet"]
-    for key in ("epochs", "optimizer", "lr", "lr_reference_batch", "momentum", "nesterov", "betas"):
-        lc[key] = sc[key]
-    for key in ("weight_decay", "warmup_epochs", "min_lr", "grad_clip"):
+    for key in (*OPTIMISER_KEYS, "grad_clip"):
         lc[key] = sc[key]
     lc["final_eval"] = False  # the comparison evaluates the test split itself, once
     return out
@@ -78,14 +74,13 @@ class LCNet(Method):
         ckpt = ctx.stage_dir(STAGE) / "best.ckpt"
         model = ctx.load(ckpt)
         biases = [float(b) for b in ctx.settings["eval"]["lcnet_skip_biases"]]
-        path = ctx.stage_dir(STAGE) / "report_test.json"
-        cached = json.loads(path.read_text()) if path.is_file() else None
-        fresh = cached and cached.get("skip_biases") == biases and path.stat().st_mtime >= Path(ckpt).stat().st_mtime
-        if not fresh:
+
+        def compute() -> dict[str, Any]:
             ctx.log(f"[compare] lcnet: evaluating {len(biases)} skip biases on the test split")
             found = evaluate_lcnet(model, ctx.loader("val"), ctx.device, skip_biases=biases, progress=ctx.progress)
-            cached = {"skip_biases": biases, "points": found}
-            atomic_write_json(cached, path)
+            return {"skip_biases": biases, "points": found}
+
+        cached = ctx.cached(STAGE, ckpt, compute, lambda cached: cached.get("skip_biases") == biases)
         points = []
         for p in cached["points"]:
             b = float(p["skip_bias"])

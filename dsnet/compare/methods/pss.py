@@ -20,7 +20,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dsnet.compare.core import CompareContext, Method, Point, register_method, static_points, sweep_points
+from dsnet.compare.core import (
+    CompareContext,
+    Method,
+    Point,
+    register_method,
+    static_points,
+    sweep_points,
+    without_sections,
+)
 from dsnet.compare.methods.alone import alone_checkpoint, routed_widths
 
 
@@ -79,7 +87,7 @@ class _Search(Method):
             ),
             f"progressive sub-network search (across={settings['across']}) from the widest network trained alone",
             {
-                "config": {k: v for k, v in ctx.cfg.items() if k not in ("gate", "lcnet")},  # sections it never reads
+                "config": without_sections(ctx.cfg, ("gate", "lcnet")),  # sections it never reads
                 "pss": settings,
                 "targets": targets,
             },
@@ -113,7 +121,7 @@ class _SearchGate(_Search):
             f"{self.key}/gate",
             lambda out, resume: train_gate(ctx.cfg, supernet, out, resume=resume),
             f"training a gate on the {self.key} sub-networks, {ctx.cfg['gate']['epochs']} epochs",
-            {"config": {k: v for k, v in ctx.cfg.items() if k != "lcnet"}, "pss": self.settings(ctx)},
+            {"config": without_sections(ctx.cfg, ("lcnet",)), "pss": self.settings(ctx)},
         )
 
     def points(self, ctx: CompareContext) -> list[Point]:

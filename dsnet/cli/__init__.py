@@ -36,7 +36,25 @@ def build_parser() -> argparse.ArgumentParser:
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
             importlib.import_module(f"dsnet.cli.{info.name}").add_parser(sub)
+    for leaf in _leaf_parsers(parser):
+        leaf.add_argument(
+            "--trust-factory",
+            dest="trust_factory",
+            action="append",
+            default=[],
+            metavar="MODULE:FUNCTION",
+            help="allow a checkpoint or run folder that names this factory model (make_dynamic) to build it; "
+            "building it runs its code (repeatable)",
+        )
     return parser
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers that run a command (``dsnet eval``, ``dsnet train gate``), not those that only dispatch."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    return [leaf for a in subs for child in dict.fromkeys(a.choices.values()) for leaf in _leaf_parsers(child)]
 
 
 def one_line(err: BaseException) -> str:
@@ -51,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from dsnet.models.registry import trust_factories
+
+        trust_factories(getattr(args, "trust_factory", []))
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

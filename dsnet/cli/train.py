@@ -39,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dsnet.models.registry import check_factory_trusted, trust_factories
     from dsnet.train.config import load_config
 
     overrides = list(args.overrides)
@@ -50,8 +51,12 @@ def run(args: argparse.Namespace) -> int:
         from dsnet.train.config import apply_overrides, resolve_config
 
         cfg = resolve_config(apply_overrides(_run_config(Path(args.out)), overrides))
+        # the model name came from the run folder, not from the user: a factory there must be allowed
+        check_factory_trusted(cfg["model"]["name"], f"{args.out}'s recorded config (model.name)")
     else:
         cfg = load_config(args.config, overrides)
+        if ":" in cfg["model"]["name"]:
+            trust_factories([cfg["model"]["name"]])  # the user named it, in their recipe or with --set
     if args.stage == "supernet":
         from dsnet.train.supernet import train_supernet
 

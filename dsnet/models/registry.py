@@ -4,19 +4,45 @@ A name is a registered model (``"ds_resnet50"``) or a user factory written
 ``"package.module:function"``, imported on demand: training configs, checkpoints
 and the CLI accept both, so a network made dynamic with ``dsnet.make_dynamic``
 trains and reloads like a registered one.
+
+A factory name is code: building it imports a module and calls a function.
+It runs only when the *user* names it -- a ``create_model`` call, a recipe
+given to a training command, ``--model`` -- or allows it explicitly
+(:func:`trust_factories`, ``--trust-factory NAME``, the environment variable
+``DSNET_TRUSTED_FACTORIES=a:b,c:d``). A name read from a file (a checkpoint,
+a run folder's config) is checked with :func:`check_factory_trusted` before
+anything is imported, as ``torch.load(weights_only=True)`` refuses globals
+that ``torch.serialization.add_safe_globals`` did not allow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["register_model", "create_model", "list_models", "model_info"]
+__all__ = [
+    "register_model",
+    "create_model",
+    "list_models",
+    "model_info",
+    "is_factory_name",
+    "trust_factories",
+    "trusted_factories",
+    "is_trusted_factory",
+    "check_factory_trusted",
+    "TRUSTED_FACTORIES_ENV",
+]
+
+TRUSTED_FACTORIES_ENV = "DSNET_TRUSTED_FACTORIES"
+_FACTORY_NAME = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_TRUSTED: set[str] = set()  # factory names the user allowed in this process (trust_factories)
 
 
 @dataclass(frozen=True)
@@ -92,6 +118,59 @@ def create_model(name: str, checkpoint_path: str | os.PathLike | Mapping | None 
 
         load_pretrained(model, checkpoint_path)
     return model
+
+
+def is_factory_name(name: str) -> bool:
+    """Whether ``name`` names a user factory (``"package.module:function"``), not a registered model."""
+    return ":" in name
+
+
+def _checked_names(names: Iterable[str] | str) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        if not isinstance(name, str) or not _FACTORY_NAME.match(name):
+            raise ValueError(f"trusted factory {name!r}: expected 'package.module:function'")
+    return names
+
+
+def trust_factories(names: Iterable[str] | str) -> None:
+    """Allow these ``module:function`` factories to be built when a file (a checkpoint, a run's config) names them.
+
+    For the rest of the process; :func:`trusted_factories` allows them for a ``with`` block only.
+    Only allow a factory whose code you trust: building it imports its module and calls it.
+    """
+    _TRUSTED.update(_checked_names(names))
+
+
+@contextlib.contextmanager
+def trusted_factories(names: Iterable[str] | str) -> Iterator[None]:
+    """:func:`trust_factories` for the duration of a ``with`` block."""
+    added = [n for n in _checked_names(names) if n not in _TRUSTED]
+    _TRUSTED.update(added)
+    try:
+        yield
+    finally:
+        _TRUSTED.difference_update(added)
+
+
+def _env_trusted() -> set[str]:
+    return {n.strip() for n in os.environ.get(TRUSTED_FACTORIES_ENV, "").split(",") if n.strip()}
+
+
+def is_trusted_factory(name: str, extra: Iterable[str] = ()) -> bool:
+    """A registered model name (no code of the file's choosing), or a factory the user allowed."""
+    return not is_factory_name(name) or name in _TRUSTED or name in set(extra) or name in _env_trusted()
+
+
+def check_factory_trusted(name: str, source: str, extra: Iterable[str] = ()) -> None:
+    """Refuse a factory name that ``source`` (a file) asks for and the user did not allow; nothing is imported."""
+    if is_trusted_factory(name, extra):
+        return
+    raise ValueError(
+        f"{source} names the factory model {name!r}: building it would import and run that code, so nothing "
+        f"was built or imported. If you trust it, allow it: --trust-factory {name} (Python: "
+        f"dsnet.trust_factories([{name!r}]); or {TRUSTED_FACTORIES_ENV}={name})"
+    )
 
 
 def _factory(name: str) -> Callable[..., nn.Module]:

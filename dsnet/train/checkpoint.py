@@ -11,12 +11,26 @@ Everything a checkpoint stores is of those types (RNG states included, see
 ``dsnet.train.run.rng_state``). Files written by dsnet before this held numpy
 RNG state, which the safe loader refuses; ``convert_checkpoint`` (``dsnet
 checkpoint convert --trust``) rewrites one, for files from a trusted source.
+
+What a checkpoint may do when loaded: name a registered model and its
+arguments (plain values), and hold weights. It may not make dsnet import or
+call anything: a ``model.name`` that is a ``module:function`` factory (a
+network made with ``make_dynamic``) is refused unless the user allowed that
+factory (``--trust-factory``, :func:`dsnet.models.registry.trust_factories`,
+``trust_factories=``), before anything is imported.
+
+Every checkpoint dsnet writes carries a SHA-256 digest of its contents
+(``integrity``): a flipped byte, a truncated tensor or an edited value is a
+one-line error on reading, not a model that silently computes something else.
+Weights that are not finite (NaN or inf) are refused too, naming the tensor.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +38,7 @@ import torch
 from torch import nn
 
 from dsnet.models import create_model
+from dsnet.models.registry import check_factory_trusted
 from dsnet.utils.io import atomic_torch_save
 
 __all__ = [
@@ -38,7 +53,9 @@ __all__ = [
 ]
 
 FORMAT = "dsnet-checkpoint-v1"
+DIGEST = "sha256-content-v1"  # how ``integrity`` is computed (see _digest)
 _SHOW_KEYS = 3  # mismatched keys named in an error message
+_WEIGHT_KEYS = ("state_dict", "ema_state_dict")
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -47,7 +64,78 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     if missing:
         raise ValueError(f"checkpoint payload lacks {sorted(missing)}")
     _check_plain(payload, "payload")
-    return atomic_torch_save({"format": FORMAT, **payload}, path)
+    body = {"format": FORMAT, **{k: v for k, v in payload.items() if k not in ("format", "integrity")}}
+    return atomic_torch_save({**body, "integrity": {"algorithm": DIGEST, "sha256": content_digest(body)}}, path)
+
+
+def _digest(value: Any, h: Any) -> None:
+    """Feed ``value`` into the hash ``h``: type tags, lengths and bytes, so distinct contents hash apart."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        h.update(f"D{len(value)}".encode())
+        for key, item in value.items():
+            _digest(key, h)
+            _digest(item, h)
+    elif isinstance(value, (list, tuple)):  # torch.Size is a tuple
+        h.update(f"{'L' if isinstance(value, list) else 'U'}{len(value)}".encode())
+        for item in value:
+            _digest(item, h)
+    else:  # str, int, float, bool, None, torch.dtype: repr is exact (floats round-trip)
+        text = repr(value)
+        h.update(f"S{type(value).__name__}{len(text)}:{text}".encode())
+
+
+def content_digest(payload: dict[str, Any]) -> str:
+    """SHA-256 over a checkpoint's contents (every key but ``integrity``), independent of pickling details."""
+    h = hashlib.sha256()
+    _digest({k: v for k, v in payload.items() if k != "integrity"}, h)
+    return h.hexdigest()
+
+
+def _check_integrity(ckpt: dict[str, Any], path: Path) -> None:
+    record = ckpt.get("integrity")
+    if record is None:  # written before digests existed
+        return
+    if not isinstance(record, dict) or record.get("algorithm") != DIGEST or not isinstance(record.get("sha256"), str):
+        raise ValueError(f"{path}: its integrity record is not one this dsnet writes ({DIGEST}); not loaded")
+    if content_digest(ckpt) != record["sha256"]:
+        raise ValueError(
+            f"{path} is corrupted: its contents do not match the SHA-256 digest written with it (a changed or "
+            "damaged byte, or a file edited after saving); not loaded"
+        )
+
+
+def _check_finite(ckpt: dict[str, Any], path: Path) -> None:
+    for key in _WEIGHT_KEYS:
+        state = ckpt.get(key)
+        if not isinstance(state, dict):
+            continue
+        bad = [
+            name
+            for name, t in state.items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ]
+        if bad:
+            what = "weights" if key == "state_dict" else "EMA weights"
+            raise ValueError(
+                f"{path}: its {what} are not finite (NaN or inf) in {len(bad)} tensor(s) ({_names(bad)}); the "
+                "run that wrote it diverged or the file was altered; not loaded"
+            )
+
+
+def _check_factories(ckpt: dict[str, Any], path: Path, trust_factories: Iterable[str]) -> None:
+    """Refuse factory names the file asks for (its model, its recorded config's model) unless allowed."""
+    trust = list(trust_factories)
+    names = [("model.name", ckpt["model"]["name"])]
+    config_model = (ckpt.get("config") or {}).get("model") if isinstance(ckpt.get("config"), dict) else None
+    if isinstance(config_model, dict) and isinstance(config_model.get("name"), str):
+        names.append(("config model.name", config_model["name"]))
+    for where, name in names:
+        check_factory_trusted(name, f"{path} ({where})", trust)
 
 
 _SCALARS = (str, int, float, bool, type(None))  # exactly these: numpy.float64 is a float subclass
@@ -75,8 +163,19 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The checkpoint at ``path``, loaded safely (no code runs); ``ValueError`` if it is not a dsnet checkpoint."""
+def read_checkpoint(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    trust_factories: Iterable[str] = (),
+    check_factories: bool = True,
+) -> dict[str, Any]:
+    """The checkpoint at ``path``, loaded safely (no code runs); ``ValueError`` if it is not a dsnet checkpoint.
+
+    Checked before it is returned: its integrity digest (when it has one), that its weights are finite, and
+    that any ``module:function`` factory it names is one the user allowed (``trust_factories`` here, or
+    :func:`dsnet.models.registry.trust_factories`). ``check_factories=False`` is for callers that build
+    nothing the file names (loading its weights into a model the caller built).
+    """
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory, not a checkpoint file")
@@ -101,9 +200,13 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"{path} is not a readable dsnet checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a dsnet checkpoint (expected format {FORMAT!r})")
+    _check_integrity(ckpt, path)
     model_spec(ckpt, path)
+    if check_factories:
+        _check_factories(ckpt, path, trust_factories)
     if not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(f"{path}: the checkpoint has no 'state_dict' entry (the model's weights)")
+    _check_finite(ckpt, path)
     return ckpt
 
 
@@ -178,10 +281,17 @@ def load_state_into(
 
 
 def load_model(
-    path: str | os.PathLike, use_ema: bool = True, map_location: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    use_ema: bool = True,
+    map_location: str | torch.device = "cpu",
+    trust_factories: Iterable[str] = (),
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of a checkpoint (EMA weights when present and ``use_ema``), in eval mode."""
-    ckpt = read_checkpoint(path, map_location)
+    """Rebuild the model of a checkpoint (EMA weights when present and ``use_ema``), in eval mode.
+
+    A checkpoint of a ``module:function`` factory model (``make_dynamic``) is built only if that factory
+    is in ``trust_factories`` or was allowed with :func:`dsnet.models.registry.trust_factories`.
+    """
+    ckpt = read_checkpoint(path, map_location, trust_factories=trust_factories)
     model = build_checkpoint_model(ckpt, path)
     ema = use_ema and ckpt.get("ema_state_dict")
     load_state_into(model, ckpt["ema_state_dict"] if ema else ckpt["state_dict"], path, ckpt)
@@ -219,6 +329,6 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, trust: bo
     rng = ckpt.get("rng")
     if isinstance(rng, dict) and "numpy" in rng:
         ckpt["rng"] = {**rng, "numpy": _plain_rng(rng["numpy"])}
-    atomic_torch_save(ckpt, dst)
-    read_checkpoint(dst)  # proves the converted file loads safely
+    save_checkpoint(dst, {k: v for k, v in ckpt.items() if k not in ("format", "integrity")})
+    read_checkpoint(dst, check_factories=False)  # proves the converted file loads safely (nothing is built)
     return Path(dst)

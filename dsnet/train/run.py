@@ -174,7 +174,8 @@ class RunDir:
         if resume:
             if not self.last.is_file():
                 raise FileNotFoundError(f"--resume: no {self.last} to resume from")
-            self.state = read_checkpoint(self.last)
+            # the caller's config names the model: a factory it names is the caller's, the run's files may name it
+            self.state = read_checkpoint(self.last, trust_factories=self._own_factories())
             if self.state.get("stage", stage) != stage:
                 raise ValueError(f"--resume: {self.last} is a {self.state['stage']} run, not a {stage} run")
             diff = config_difference(self.state.get("config") or {}, cfg)
@@ -193,9 +194,13 @@ class RunDir:
         self.best_epoch: int | None = None if self.state is None else self.state.get("best_epoch")
         if self.state is not None and self.best_epoch is None:  # written before checkpoints recorded it
             try:
-                self.best_epoch = read_checkpoint(self.best)["epoch"]
+                self.best_epoch = read_checkpoint(self.best, trust_factories=self._own_factories())["epoch"]
             except (OSError, ValueError):
                 self.best_epoch = self.state["epoch"]
+
+    def _own_factories(self) -> list[str]:
+        name = (self.cfg.get("model") or {}).get("name")
+        return [name] if isinstance(name, str) else []
 
     def resume_state(self) -> dict[str, Any]:
         if self.state is None:
@@ -229,7 +234,7 @@ class RunDir:
         """Make ``best.ckpt`` hold the best epoch ``last.ckpt`` records, copying ``last.ckpt`` where it is that one."""
         best_epoch = self.best_epoch
         try:
-            ok = read_checkpoint(self.best)["epoch"] == best_epoch
+            ok = read_checkpoint(self.best, trust_factories=self._own_factories())["epoch"] == best_epoch
         except (OSError, ValueError):
             ok = False
         if ok:

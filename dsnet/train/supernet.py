@@ -388,7 +388,11 @@ def train_supernet(
     if ctx.is_main:
         show = cfg["log"]["progress"]
         result["calibration"] = calibrate_checkpoint(run.best, run.best, cfg, device, progress=show)
-        if read_checkpoint(run.last)["epoch"] == read_checkpoint(run.best)["epoch"]:
+        own = [cfg["model"]["name"]]  # this run's own files name the caller's model
+        if (
+            read_checkpoint(run.last, trust_factories=own)["epoch"]
+            == read_checkpoint(run.best, trust_factories=own)["epoch"]
+        ):
             atomic_copy(run.best, run.last)  # same weights: no need to calibrate twice
         else:
             calibrate_checkpoint(run.last, run.last, cfg, device, progress=show)
@@ -431,7 +435,8 @@ def calibrate_checkpoint(
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"BN recalibration needs at least one batch per sub-network, got {num_batches}")
     check_output_file(dst, "--out")
-    ckpt = read_checkpoint(src, map_location="cpu")
+    own = [cfg["model"]["name"]] if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) else []
+    ckpt = read_checkpoint(src, map_location="cpu", trust_factories=own)  # the caller's config names its model
     if cfg is None:
         cfg = ckpt.get("config")
         if not isinstance(cfg, dict) or not isinstance(cfg.get("data"), dict):

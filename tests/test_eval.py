@@ -70,14 +70,14 @@ def test_schema(setup):
 
     assert len(report["static"]) == len(model.subnets)
     for s, net in zip(report["static"], model.subnets):
-        assert set(s) == {"index", "widths", "macs", "top1", "top5", "routed", "in_routing_space"}
+        assert set(s) == {"index", "widths", "macs", "top1", "top1_pm95", "top5", "routed", "in_routing_space"}
         assert s["index"] == net.index and s["widths"] == net.as_dict()
         assert isinstance(s["macs"], int) and _is_num(s["top1"]) and _is_num(s["top5"])
         assert s["routed"] is net.routed and s["in_routing_space"] is (net.index in model.routing_space)
     assert report["static"][-1]["routed"] is False  # the training-only largest is reported, flagged
 
     dyn = report["dynamic"]
-    assert set(dyn) == {"bias", "top1", "top5", "mean_macs", "histogram", "per_class"}
+    assert set(dyn) == {"bias", "top1", "top1_pm95", "top5", "mean_macs", "histogram", "per_class"}
     assert dyn["bias"] == 0.0 and all(_is_num(dyn[k]) for k in ("top1", "top5", "mean_macs"))
     _check_histogram(dyn["histogram"], r, N)
     for c in dyn["per_class"]:
@@ -89,6 +89,7 @@ def test_schema(setup):
         assert set(p) == {
             "bias", "top1", "top5", "mean_macs", "histogram",
             "static_top1_at_macs", "cascade_top1_at_macs", "oracle_top1_at_macs",
+            "top1_pm95", "gain_over_static_pm95", "gain_over_cascade_pm95",
         }  # fmt: skip
         assert all(_is_num(v) for k, v in p.items() if k != "histogram")
         _check_histogram(p["histogram"], r, N)
@@ -99,11 +100,13 @@ def test_schema(setup):
         "widest_routed", "dynamic_top1", "dynamic_mean_macs", "mac_reduction", "static_top1_at_dynamic_macs",
         "top1_gain_at_equal_macs", "interpolation_clamped", "cascade_top1_at_dynamic_macs", "gain_over_cascade",
         "oracle_top1_at_dynamic_macs", "oracle_capture", "random_router", "sweep_min_gain_over_static",
-        "sweep_min_gain_over_cascade",
+        "sweep_min_gain_over_cascade", "dynamic_top1_pm95", "top1_gain_at_equal_macs_pm95",
+        "gain_over_cascade_pm95", "sweep_min_gain_over_static_pm95", "sweep_min_gain_over_cascade_pm95",
     }  # fmt: skip
-    assert set(s["widest_routed"]) == {"index", "macs", "top1"}
+    assert set(s["widest_routed"]) == {"index", "macs", "top1", "top1_pm95"}
     assert isinstance(s["interpolation_clamped"], bool)
     optional = ("oracle_capture", "sweep_min_gain_over_static", "sweep_min_gain_over_cascade")
+    optional += tuple(f"{k}_pm95" for k in optional[1:])
     assert all(
         _is_num(s[k]) or (k in optional and s[k] is None)
         for k in s
@@ -117,6 +120,28 @@ def test_schema(setup):
     assert [p["mean_macs"] for p in b["oracle"]] == sorted(p["mean_macs"] for p in b["oracle"])
     assert b["random"]["mix"] == pytest.approx(dyn["histogram"]["fractions"])
     assert set(report["consistency"]) == {"top1_mismatches", "max_rel_logit_diff"}
+
+
+def test_intervals_are_wilson_and_paired_on_direct_per_image_correctness(setup):
+    from dsnet.evaluation.stats import interpolated_correctness, paired_difference, top1_interval
+
+    model, x, y, report = setup
+    with torch.inference_mode():
+        dyn = model(x).argmax(1) == y
+        right = {s["index"]: model(x, subnet=s["index"]).argmax(1) == y for s in report["static"]}
+    for s in report["static"]:
+        assert s["top1_pm95"] == pytest.approx(top1_interval(int(right[s["index"]].sum()), N).half_width)
+    s = report["summary"]
+    assert s["dynamic_top1_pm95"] == pytest.approx(top1_interval(int(dyn.sum()), N).half_width)
+    routed = sorted((r for r in report["static"] if r["routed"]), key=lambda r: r["macs"])
+    curve = interpolated_correctness(
+        [r["macs"] for r in routed], [right[r["index"]] for r in routed], s["dynamic_mean_macs"]
+    )
+    margin = paired_difference(dyn, curve)
+    assert margin.estimate == pytest.approx(s["top1_gain_at_equal_macs"])
+    assert s["top1_gain_at_equal_macs_pm95"] == pytest.approx(margin.half_width) and margin.half_width > 0
+    for p in report["sweep"]:
+        assert p["top1_pm95"] > 0 and p["gain_over_static_pm95"] >= 0 and p["gain_over_cascade_pm95"] >= 0
 
 
 def test_static_accuracy_matches_direct_computation(setup):

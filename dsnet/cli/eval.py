@@ -156,6 +156,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pm(value: float, pm: float | None, signed: bool = False) -> str:
+    """``value ±pm`` (the 95% half-width; reports of an older dsnet have none: the value alone)."""
+    text = f"{value:+.2f}" if signed else f"{value:.2f}"
+    return text if pm is None else f"{text} ±{pm:.2f}"
+
+
+def _count_pm(top1: float, n: int) -> float:
+    """The 95% Wilson half-width of a top-1 (%) measured on ``n`` images."""
+    from dsnet.evaluation.stats import top1_interval
+
+    return top1_interval(round(top1 * n / 100.0), n).half_width
+
+
 def _pct(fractions: list[float]) -> str:
     return " / ".join(f"{100 * f:.0f}" for f in fractions)
 
@@ -172,13 +185,14 @@ def format_report(report: dict[str, Any]) -> str:
             s["index"],
             " ".join(f"{n}={w}" for n, w in s["widths"].items()),
             round(s["macs"] / 1e6, 2),
-            round(s["top1"], 2),
+            _pm(s["top1"], s.get("top1_pm95")),
             round(s["top5"], 2),
             "gate choice" if s["in_routing_space"] else ("routed" if s["routed"] else "training only"),
         ]
         for s in report["static"]
     ]
     title = f"{report['model']['name']} on {ds['name']} {ds['split']} ({ds['num_samples']} images, {size})"
+    title += "; ± = 95% interval"
     out.append(format_table(["#", "widths", "MMACs", "top-1 %", f"top-{k} %", "role"], rows, title=title))
 
     dyn = report["dynamic"]
@@ -187,7 +201,7 @@ def format_report(report: dict[str, Any]) -> str:
         for c, n, f in zip(choices, dyn["histogram"]["counts"], dyn["histogram"]["fractions"])
     ]
     title = (
-        f"dynamic (trained gate, b=0): top-1 {dyn['top1']:.2f}%, top-{k} {dyn['top5']:.2f}%, "
+        f"dynamic (trained gate, b=0): top-1 {_pm(dyn['top1'], dyn.get('top1_pm95'))}%, top-{k} {dyn['top5']:.2f}%, "
         f"mean {dyn['mean_macs'] / 1e6:.2f} MMACs per sample"
     )
     out.append(format_table(["choice", "subnet", "MMACs (+gate)", "samples", "%"], rows, title="\n" + title))
@@ -202,22 +216,29 @@ def format_report(report: dict[str, Any]) -> str:
     rows = [
         [
             f"{p['bias']:+.4g}",
-            round(p["top1"], 2),
+            _pm(p["top1"], p.get("top1_pm95")),
             round(p["top5"], 2),
             round(p["mean_macs"] / 1e6, 2),
+            _pm(p["top1"] - p["static_top1_at_macs"], p.get("gain_over_static_pm95"), signed=True),
+            _pm(p["top1"] - p["cascade_top1_at_macs"], p.get("gain_over_cascade_pm95"), signed=True),
             _pct(p["histogram"]["fractions"]),
         ]
         for p in report["sweep"]
     ]
     out.append(
         format_table(
-            ["bias", "top-1 %", f"top-{k} %", "mean MMACs", "% per choice"],
+            ["bias", "top-1 %", f"top-{k} %", "mean MMACs", "vs static", "vs cascade", "% per choice"],
             rows,
             title="\ngate-bias sweep (gate bias = b * " + str([round(r, 3) for r in report["bias_ramp"]]) + ")",
         )
     )
     rows = [
-        [f"{c['threshold']:.3f}", round(c["top1"], 2), round(c["mean_macs"] / 1e6, 2), round(100 * c["escalated"], 1)]
+        [
+            f"{c['threshold']:.3f}",
+            _pm(c["top1"], _count_pm(c["top1"], ds["num_samples"])),
+            round(c["mean_macs"] / 1e6, 2),
+            round(100 * c["escalated"], 1),
+        ]
         for c in report["baselines"]["cascade"]
     ]
     out.append(
@@ -241,14 +262,17 @@ def format_summary(report: dict[str, Any]) -> str:
     lines = [
         f"gate mode {report.get('gate_mode', 'pre')!r}; stored budget bias "
         + ("none" if bias is None else "[" + ", ".join(f"{b:+.3f}" for b in bias) + "]"),
-        f"widest routed #{w['index']}: top-1 {w['top1']:.2f}% at {w['macs'] / 1e6:.2f} MMACs; "
-        f"dynamic (trained gate): {s['dynamic_top1']:.2f}% at {s['dynamic_mean_macs'] / 1e6:.2f} MMACs "
-        f"({s['mac_reduction']:.2f}x fewer MACs)",
+        f"widest routed #{w['index']}: top-1 {_pm(w['top1'], w.get('top1_pm95'))}% at {w['macs'] / 1e6:.2f} MMACs; "
+        f"dynamic (trained gate): {_pm(s['dynamic_top1'], s.get('dynamic_top1_pm95'))}% at "
+        f"{s['dynamic_mean_macs'] / 1e6:.2f} MMACs ({s['mac_reduction']:.2f}x fewer MACs); ± = 95% interval",
         f"at {s['dynamic_mean_macs'] / 1e6:.2f} MMACs: gate {s['dynamic_top1']:.2f}% | static curve "
-        f"{s['static_top1_at_dynamic_macs']:.2f}% ({s['top1_gain_at_equal_macs']:+.2f})"
+        f"{s['static_top1_at_dynamic_macs']:.2f}% "
+        f"({_pm(s['top1_gain_at_equal_macs'], s.get('top1_gain_at_equal_macs_pm95'), signed=True)})"
         + (" [outside the static range: clamped]" if s["interpolation_clamped"] else "")
-        + f" | cascade {s['cascade_top1_at_dynamic_macs']:.2f}% ({s['gain_over_cascade']:+.2f})"
-        f" | oracle {s['oracle_top1_at_dynamic_macs']:.2f}%",
+        + f" | cascade {s['cascade_top1_at_dynamic_macs']:.2f}% "
+        f"({_pm(s['gain_over_cascade'], s.get('gain_over_cascade_pm95'), signed=True)})"
+        f" | oracle {s['oracle_top1_at_dynamic_macs']:.2f}%"
+        + ("; margins: paired 95% intervals" if "top1_gain_at_equal_macs_pm95" in s else ""),
         f"random router with the gate's mix: {rnd['top1']:.2f}% at {rnd['mean_macs'] / 1e6:.2f} MMACs; "
         "share of the oracle's gain over the static curve the gate captures: "
         + ("n/a" if capture is None else f"{100 * capture:.0f}%"),
@@ -257,6 +281,7 @@ def format_summary(report: dict[str, Any]) -> str:
     if worst_static is not None:
         lines.append(
             f"along the sweep (points inside the static range): worst margin over the static curve "
-            f"{worst_static:+.2f}, over the cascade {worst_cascade:+.2f} points"
+            f"{_pm(worst_static, s.get('sweep_min_gain_over_static_pm95'), signed=True)}, over the cascade "
+            f"{_pm(worst_cascade, s.get('sweep_min_gain_over_cascade_pm95'), signed=True)} points"
         )
     return "\n".join(lines)

@@ -65,6 +65,13 @@ histograms are indexed by routing choice (position in ``routing_space``).
                      inside the static range, among those routing to more than one sub-network)}
     consistency     {top1_mismatches: int  (samples where the dynamic forward and the arithmetic disagree),
                      max_rel_logit_diff: float  (largest |dynamic - static| logit, over max(1, |logit|))}
+    95% intervals   every top-1 above has a ``top1_pm95`` beside it (static entries, dynamic, sweep points,
+                    summary.widest_routed; summary.dynamic_top1_pm95): the half-width, in points, of its Wilson
+                    interval on the n images. Every margin has one too: sweep points' gain_over_static_pm95 and
+                    gain_over_cascade_pm95 (their top1 minus static/cascade_top1_at_macs), summary's
+                    top1_gain_at_equal_macs_pm95, gain_over_cascade_pm95, sweep_min_gain_over_*_pm95: paired
+                    intervals from per-image correctness, the interpolated baseline's vector mixed between the
+                    bracketing curve points (approximate: see ``_add_intervals``).
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ import torch
 from torch import Tensor
 
 from dsnet.evaluation import baselines as bl
+from dsnet.evaluation import stats
 from dsnet.layers.gate import bias_ramp
 from dsnet.models.base import DynamicNet
 from dsnet.utils.modes import temporary_mode
@@ -180,7 +188,8 @@ def _collect(model: DynamicNet, loader: Iterable, device: torch.device, k5: int,
     num = len(model.subnets)
     static1 = torch.zeros(num, dtype=torch.int64)
     static5 = torch.zeros(num, dtype=torch.int64)
-    rec: dict[str, list[Tensor]] = {k: [] for k in ("gate", "labels", "c1", "c5", "dyn1", "dyn5", "choice", "conf")}
+    keys = ("gate", "labels", "c1", "c5", "dyn1", "dyn5", "choice", "conf", "routed1")
+    rec: dict[str, list[Tensor]] = {k: [] for k in keys}  # routed1: (N, routed) per-image top-1 hits
     max_diff, input_size = 0.0, None
 
     batches = loader
@@ -209,9 +218,11 @@ def _collect(model: DynamicNet, loader: Iterable, device: torch.device, k5: int,
         c5 = torch.empty_like(c1)
         expected = torch.empty_like(dyn.logits)
         conf = None
-        for k in routed:
+        routed1 = torch.empty(x.shape[0], len(routed), dtype=torch.bool, device=device)
+        for i, k in enumerate(routed):
             logits = model.forward_post(h, k)
             hit1, hit5 = _topk_correct(logits, y, k5)
+            routed1[:, i] = hit1
             static1[k] += int(hit1.sum())
             static5[k] += int(hit5.sum())
             if k in pos_in_space:
@@ -236,6 +247,7 @@ def _collect(model: DynamicNet, loader: Iterable, device: torch.device, k5: int,
             ("dyn5", d5),
             ("choice", dyn.choice),
             ("conf", conf),
+            ("routed1", routed1),
         ):
             rec[key].append(value.cpu())
     if input_size is None:
@@ -257,6 +269,72 @@ def _min_gain(points: Sequence[dict[str, Any]], key: str, curve_macs: Sequence[f
         if curve_macs[0] <= p["mean_macs"] <= curve_macs[-1] and sum(f > 0 for f in p["histogram"]["fractions"]) > 1
     ]
     return min(inside) if inside else None
+
+
+def _add_intervals(
+    static: list[dict[str, Any]],
+    dynamic: dict[str, Any],
+    points: list[dict[str, Any]],
+    summary: dict[str, Any],
+    cascade: list[dict[str, Any]],
+    rec: dict[str, Any],
+    gate: Tensor,
+    choice_macs: Tensor,
+    ramp: Tensor,
+) -> None:
+    """Add a 95% ``+-`` (``*_pm95``, points) to every top-1 and every margin of the report, in place.
+
+    Top-1s: the Wilson interval on the ``n`` images (:func:`dsnet.evaluation.stats.top1_interval`).
+    Margins over the static curve and the cascade at a point's mean MACs: the paired interval
+    (:func:`dsnet.evaluation.stats.paired_difference`) of the point's per-image correctness minus the
+    baseline's per-image correctness *interpolated* between the two curve points bracketing those MACs
+    (their vectors mixed with the interpolation weights). That is approximate: the weight depends on the
+    measured mean MACs, which is itself random, and is treated as fixed.
+    """
+    n = int(rec["labels"].numel())
+    c1 = rec["c1"]
+    for s in static:
+        s["top1_pm95"] = stats.top1_interval(int(rec["static1"][s["index"]]), n).half_width
+    dynamic["top1_pm95"] = stats.top1_interval(int(rec["dyn1"].sum()), n).half_width
+    order = [s["index"] for s in static if s["routed"]]  # the columns of rec["routed1"]
+    routed = sorted((s for s in static if s["routed"]), key=lambda s: s["macs"])
+    static_macs = [float(s["macs"]) for s in routed]
+    static_vectors = [rec["routed1"][:, order.index(s["index"])] for s in routed]
+    env_macs, env_top1 = bl.pareto_envelope(cascade)
+    by_value = {(float(c["mean_macs"]), float(c["top1"])): float(c["threshold"]) for c in cascade}
+    conf = rec["conf"]
+    cascade_vectors = [
+        torch.where(conf < by_value[(m, a)], c1[:, -1], c1[:, 0]) for m, a in zip(env_macs, env_top1, strict=True)
+    ]
+
+    def margins(right: Tensor, macs: float) -> tuple[float, float]:
+        static_ref = stats.interpolated_correctness(static_macs, static_vectors, macs)
+        cascade_ref = stats.interpolated_correctness(env_macs, cascade_vectors, macs)
+        over_static = stats.paired_difference(right, static_ref)
+        over_cascade = stats.paired_difference(right, cascade_ref)
+        return over_static.half_width, over_cascade.half_width
+
+    rows = torch.arange(n)
+    for p in points:
+        _, choice = sweep_point(gate, c1, rec["c5"], choice_macs, p["bias"], ramp)
+        right = c1[rows, choice]
+        p["top1_pm95"] = stats.top1_interval(int(right.sum()), n).half_width
+        p["gain_over_static_pm95"], p["gain_over_cascade_pm95"] = margins(right, p["mean_macs"])
+    summary["widest_routed"]["top1_pm95"] = next(
+        s["top1_pm95"] for s in static if s["index"] == summary["widest_routed"]["index"]
+    )
+    summary["dynamic_top1_pm95"] = dynamic["top1_pm95"]
+    summary["top1_gain_at_equal_macs_pm95"], summary["gain_over_cascade_pm95"] = margins(
+        rec["dyn1"], dynamic["mean_macs"]
+    )
+    for key, pm in (
+        ("sweep_min_gain_over_static", "gain_over_static_pm95"),
+        ("sweep_min_gain_over_cascade", "gain_over_cascade_pm95"),
+    ):
+        value = summary[key]
+        base = "static_top1_at_macs" if key.endswith("static") else "cascade_top1_at_macs"
+        worst = [p for p in points if value is not None and p["top1"] - p[base] == value]
+        summary[f"{key}_pm95"] = worst[0][pm] if worst else None
 
 
 def evaluate(
@@ -390,6 +468,7 @@ def evaluate(
         "sweep_min_gain_over_static": _min_gain(points, "static_top1_at_macs", curve_macs),
         "sweep_min_gain_over_cascade": _min_gain(points, "cascade_top1_at_macs", curve_macs),
     }
+    _add_intervals(static, dynamic, points, summary, baselines["cascade"], rec, gate, choice_macs, ramp)
     return {
         "schema_version": SCHEMA_VERSION,
         "model": {

@@ -15,6 +15,8 @@ import os
 import pkgutil
 import sys
 
+from dsnet.cli._args import add_common_arguments, apply_common_arguments
+
 __all__ = ["EXPECTED_ERRORS", "build_parser", "main", "one_line"]
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, IndexError, FloatingPointError)
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="allow a checkpoint or run folder that names this factory model (make_dynamic) to build it; "
             "building it runs its code (repeatable)",
         )
+    add_common_arguments(parser)  # --threads on every command
     return parser
 
 
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         from dsnet.models.registry import trust_factories
 
         trust_factories(getattr(args, "trust_factory", []))
+        apply_common_arguments(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

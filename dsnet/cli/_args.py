@@ -13,8 +13,17 @@ import re
 
 from dsnet.utils.io import check_output_dir, check_output_file
 
-__all__ = ["positive_int", "nonnegative_int", "device_name", "output_file", "output_dir"]
+__all__ = [
+    "add_common_arguments",
+    "apply_common_arguments",
+    "positive_int",
+    "nonnegative_int",
+    "device_name",
+    "output_file",
+    "output_dir",
+]
 
+_NO_COMPUTE = frozenset({"config", "models", "checkpoint"})  # commands that only read and print
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 
 
@@ -66,6 +75,35 @@ def output_file(text: str) -> str:
 def output_dir(text: str) -> str:
     """A folder path that can be created or written."""
     return _output(check_output_dir, text)
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers that run a command (those without subcommands of their own) under ``parser``."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    return [leaf for a in subs for p in dict.fromkeys(a.choices.values()) for leaf in _leaf_parsers(p)]
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every command takes: ``--threads N`` (a command that defines its own keeps it)."""
+    for leaf in _leaf_parsers(parser):
+        if "--threads" not in leaf._option_string_actions:
+            leaf.add_argument(
+                "--threads",
+                type=positive_int,
+                default=None,
+                metavar="N",
+                help="torch threads (default: the config's threads, else min(cores available, 8))",
+            )
+
+
+def apply_common_arguments(args: argparse.Namespace) -> None:
+    """Act on the common options before the command runs: set the thread count (once, for the process)."""
+    from dsnet.utils.threads import set_threads
+
+    quiet = getattr(args, "command", None) in _NO_COMPUTE  # nothing to time: no oversubscription warning
+    set_threads(getattr(args, "threads", None), **({"warn": lambda message: None} if quiet else {}))
 
 
 def check_input_size(model, side: int | None, option: str = "--input-size") -> tuple[int, int, int]:

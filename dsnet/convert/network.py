@@ -53,9 +53,11 @@ checkpoint_path=...)`` also accepts the *original* network's state dict
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -204,6 +206,8 @@ class FxDynamicNet(DynamicNet):
         routing_space: Sequence[int] | None = None,
         gate_se_ratio: float = 0.25,
         strict: bool = False,
+        gate_mode: str = "pre",
+        **routing_options: Any,
     ) -> None:
         ratios = sorted(float(r) for r in width_ratios)
         if not ratios or len(set(ratios)) != len(ratios) or not 0 < ratios[0] or ratios[-1] != 1.0:
@@ -216,6 +220,7 @@ class FxDynamicNet(DynamicNet):
             raise ValueError(f"pre_gate_ratio must be in (0, 1], got {pre_gate_ratio}")
         if not isinstance(example_input, Tensor) or example_input.dim() != 4:
             raise ValueError("example_input must be a (N, C, H, W) image batch")
+        _check_routing_options(routing_options)
         source = copy.deepcopy(model)
         gm, gate_node = trace(source, example_input, gate_after)
         cg = analyse(gm)
@@ -241,6 +246,7 @@ class FxDynamicNet(DynamicNet):
             num_classes,
             tuple(example_input.shape[1:]),
             routing_space,
+            **routing_options,
         )
         if unsliced:
             text = "; ".join(str(u) for u in unsliced)
@@ -277,7 +283,10 @@ class FxDynamicNet(DynamicNet):
                 _set_module(self.net, name, _get_attr(gm, name))
         self.gate = DynamicGate(gate_shape[1], len(self.routing_space), gate_se_ratio)
         self.gate.init_identity_attention()
+        self._build_exit_head(gate_mode)  # the routing head every family offers: "pre" or "exit"
         self.gate.to(next(iter(self.net.parameters()), example_input).device)
+        if self.exit_head is not None:
+            self.exit_head.to(next(iter(self.net.parameters()), example_input).device)
         self._arrange(importance)
         self.train(model.training)  # new sliced layers and kept ones in the source's mode
 
@@ -502,6 +511,18 @@ class FxDynamicNet(DynamicNet):
         return f"{super().extra_repr()}, gate_after={self.gate_after!r}, unsliced={len(self.unsliced)}"
 
 
+def _check_routing_options(options: dict[str, Any]) -> None:
+    """Options for the :class:`DynamicNet` base constructor: a one-line error for any it does not take."""
+    own = {"self", "stage_names", "stage_widths", "gate_stage", "in_chans", "num_classes", "input_size"}
+    accepted = [p for p in inspect.signature(DynamicNet.__init__).parameters if p not in own]
+    unknown = sorted(set(options) - set(accepted) - {"routing_space"})
+    if unknown:
+        raise ValueError(
+            f"make_dynamic: unknown option(s) {', '.join(unknown)}; routing options the DynamicNet base takes: "
+            f"{', '.join(p for p in accepted if p != 'routing_space') or 'none'} (and gate_mode, routing_space)"
+        )
+
+
 def _detached_copy(graph: fx.Graph) -> fx.Graph:
     """A copy of ``graph`` (same node names and shapes) that keeps no reference to the traced module."""
     new = fx.Graph()
@@ -541,6 +562,8 @@ def make_dynamic(
     routing_space: Sequence[int] | None = None,
     gate_se_ratio: float = 0.25,
     strict: bool = False,
+    gate_mode: str = "pre",
+    **routing_options: Any,
 ) -> FxDynamicNet:
     """Make a plain PyTorch CNN dynamic: sliced layers, a gate after ``gate_after``, one sub-network per ratio.
 
@@ -556,6 +579,12 @@ def make_dynamic(
         routing_space: sub-networks the gate picks among (default: the first four).
         gate_se_ratio: width of the gate's shared encoder as a fraction of its input channels.
         strict: raise instead of warning when some layers cannot slice.
+        gate_mode: the routing head, as for dsnet's own models: ``"pre"`` (the paper's gate) or ``"exit"``
+            (the slimmest sub-network runs first and an early-exit head decides; see
+            :meth:`DynamicNet._build_exit_head`). ``gate.mode`` in a training config reaches it through the
+            factory, so a factory should accept and forward these (``def factory(num_classes, in_chans,
+            **options): return make_dynamic(..., **options)``).
+        **routing_options: any other routing option of the :class:`DynamicNet` base constructor, passed on as is.
 
     Returns a :class:`FxDynamicNet`; ``unsliced`` lists what keeps full width and why.
     """
@@ -569,4 +598,6 @@ def make_dynamic(
         routing_space=routing_space,
         gate_se_ratio=gate_se_ratio,
         strict=strict,
+        gate_mode=gate_mode,
+        **routing_options,
     )

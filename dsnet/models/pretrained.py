@@ -74,12 +74,13 @@ class ImportReport:
     adapted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     reordered_groups: int = 0
+    notes: list[str] = field(default_factory=list)  # what was done as the checkpoint records (not warned about)
 
     def __str__(self) -> str:
         parts = [f"loaded {self.loaded} tensors from {self.source} ({self.format})"]
         if self.initialised:
             parts.append(f"{len(self.initialised)} new tensors keep their initialisation (the gate)")
-        parts += self.adapted + self.skipped
+        parts += self.notes + self.adapted + self.skipped
         if self.reordered_groups:
             parts.append(f"channels of {self.reordered_groups} groups ordered by importance")
         return "; ".join(parts)
@@ -216,24 +217,61 @@ class Format:
     load: Callable[[nn.Module, dict, ImportReport, object], None]
 
 
+_EXIT_HEAD = "exit_head."  # the early-exit routing head of gate_mode="exit" (DynamicNet._build_exit_head)
+
+
+def _match_gate_mode(model: nn.Module, state: dict, report: ImportReport) -> None:
+    """A stage II checkpoint of ``gate_mode="exit"`` into a model built with the default gate, or the reverse.
+
+    The routing head is the only difference (the supernet's weights are the
+    same): a model without an exit head gets one when the checkpoint has it
+    (the checkpoint's gate mode wins: it is what was trained), and an exit
+    head the checkpoint lacks (a stage I checkpoint) keeps its initialisation
+    (stage II trains it).
+    """
+    if not isinstance(model, DynamicNet):
+        return
+    has_head = any(k.startswith(_EXIT_HEAD) for k in state)
+    if has_head and model.exit_head is None:
+        model._build_exit_head("exit")
+        model.exit_head.to(next(model.gate.parameters()).device)
+        report.notes.append("gate_mode set to 'exit' as the checkpoint's gate is an early-exit head")
+    elif not has_head and model.exit_head is not None:
+        report.initialised += [k for k in model.state_dict() if k.startswith(_EXIT_HEAD)]
+
+
 def _load_dsnet(model: nn.Module, state: dict, report: ImportReport, importance: object) -> None:
-    own = model.state_dict()
+    _match_gate_mode(model, state, report)
+    own = {k: v for k, v in model.state_dict().items() if k not in report.initialised}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
         what = []
         if missing:
             what.append(f"missing {_fmt_keys(missing)}")
         if unexpected:
             what.append(f"unexpected {_fmt_keys(unexpected)}")
-        raise ValueError(f"{report.source} ({report.format}) does not fit {type(model).__name__}: {'; '.join(what)}")
-    model.load_state_dict(state)
+        if shapes:
+            what.append(f"other shapes (checkpoint vs model) {_fmt_keys(shapes)}")
+        hint = ""
+        if "dsnet checkpoint" in report.format:
+            hint = f"; dsnet.load({report.source!r}) rebuilds the model it records"
+        raise ValueError(
+            f"{report.source} ({report.format}) does not fit {type(model).__name__}: {'; '.join(what)}{hint}"
+        )
+    model.load_state_dict(state, strict=not report.initialised)
     report.loaded = len(state)
 
 
 def _is_dsnet_state(model: nn.Module, state: dict) -> bool:
     """dsnet's own keys, gate included (timm ViT keys are dsnet's too, but no source network has the gate)."""
-    own = set(model.state_dict())
+    own = {k for k in model.state_dict() if not k.startswith(_EXIT_HEAD)}  # either gate mode's checkpoint
+    state = {k: v for k, v in state.items() if not k.startswith(_EXIT_HEAD)}
     is_gate = _gate_keys(model)
     return len(own & set(state)) >= 0.9 * max(len(own), len(state)) and any(is_gate(k) for k in state)
 

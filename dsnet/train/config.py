@@ -76,6 +76,13 @@ OPTIMISER_KEYS: tuple[str, ...] = tuple(_optimiser_keys(epochs=1))
 SCHEMA: dict[str, Any] = {
     "seed": Int(0, "[0, inf)", stage="supernet, gate, calibrate-bn", doc="seeds data order, sampling, init"),
     "device": Device("auto", stage=BOTH, doc="auto: cuda:LOCAL_RANK when CUDA is available, else cpu"),
+    "threads": Int(
+        None,
+        "[1, inf)",
+        null=True,
+        stage="supernet, gate, lcnet",
+        doc="torch threads per process (null: min(cores available, 8); --threads N wins)",
+    ),
     "model": with_stage(
         {
             "name": Str("ds_mobilenet_v1_cifar", doc="registered model (`dsnet models`)"),

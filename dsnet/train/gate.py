@@ -54,6 +54,7 @@ from dsnet.train.run import (
     train_epoch,
 )
 from dsnet.utils.modes import temporary_mode
+from dsnet.utils.threads import set_threads
 
 __all__ = ["GateObjective", "gate_step", "train_gate", "freeze_backbone", "evaluate_dynamic", "calibrate_budget"]
 
@@ -313,6 +314,7 @@ def train_gate(
     gc = cfg["gate"]
     ctx, device = init_distributed(cfg["device"], cfg["distributed"]["backend"])
     seed_everything(cfg["seed"] + 1)
+    threads = set_threads(cfg.get("threads"), override=False)  # --threads N (set earlier) wins
     model, sup = load_model(supernet, use_ema=True, map_location=device)
     if not isinstance(model, DynamicNet):
         raise ValueError(f"{supernet} does not hold a dynamic dsnet model")
@@ -327,7 +329,7 @@ def train_gate(
         cfg["data"], "train", seed=cfg["seed"] + 1, rank=ctx.rank, world_size=ctx.world_size, device=device
     )
     if ctx.is_main:
-        print(f"[gate] {describe_recipe(info.recipe, cfg['data']['augment'])}", flush=True)
+        print(f"[gate] {describe_recipe(info.recipe, cfg['data']['augment'])}; torch threads: {threads}", flush=True)
     val_loader, val_split = selection_loader(cfg["data"], cfg["seed"], device)
     if info.num_classes != model.num_classes or info.in_chans != model.in_chans:
         raise ValueError(

@@ -61,6 +61,7 @@ from dsnet.train.supernet import _gather_checksums, build_optimizer
 from dsnet.utils.io import atomic_write_json
 from dsnet.utils.modes import temporary_mode
 from dsnet.utils.table import format_table
+from dsnet.utils.threads import set_threads
 
 __all__ = [
     "lcnet_losses",
@@ -288,10 +289,16 @@ def train_lcnet(
     lc = cfg["lcnet"]
     ctx, device = init_distributed(cfg["device"], cfg["distributed"]["backend"])
     seed_everything(cfg["seed"])
+    threads = set_threads(cfg.get("threads"), override=False)  # --threads N (set earlier) wins
     train_loader, info = build_loader(
         cfg["data"], "train", seed=cfg["seed"], rank=ctx.rank, world_size=ctx.world_size, device=device
     )
     sel_loader, sel_split = selection_loader(cfg["data"], cfg["seed"], device)
+    if ctx.is_main:
+        print(
+            f"[lcnet] {info.name}: {info.image_size} px, {info.num_classes} classes; torch threads: {threads}",
+            flush=True,
+        )
     if sel_split == "holdout":  # thresholds are calibrated on held-out training images
         cal_loader = sel_loader
     else:  # no holdout: a separate, fixed pass over (augmented) training images, as stage II does

@@ -46,6 +46,7 @@ from dsnet.train.run import (
     unwrap,
 )
 from dsnet.utils.io import atomic_copy, atomic_write_json, check_output_file
+from dsnet.utils.threads import set_threads
 
 __all__ = [
     "SandwichStep",
@@ -262,12 +263,15 @@ def train_supernet(
     sc = cfg["supernet"]
     ctx, device = init_distributed(cfg["device"], cfg["distributed"]["backend"])
     seed_everything(cfg["seed"])
+    threads = set_threads(cfg.get("threads"), override=False)  # --threads N (set earlier) wins
     views = 2 if sc["mvco"] else 1
     train_loader, info = build_loader(
         cfg["data"], "train", seed=cfg["seed"], rank=ctx.rank, world_size=ctx.world_size, device=device, views=views
     )
     if ctx.is_main:
-        print(f"[supernet] {describe_recipe(info.recipe, cfg['data']['augment'])}", flush=True)
+        print(
+            f"[supernet] {describe_recipe(info.recipe, cfg['data']['augment'])}; torch threads: {threads}", flush=True
+        )
     val_loader, val_split = selection_loader(cfg["data"], cfg["seed"], device)
     run = RunDir(out, cfg, ctx, resume, "supernet")  # checks the folder and the resume state; writes nothing yet
     model = build_model(cfg, info.num_classes, info.in_chans).to(device)

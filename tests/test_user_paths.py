@@ -1,0 +1,238 @@
+"""The library-user paths (issue 19): your own network and your own weights through dsnet."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import dsnet
+from dsnet.cli import main
+from dsnet.convert import FxDynamicNet, make_dynamic
+from tests.reference_nets import randomize
+from tests.test_convert import ResidualCNN
+
+FACTORY = "tests.test_user_paths:make_user_resnet"
+TINY = [
+    f"model.name={FACTORY}",
+    "data.dataset=synthetic",
+    "data.synthetic.num_train=64",
+    "data.synthetic.num_val=32",
+    "data.synthetic.channels=1",
+    "data.synthetic.image_size=16",
+    "data.batch_size=32",
+    "data.eval_batch_size=32",
+    "data.workers=0",
+    "supernet.epochs=1",
+    "supernet.warmup_epochs=0",
+    "supernet.bn_calibration_batches=1",
+    "gate.epochs=1",
+    "log.progress=false",
+    "log.tensorboard=false",
+]
+
+
+def make_user_resnet(num_classes: int = 10, in_chans: int = 1, **options) -> nn.Module:
+    """A user's factory: their own residual CNN made dynamic; routing options (gate_mode, ...) passed on."""
+    return make_dynamic(
+        ResidualCNN(in_chans, num_classes), torch.zeros(2, in_chans, 16, 16), gate_after="layer2", **options
+    )
+
+
+def _sets(*extra: str) -> list[str]:
+    out = []
+    for item in [*TINY, *extra]:
+        out += ["--set", item]
+    return out
+
+
+# ---------------------------------------------------------------- 1. converted networks get every router
+def test_make_dynamic_takes_the_exit_gate():
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 16, 16)
+    net = randomize(ResidualCNN())
+    pre = make_dynamic(net, x, gate_after="layer2").eval()
+    exit_ = make_dynamic(net, x, gate_after="layer2", gate_mode="exit").eval()
+    assert pre.exit_head is None and exit_.gate_mode == "exit" and exit_.exit_head is not None
+    with torch.no_grad():  # same weights: every sub-network agrees; routing runs the early-exit head
+        for k in range(len(pre.subnets)):
+            torch.testing.assert_close(exit_(x, subnet=k), pre(x, subnet=k), rtol=0, atol=0)
+        r = exit_(x, return_routing=True)
+    assert r.logits.shape == (4, 10) and r.gate_logits.shape == (4, len(exit_.routing_space))
+    with pytest.raises(ValueError, match="gate_mode must be one of"):
+        make_dynamic(net, x, gate_after="layer2", gate_mode="late")
+    with pytest.raises(ValueError, match="unknown option.*no_such_option"):
+        make_dynamic(net, x, gate_after="layer2", no_such_option=1)
+
+
+def test_fashion_mnist_recipe_on_a_converted_network(tmp_path):
+    """configs/fashion_mnist.yaml (gate.mode: exit) on a module:factory network: supernet, gate, eval, export."""
+    cfg = str(Path(__file__).parent.parent / "configs" / "fashion_mnist.yaml")
+    sets = [*_sets(), "--trust-factory", FACTORY]  # the checkpoints name the factory: building it runs its code
+    assert main(["train", "supernet", "--config", cfg, *sets, "--out", str(tmp_path / "sup")]) == 0
+    sup = tmp_path / "sup" / "best.ckpt"
+    gate_out = tmp_path / "gate"
+    assert main(["train", "gate", "--config", cfg, *sets, "--supernet", str(sup), "--out", str(gate_out)]) == 0
+    ckpt = gate_out / "best.ckpt"
+    model = dsnet.load(ckpt, trust_factories=[FACTORY]).model
+    assert model.gate_mode == "exit" and isinstance(model, FxDynamicNet)
+    report = tmp_path / "eval.json"
+    trust = ["--trust-factory", FACTORY]
+    assert (
+        main(["eval", "--checkpoint", str(ckpt), "--sweep", "3", "--no-progress", "--json", str(report), *trust]) == 0
+    )
+    assert json.loads(report.read_text())
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    assert main(["export", "--checkpoint", str(ckpt), "--subnet", "0", "--out", str(tmp_path / "s0.onnx"), *trust]) == 0
+
+
+# ---------------------------------------------------------------- 5. loading what you trained
+def _train_tiny(tmp_path: Path, *extra: str) -> tuple[Path, Path]:
+    """A tiny stage I + stage II (exit gate) run of ds_resnet8_tiny; returns the two checkpoints."""
+    from dsnet.train.config import load_config
+    from dsnet.train.gate import train_gate
+    from dsnet.train.supernet import train_supernet
+
+    sets = [s.replace(f"model.name={FACTORY}", "model.name=ds_resnet8_tiny") for s in TINY]
+    sets = [s.replace("image_size=16", "image_size=28") for s in sets]
+    cfg = load_config(None, [*sets, "gate.mode=exit", *extra])
+    train_supernet(cfg, tmp_path / "sup")
+    train_gate(cfg, tmp_path / "sup" / "best.ckpt", tmp_path / "gate")
+    return tmp_path / "sup" / "best.ckpt", tmp_path / "gate" / "best.ckpt"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    return _train_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def test_load_any_checkpoint_with_its_recipe(tiny_run):
+    from dsnet.train.checkpoint import read_checkpoint
+
+    sup, gate = tiny_run
+    x = torch.randn(3, 1, 28, 28)
+    for path, stage in ((sup, "supernet"), (gate, "gate")):
+        loaded = dsnet.load(path)
+        ckpt = read_checkpoint(path)
+        assert loaded.stage == stage and not loaded.model.training
+        assert loaded.recipe == ckpt["dataset"]["recipe"] and loaded.recipe["image_size"] == 28
+        assert loaded.classes == ckpt["dataset"]["class_names"] and len(loaded.classes) == 10
+        assert loaded.ema == (stage == "supernet")
+        assert stage in loaded.describe() and "data recipe" in loaded.describe()
+        weights = ckpt["ema_state_dict"] if loaded.ema else ckpt["state_dict"]
+        for k, v in loaded.model.state_dict().items():
+            assert torch.equal(v, weights[k]), k
+    assert dsnet.load(gate).model.gate_mode == "exit" and dsnet.load(sup).model.gate_mode == "pre"
+    # create_model(name, checkpoint_path=<gate checkpoint>) takes the checkpoint's exit head, same function
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # done as the checkpoint records: nothing to warn about
+        made = dsnet.create_model("ds_resnet8_tiny", in_chans=1, checkpoint_path=str(gate)).eval()
+    assert made.gate_mode == "exit"
+    with torch.no_grad():
+        torch.testing.assert_close(made(x), dsnet.load(gate).model(x), rtol=0, atol=0)
+    # a stage I checkpoint into an exit-gate model: the head keeps its initialisation, the rest loads
+    fresh = dsnet.create_model("ds_resnet8_tiny", in_chans=1, gate_mode="exit", checkpoint_path=str(sup))
+    ema = read_checkpoint(sup)["ema_state_dict"]
+    own = fresh.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in ema.items()) and any(k.startswith("exit_head.") for k in own)
+    with pytest.raises(ValueError, match=r"dsnet\.load"):
+        dsnet.create_model("ds_resnet8_tiny", in_chans=3, checkpoint_path=str(gate))
+
+
+def test_load_refuses_what_is_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "x.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable dsnet checkpoint"):
+        dsnet.load(bad)
+
+
+def test_make_dynamic_passes_routing_options_on():
+    """Any routing option the DynamicNet base takes (here ``router``) reaches it, as for dsnet's own models."""
+    import inspect
+
+    from dsnet.models.base import DynamicNet
+
+    if "router" not in inspect.signature(DynamicNet.__init__).parameters:
+        pytest.skip("this DynamicNet has no router option")
+    net = make_dynamic(ResidualCNN(), torch.zeros(2, 1, 16, 16), gate_after="layer2", router="utility")
+    assert net.router == "utility"
+    with pytest.raises(ValueError, match="router must be one of"):
+        make_dynamic(ResidualCNN(), torch.zeros(2, 1, 16, 16), gate_after="layer2", router="nope")
+
+
+# ---------------------------------------------------------------- 4. threads
+@pytest.fixture
+def thread_state(monkeypatch):
+    """A fresh thread state for this test; torch's thread count restored after it."""
+    from dsnet.utils import threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "_state", {"threads": None, "explicit": False, "warned": False})
+    yield threads
+    torch.set_num_threads(before)
+
+
+def test_auto_threads_is_capped_and_shared(thread_state, monkeypatch):
+    monkeypatch.setattr(thread_state.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert thread_state.auto_threads() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert thread_state.auto_threads() == 8
+    monkeypatch.setattr(thread_state.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert thread_state.auto_threads() == 1  # 3 cores for 2 processes
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert thread_state.auto_threads() == 3
+
+
+def test_set_threads_once_command_line_wins(thread_state, monkeypatch):
+    monkeypatch.setattr(thread_state.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(thread_state, "auto_threads", lambda: 2)
+    assert thread_state.set_threads(None) == 2 and torch.get_num_threads() == 2  # auto
+    assert thread_state.set_threads(3, override=False) == 3  # a config's value replaces auto
+    assert thread_state.set_threads(1) == 1 and torch.get_num_threads() == 1  # --threads 1
+    assert thread_state.set_threads(4, override=False) == 1  # ... and a config does not replace it
+    assert thread_state.set_threads(None) == 1 and torch.get_num_threads() == 1
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        thread_state.set_threads(0)
+
+
+def test_oversubscribed_machine_is_one_warning_line(thread_state, monkeypatch):
+    monkeypatch.setattr(thread_state.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(thread_state.os, "getloadavg", lambda: (4.5, 4.0, 3.0))
+    said: list[str] = []
+    thread_state.set_threads(1, warn=said.append)
+    thread_state.set_threads(2, warn=said.append)  # once per process
+    assert said == ["machine is oversubscribed: load 4.5 on 2 cores; timings will be unreliable; consider --threads 1"]
+    monkeypatch.setattr(thread_state.os, "getloadavg", lambda: (1.0, 0.0, 0.0))
+    assert thread_state.oversubscription(1) is None and thread_state.oversubscription(2) is not None
+
+
+def test_every_command_takes_threads(thread_state, capsys):
+    from dsnet.cli import build_parser
+    from dsnet.cli._args import _leaf_parsers
+
+    leaves = _leaf_parsers(build_parser())
+    assert len(leaves) > 10 and all("--threads" in p._option_string_actions for p in leaves)
+    assert (
+        main(["config", "show", str(Path(__file__).parent.parent / "configs" / "fashion_mnist.yaml"), "--threads", "1"])
+        == 0
+    )
+    assert torch.get_num_threads() == 1
+    with pytest.raises(SystemExit):
+        main(["models", "--threads", "0"])
+    assert "--threads: must be at least 1" in capsys.readouterr().err
+
+
+def test_training_prints_its_thread_count(thread_state, tmp_path, capsys):
+    from dsnet.train.config import load_config
+    from dsnet.train.supernet import train_supernet
+
+    cfg = load_config(None, [*TINY, "threads=1"])
+    train_supernet(cfg, tmp_path / "sup")
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[supernet] data recipe"))
+    assert line.endswith("; torch threads: 1") and torch.get_num_threads() == 1

@@ -456,11 +456,27 @@ def test_geometry_of_tensor_crops():
     assert torch.equal(evaluate(batch, idx, seed=0, epoch=0, view=0), batch.float() / 255)
 
 
+def test_a_recipe_without_a_holdout_still_selects_on_held_out_images():
+    """data.holdout unset (null): 10% of the training images are held out, and selection reads them, not val."""
+    from dsnet.train.config import load_config
+    from dsnet.train.run import selection_loader
+
+    cfg = load_config(None, ["data.dataset=synthetic", "data.synthetic.num_train=200", "data.synthetic.num_val=40"])
+    assert cfg["data"]["holdout"] is None
+    train, _ = build_dataset(cfg["data"], "train")
+    hold, _ = build_dataset(cfg["data"], "holdout")
+    assert (len(train), len(hold)) == (180, 20)
+    loader, split = selection_loader(cfg["data"], 0, torch.device("cpu"))
+    assert split == "holdout" and len(loader.dataset) == 20
+    _, split = selection_loader({**cfg["data"], "holdout": 0}, 0, torch.device("cpu"))
+    assert split == "val"  # only when the user turns the held-out slice off
+
+
 def test_holdout_is_carved_out_of_train_and_fixed_across_seeds():
     cfg = {"dataset": "synthetic", "synthetic": {"num_train": 100, "num_val": 20}, "holdout": 30}
     train, tinfo = build_dataset(cfg, "train")
     hold, hinfo = build_dataset(cfg, "holdout")
-    full, _ = build_dataset({**cfg, "holdout": None}, "train")
+    full, _ = build_dataset({**cfg, "holdout": 0}, "train")
     assert (len(train), len(hold), tinfo.num_samples, hinfo.num_samples) == (70, 30, 70, 30)
     # disjoint, and together exactly the training split
     rows = {tuple(x.flatten().tolist()) for x in torch.cat([train.images, hold.images])}
@@ -470,7 +486,7 @@ def test_holdout_is_carved_out_of_train_and_fixed_across_seeds():
     assert len(sub) == 10 and torch.equal(build_dataset({**cfg, "train_subset": 10}, "holdout")[0].images, hold.images)
     loader, _ = build_loader(cfg, "holdout")  # unaugmented and in order, like val
     assert torch.equal(torch.cat([y for _, y in loader]), hold.labels)
-    with pytest.raises(ValueError, match="data.holdout is not set"):
-        build_dataset({**cfg, "holdout": None}, "holdout")
+    with pytest.raises(ValueError, match="data.holdout is 0"):
+        build_dataset({**cfg, "holdout": 0}, "holdout")
     with pytest.raises(ValueError, match="leaves no training images"):
         build_dataset({**cfg, "holdout": 100}, "train")

@@ -40,6 +40,14 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     assert claims["dynamic_top1"] == report["dynamic"]["top1"]
     assert claims["mac_reduction"] >= 1.0 - 1e-9  # routing never costs more than the widest routed choice
     assert len(report["static"]) == 5 and len(report["sweep"]) >= 3
+    # the same routed widths trained alone (same data and epochs) are in the report and the verdict
+    routed = [s for s in report["static"] if s["in_routing_space"]]
+    assert [a["macs"] for a in report["alone"]] == [s["macs"] for s in routed]
+    assert all((out / "alone" / f"net{k}" / "best.ckpt").is_file() for k in range(len(routed)))
+    assert claims["alone_top1"] == [a["top1"] for a in report["alone"]]
+    assert "trained alone" in screen
+    # the operating point of the verdict is chosen on held-out images, reported on the test split
+    assert claims["best_matching_point"] is None or claims["best_matching_point"]["chosen_on"] == "holdout"
     speed = result["speed"]
     assert speed["real_speedup"] > 0 and speed["theoretical_speedup"] >= 1.0 - 1e-9
     assert abs(speed["efficiency"] - speed["real_speedup"] / speed["theoretical_speedup"]) < 1e-9

@@ -78,11 +78,20 @@ def test_ema_teacher_update():
         for p in model.parameters():
             p.add_(1.0)
         model.blocks[0].bn1.running_mean.add_(5.0)
+        m0 = ema.module.blocks[0].bn1.running_mean.clone()
+        model.blocks[0].bn1.num_batches_tracked.add_(3)
     ema.update(model)
     for n, p in ema.module.named_parameters():
         torch.testing.assert_close(p, 0.75 * p0[n] + 0.25 * (p0[n] + 1.0))
         assert not p.requires_grad
-    assert torch.equal(ema.module.blocks[0].bn1.running_mean, model.blocks[0].bn1.running_mean)
+    # the teacher's BN statistics follow its weights: averaged like them (timm's EMA), not the student's copied
+    bn, student_bn = ema.module.blocks[0].bn1, model.blocks[0].bn1
+    torch.testing.assert_close(bn.running_mean, 0.75 * m0 + 0.25 * student_bn.running_mean)
+    assert not torch.equal(bn.running_mean, student_bn.running_mean)
+    assert torch.equal(bn.num_batches_tracked, student_bn.num_batches_tracked)  # integer buffers are copied
+    copy = ModelEma(_model(), decay=0.75, warmup=False, buffers="copy")  # the old behaviour, kept to measure it
+    copy.update(model)
+    assert torch.equal(copy.module.blocks[0].bn1.running_mean, student_bn.running_mean)
     assert not ema.module.training
     warm = ModelEma(model, decay=0.997)
     assert warm.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0): follows the student at first

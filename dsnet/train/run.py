@@ -79,13 +79,13 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 def selection_loader(data_cfg: dict, seed: int, device: torch.device) -> tuple[Any, str]:
     """The loader model selection reads (best epoch, budget calibration) and its split's name.
 
-    The held-out slice of the training set when ``data.holdout`` is set, so the
-    reported split ("val") is never selected on; "val" otherwise (the run's
-    summary says so).
+    The held-out slice of the training set (``data.holdout``: by default 10% of
+    it, at most 5,000 images), so the reported split ("val") is never selected
+    on; "val" only when ``data.holdout`` is 0 (the run's summary says so).
     """
     from dsnet.data import build_loader
 
-    split = "holdout" if data_cfg.get("holdout") else "val"
+    split = "val" if data_cfg.get("holdout") == 0 else "holdout"
     loader, _ = build_loader(data_cfg, split, seed=seed, device=device)
     return loader, split
 

@@ -97,10 +97,12 @@ def supernet_step(
     distill: str = "ib",
     label_smoothing: float = 0.1,
     amp: bool = False,
+    label_weight: float = 0.0,
 ) -> dict[str, float]:
     """Forward + backward of every sub-network in ``subnets`` (gradients accumulate; no optimiser step).
 
-    ``subnets[0]`` is trained on the labels, the rest on bootstrapped targets.
+    ``subnets[0]`` is trained on the labels, the rest on bootstrapped targets; with ``label_weight`` ``w``
+    [ours] the others' loss is ``(1 - w) * distillation + w * label cross-entropy``.
     ``views`` holds one batch of images, or two augmented views (MvCo). Under
     DDP, gradients are all-reduced once, on the last backward.
     """
@@ -129,15 +131,16 @@ def supernet_step(
                         targets[core.largest] = F.softmax(logits.detach().float(), -1)
                 else:
                     logits = model(student_view, subnet=k)
-                    if distill == "none":
+                    if distill == "none" or label_weight > 0:
                         loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-                    else:
+                    if distill != "none":
                         if distill == "ieb" and i == last and len(subnets) > 2:
                             # in-place ensemble bootstrapping: the smallest learns from the teacher's ensemble
                             target = torch.stack([targets[core.largest]] + [targets[j] for j in subnets[1:-1]]).mean(0)
                         else:
                             target = targets[core.largest]
-                        loss = soft_cross_entropy(logits.float(), target)
+                        soft = soft_cross_entropy(logits.float(), target)
+                        loss = soft if label_weight <= 0 else (1 - label_weight) * soft + label_weight * loss
             loss.backward()
         name = "largest" if i == 0 else ("smallest" if i == last else f"random{i}")
         losses[f"loss_{name}"] = float(loss.detach())
@@ -168,6 +171,7 @@ class SandwichStep:
         channels_last: bool = False,
         seed: int = 0,
         width_sampling: str = "discrete",
+        label_weight: float = 0.0,
     ) -> None:
         if distill in ("ib", "ieb") and ema is None:
             raise ValueError(f"distill={distill!r} learns from an EMA teacher: pass one (or distill='inplace')")
@@ -175,6 +179,7 @@ class SandwichStep:
         self.num_random, self.distill, self.label_smoothing = num_random, distill, label_smoothing
         self.amp, self.grad_clip, self.channels_last, self.seed = amp, grad_clip, channels_last, seed
         self.width_sampling = width_sampling
+        self.label_weight = label_weight
         self.device = next(model.parameters()).device
         self.count = 0
 
@@ -193,6 +198,7 @@ class SandwichStep:
             distill=self.distill,
             label_smoothing=self.label_smoothing,
             amp=self.amp,
+            label_weight=self.label_weight,
         )
         if self.grad_clip:
             nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.grad_clip)
@@ -284,7 +290,7 @@ def train_supernet(
     if sc["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     model.gate.slim_head.requires_grad_(False)  # the slimming head trains in stage II
-    ema = ModelEma(model, sc["ema_decay"], warmup=sc["ema_warmup"])
+    ema = ModelEma(model, sc["ema_decay"], warmup=sc["ema_warmup"], buffers=sc["ema_buffers"])
     params = [p for p in model.parameters() if p.requires_grad]
     global_batch = cfg["data"]["batch_size"] * ctx.world_size
     base_lr = effective_lr("supernet", sc, global_batch, ctx.is_main)
@@ -328,6 +334,7 @@ def train_supernet(
         channels_last=sc["channels_last"],
         seed=cfg["seed"],
         width_sampling=sc["width_sampling"],
+        label_weight=sc["distill_label_weight"],
     )
 
     for epoch in range(start_epoch, sc["epochs"]):

@@ -167,7 +167,10 @@ def test_importance_order_keeps_the_function_and_ranks_channels():
     plain = make_dynamic(net, x, gate_after="layer2", importance=None).eval()
     with torch.no_grad():
         torch.testing.assert_close(ordered(x, subnet=ordered.largest), net(x), rtol=1e-5, atol=1e-5)
+        plain.set_inference_cache(enabled=False)  # BatchNorm not folded: the original's operations
         assert torch.equal(plain(x, subnet=plain.largest), net(x))  # no permutation: bit for bit
+        plain.set_inference_cache()  # folded into the convolutions: equal up to rounding
+        torch.testing.assert_close(plain(x, subnet=plain.largest), net(x), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(ordered(x, subnet=0), plain(x, subnet=0))
     # layer3's first conv: BN-folded L1 norms are now in decreasing order
     conv, bn = ordered.net.layer3.conv1, ordered.net.layer3.bn1
@@ -262,7 +265,10 @@ def test_reorder_channels_of_a_dsnet_model_keeps_the_largest():
         before = model.eval()(x, subnet=model.largest)
         # the gate's logits on full-width features (routed ones see a pre-gate prefix, which reordering changes)
         gate_before = model.gate.logits(model.forward_pre(x, model.largest)[1])
-        assert torch.equal(before, ref(x))
+        torch.testing.assert_close(before, ref(x), rtol=1e-5, atol=1e-5)  # BatchNorm folded: up to rounding
+        model.set_inference_cache(enabled=False)
+        assert torch.equal(model(x, subnet=model.largest), ref(x))  # unfolded: bit for bit
+        model.set_inference_cache()
         # stem/layer1 stream, 3 block interiors, layer2 and layer3 streams, the gate encoder
         assert reorder_channels(model) == 7
         torch.testing.assert_close(model(x, subnet=model.largest), before, rtol=1e-5, atol=1e-5)

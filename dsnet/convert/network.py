@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from dsnet.convert.channels import ChannelGraph, ChannelGroup, Unsliceable, analyse, trace
 from dsnet.convert.order import Importance, group_permutations, permute_channels
 from dsnet.layers.gate import DynamicGate, make_divisible
-from dsnet.layers.sliced import SlicedBatchNorm2d, SlicedConv2d, SlicedLinear
+from dsnet.layers.sliced import SlicedBatchNorm2d, SlicedConv2d, SlicedLinear, conv_bn
 from dsnet.models.base import DynamicNet
 
 __all__ = ["FxDynamicNet", "make_dynamic"]
@@ -456,6 +456,13 @@ class FxDynamicNet(DynamicNet):
         name = str(node.target)
         kind = self._kind.get(name, "other")
         x = env[node.args[0].name]
+        bn = self._bn_reading(node) if kind in ("conv", "depthwise") else None
+        if bn is not None:  # conv + the BatchNorm that alone reads it: one call, folded at inference (conv_bn)
+            width = self._spec_width(self._chan[node.name].spec, subnet) if kind == "conv" else None
+            slot = self._slot(subnet, bn.name in self._pre_nodes)
+            return graph.call_function(conv_bn, (graph.get_attr(name), graph.get_attr(str(bn.target)), x, slot, width))
+        if kind == "bn" and self._bn_reading(node.args[0]) is node:
+            return x  # folded into the convolution before it
         if kind in ("conv", "linear"):
             return graph.call_module(name, (x, self._spec_width(self._chan[node.name].spec, subnet)))
         if kind == "bn":
@@ -463,6 +470,17 @@ class FxDynamicNet(DynamicNet):
         if kind == "depthwise":
             return graph.call_module(name, (x,))
         return graph.node_copy(node, lambda n: env[n.name])
+
+    def _bn_reading(self, node: fx.Node) -> fx.Node | None:
+        """The BatchNorm node that is the only reader of convolution node ``node`` (on its side of the gate)."""
+        if node.op != "call_module" or self._kind.get(str(node.target)) not in ("conv", "depthwise"):
+            return None
+        if node.name == self._gate_node or len(node.users) != 1:
+            return None
+        user = next(iter(node.users))
+        if user.op != "call_module" or self._kind.get(str(user.target)) != "bn" or user.args[0] is not node:
+            return None
+        return user if (user.name in self._pre_nodes) == (node.name in self._pre_nodes) else None
 
     # ------------------------------------------------------- DynamicNet API
     def forward_pre(self, x: Tensor, subnet: int) -> tuple[Tensor, Tensor]:

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from dsnet.layers.gate import GATE_MODES, DynamicGate, ExitHead, straight_through_gumbel
-from dsnet.layers.sliced import SlicedBatchNorm2d, TensorCache
+from dsnet.layers.sliced import CacheBudget, SlicedBatchNorm2d, TensorCache, clear_caches
+from dsnet.models.static import fold_batchnorms
 
 __all__ = ["Subnet", "RoutingResult", "DynamicNet", "build_subnets", "explicit_subnets"]
 
@@ -305,29 +306,55 @@ class DynamicNet(nn.Module):
         return self.exit_head if self.exit_head is not None else self.gate.slim_head
 
     # --------------------------------------------------------- inference cache
+    def _tensor_caches(self) -> list[TensorCache]:
+        return [v for m in self.modules() for v in vars(m).values() if isinstance(v, TensorCache)]
+
     def clear_inference_cache(self) -> None:
-        """Drop every cached contiguous weight slice and per-width argument tuple.
+        """Drop every cached contiguous weight slice, folded conv+BN weight and per-width argument tuple.
 
         Cached entries are stamped with their parameters' version counters and
         storage, so optimiser steps that go through autograd-visible in-place
         ops, ``load_state_dict`` and ``.to()`` invalidate them by themselves.
         Two kinds of update bypass version counters and are *not* seen: writes
         through ``param.data`` and fused optimisers (``torch.optim.SGD(...,
-        fused=True)``). Switching modes (``model.train()`` / ``model.eval()``)
-        clears the cache, which covers the usual train-then-evaluate loop; after
-        such an update in eval mode, call this.
+        fused=True)``); nor are in-place writes to a model's tensors inside
+        ``torch.inference_mode()`` (inference tensors have no version counter;
+        ``load_state_dict`` clears the cache itself). Switching modes
+        (``model.train()`` / ``model.eval()``) clears the cache, which covers
+        the usual train-then-evaluate loop; after such an update in eval mode,
+        call this.
         """
         for module in self.modules():
-            for value in vars(module).values():
-                if isinstance(value, TensorCache):
-                    value.clear()
-            args = getattr(module, "_args", None)
-            if isinstance(args, dict):
-                args.clear()
+            clear_caches(module)
+
+    def set_inference_cache(self, enabled: bool = True, max_bytes: int | None = None) -> None:
+        """Turn the inference cache off (``enabled=False``) or bound its memory (``max_bytes``; None: unbounded).
+
+        The cache keeps, per width (and statistics slot, and autocast dtype), contiguous weight slices and
+        BatchNorm-folded convolution weights: after every sub-network ran once it holds about as many bytes as
+        the model's parameters again (see :meth:`inference_cache_bytes`). With ``max_bytes`` the least recently
+        used entries are dropped first; off, every call slices (and folding is skipped). Clears the cache.
+        """
+        budget = CacheBudget(enabled, max_bytes)
+        self.clear_inference_cache()
+        for cache in self._tensor_caches():
+            cache.budget = budget
+
+    def inference_cache_bytes(self) -> int:
+        """Bytes the inference cache holds beyond the model's own parameters and buffers (copies only)."""
+        own = {t.untyped_storage().data_ptr() for t in [*self.parameters(), *self.buffers()]}
+        held: dict[int, int] = {}
+        for cache in self._tensor_caches():
+            held.update(cache.nbytes(exclude=own))
+        return sum(held.values())
 
     def train(self, mode: bool = True) -> DynamicNet:
         self.clear_inference_cache()  # weights may have changed in ways version counters miss (see above)
         return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        self.clear_inference_cache()  # in inference_mode the copies move no version counter
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ------------------------------------------------------------- forward
     def forward(
@@ -446,10 +473,20 @@ class DynamicNet(nn.Module):
         return sorted_out.new_empty(sorted_out.shape).index_copy(0, order, sorted_out)
 
     # ----------------------------------------------------------- extraction
-    def extract(self, subnet: int) -> nn.Module:
-        """A plain ``torch.nn`` network equal to sub-network ``subnet``, with compact weight copies."""
+    def extract(self, subnet: int, fold_bn: bool = True) -> nn.Module:
+        """A plain ``torch.nn`` network equal to sub-network ``subnet`` in eval mode, with compact weight copies.
+
+        ``fold_bn=True`` (default): every BatchNorm that follows a convolution is folded into it (an
+        ``nn.Conv2d`` with bias, the BatchNorm removed), which is what inference and export want; the result
+        computes the eval-mode function in either mode. ``fold_bn=False`` keeps the BatchNorms (with this
+        sub-network's statistics), for fine-tuning or recalibration.
+        """
+        if not isinstance(fold_bn, bool):
+            raise TypeError(f"fold_bn must be True or False, got {fold_bn!r}")
         k = self.check_subnet(subnet)
         static = self.build_static(k)
+        if fold_bn:
+            fold_batchnorms(static)
         return static.train(self.training)
 
     # ----------------------------------------------------------------- MACs

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsnet.layers.gate import DynamicGate, SqueezeExcite
-from dsnet.layers.sliced import SlicedBatchNorm2d, SlicedConv2d, SlicedLinear
+from dsnet.layers.sliced import SlicedBatchNorm2d, SlicedConv2d, SlicedLinear, conv_bn
 from dsnet.models.base import DynamicNet
 from dsnet.models.registry import register_model
 from dsnet.models.static import StaticDepthwiseSeparable, conv_bn_act
@@ -65,12 +65,12 @@ class DSDepthwiseSeparable(nn.Module):
 
     def forward_pre(self, x: Tensor, in_slot: int) -> tuple[Tensor, Tensor]:
         """Depthwise part and attention; its widths depend only on the input."""
-        x = F.silu(self.bn1(self.dw(x), in_slot))
+        x = F.silu(conv_bn(self.dw, self.bn1, x, in_slot))
         z = self.se.encode(x)
         return self.se.attend(x, z), z
 
     def forward_post(self, h: Tensor, width: int, slot: int) -> Tensor:
-        return F.silu(self.bn2(self.pw(h, width), slot))
+        return F.silu(conv_bn(self.pw, self.bn2, h, slot, width))
 
     def forward(self, x: Tensor, width: int, in_slot: int, slot: int) -> Tensor:
         h, _ = self.forward_pre(x, in_slot)
@@ -97,6 +97,8 @@ class DSMobileNetV1(DynamicNet):
         gate_mode: ``"pre"`` (the paper's gate) or ``"exit"`` (see :meth:`DynamicNet._build_exit_head`).
         subnet_widths: an explicit list of sub-networks (per-stage widths, slimmest first) instead of
             the index-aligned stage choices; layer sizes still come from the stages' widest choices.
+        router: ``"logits"`` (the paper's gate logits) or ``"utility"`` (per-choice P(correct); see
+            :class:`DynamicNet`).
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class DSMobileNetV1(DynamicNet):
         input_size: int = 224,
         gate_mode: str = "pre",
         subnet_widths: Sequence[Sequence[int]] | None = None,
+        router: str = "logits",
     ) -> None:
         # stages from a YAML config arrive as [widths, depth, stride] lists
         stages = tuple(s if isinstance(s, MBStage) else MBStage(tuple(s[0]), *s[1:]) for s in stages)
@@ -131,6 +134,7 @@ class DSMobileNetV1(DynamicNet):
             (in_chans, input_size, input_size),
             routing_space,
             subnet_widths,
+            router=router,
         )
         slots = self.num_slots
         self.drop_rate = drop_rate
@@ -168,7 +172,7 @@ class DSMobileNetV1(DynamicNet):
 
     def forward_pre(self, x: Tensor, subnet: int) -> tuple[Tensor, Tensor]:
         widths, slots = self.subnets[subnet].widths, self.slots(subnet)
-        x = F.silu(self.stem_bn(self.stem(x, widths[0]), slots[0]))
+        x = F.silu(conv_bn(self.stem, self.stem_bn, x, slots[0], widths[0]))
         for i in range(self.gate_block):
             x = self.blocks[i](x, *self._block_args(i, subnet))
         _, in_slot, _ = self._block_args(self.gate_block, subnet)

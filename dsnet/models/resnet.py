@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsnet.layers.gate import DynamicGate, make_divisible
-from dsnet.layers.sliced import SlicedBatchNorm2d, SlicedConv2d, SlicedLinear
+from dsnet.layers.sliced import SlicedBatchNorm2d, SlicedConv2d, SlicedLinear, conv_bn
 from dsnet.models.base import DynamicNet
 from dsnet.models.registry import register_model
 from dsnet.models.static import ChannelMatch, StaticResidual, conv_bn_act, match_channels
@@ -46,8 +46,8 @@ class DSBasicBlock(nn.Module):
         self.crosses_gate = False  # set by DSResNet for the first routed block (see forward)
 
     def body(self, x: Tensor, planes: int, slot: int) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x, planes), slot))
-        return self.bn2(self.conv2(x, planes * self.expansion), slot)
+        x = F.relu(conv_bn(self.conv1, self.bn1, x, slot, planes))
+        return conv_bn(self.conv2, self.bn2, x, slot, planes * self.expansion)
 
     def static_body(self, in_width: int, planes: int, slot: int) -> nn.Sequential:
         out = planes * self.expansion
@@ -91,9 +91,9 @@ class DSBottleneck(DSBasicBlock):
         self.crosses_gate = False
 
     def body(self, x: Tensor, planes: int, slot: int) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x, planes), slot))
-        x = F.relu(self.bn2(self.conv2(x, planes), slot))
-        return self.bn3(self.conv3(x, planes * self.expansion), slot)
+        x = F.relu(conv_bn(self.conv1, self.bn1, x, slot, planes))
+        x = F.relu(conv_bn(self.conv2, self.bn2, x, slot, planes))
+        return conv_bn(self.conv3, self.bn3, x, slot, planes * self.expansion)
 
     def static_body(self, in_width: int, planes: int, slot: int) -> nn.Sequential:
         out = planes * self.expansion
@@ -113,7 +113,7 @@ class _Shortcut(nn.Module):
         self.bn = SlicedBatchNorm2d(out_channels, num_slots)
 
     def forward(self, x: Tensor, out_channels: int, slot: int) -> Tensor:
-        return self.bn(self.conv(x, out_channels), slot)
+        return conv_bn(self.conv, self.bn, x, slot, out_channels)
 
     def to_static(self, in_width: int, out_width: int, slot: int) -> nn.Sequential:
         return conv_bn_act(self.conv.to_static(in_width, out_width), self.bn.to_static(out_width, slot), None)
@@ -137,6 +137,8 @@ class DSResNet(DynamicNet):
             :meth:`DynamicNet._build_exit_head`).
         subnet_widths: an explicit list of sub-networks (per-stage widths, slimmest first) instead of
             ``width_ratios``/``pre_gate_ratio``; layer sizes still come from ``planes`` and ``stem_width``.
+        router: ``"logits"`` (the paper's gate logits) or ``"utility"`` (per-choice P(correct); see
+            :class:`DynamicNet`).
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class DSResNet(DynamicNet):
         gate_se_ratio: float = 0.25,
         gate_mode: str = "pre",
         subnet_widths: Sequence[Sequence[int]] | None = None,
+        router: str = "logits",
     ) -> None:
         if block not in ("basic", "bottleneck"):
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
@@ -194,6 +197,7 @@ class DSResNet(DynamicNet):
             (in_chans, input_size, input_size),
             routing_space,
             subnet_widths,
+            router=router,
         )
         block_cls = DSBottleneck if block == "bottleneck" else DSBasicBlock
         slots = self.num_slots
@@ -245,7 +249,7 @@ class DSResNet(DynamicNet):
                     )
 
     def _stem(self, x: Tensor, width: int, slot: int) -> Tensor:
-        x = F.relu(self.stem_bn(self.stem(x, width), slot))
+        x = F.relu(conv_bn(self.stem, self.stem_bn, x, slot, width))
         return F.max_pool2d(x, 3, 2, 1) if self.stem_kind == "imagenet" else x
 
     def _run_blocks(self, x: Tensor, subnet: int, start: int, stop: int) -> Tensor:

@@ -9,8 +9,11 @@ saved, exported, quantised or compiled like any torchvision model.
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dsnet.layers.sliced import fold_batchnorm
 
 __all__ = [
     "StaticSqueezeExcite",
@@ -19,6 +22,8 @@ __all__ = [
     "ChannelMatch",
     "match_channels",
     "conv_bn_act",
+    "fold_batchnorms",
+    "fold_conv_bn",
 ]
 
 
@@ -98,3 +103,85 @@ class StaticResidual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.body(x) + self.shortcut(x))
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """One ``nn.Conv2d`` (with bias) computing ``bn(conv(x))`` with ``bn``'s running statistics (eval mode)."""
+    weight, bias = fold_batchnorm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,  # type: ignore[arg-type]
+        conv.stride,  # type: ignore[arg-type]
+        conv.padding,  # type: ignore[arg-type]
+        conv.dilation,  # type: ignore[arg-type]
+        conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        fused.bias.copy_(bias)
+    return fused.train(conv.training).requires_grad_(conv.weight.requires_grad)
+
+
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and type(bn) is nn.BatchNorm2d
+        and bn.running_mean is not None
+        and bn.num_features == conv.out_channels
+    )
+
+
+def _fold_sequential(seq: nn.Sequential) -> int:
+    folded, i = 0, 0
+    while i + 1 < len(seq):
+        if _foldable(seq[i], seq[i + 1]):
+            seq[i] = fold_conv_bn(seq[i], seq[i + 1])
+            del seq[i + 1]
+            folded += 1
+        i += 1
+    return folded
+
+
+def _fold_graph(gm: fx.GraphModule) -> int:
+    folded = 0
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or node.target not in modules or len(node.args) != 1 or node.kwargs:
+            continue
+        source = node.args[0]
+        if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
+            continue
+        conv, bn = modules.get(str(source.target)), modules[str(node.target)]
+        if conv is None or not _foldable(conv, bn) or sum(1 for n in gm.graph.nodes if n.target == source.target) != 1:
+            continue  # a convolution called twice cannot absorb one call's BatchNorm
+        gm.set_submodule(str(source.target), fold_conv_bn(conv, bn))
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+        if not any(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes):
+            gm.delete_submodule(str(node.target))
+        folded += 1
+    if folded:
+        gm.graph.lint()
+        gm.recompile()
+    return folded
+
+
+def fold_batchnorms(module: nn.Module) -> int:
+    """Fold every ``BatchNorm2d`` that directly follows a ``Conv2d`` into it, in place; returns how many.
+
+    Covers the static networks dsnet builds: ``nn.Sequential`` pairs (at any depth) and ``torch.fx`` graphs where
+    the convolution's only user is the BatchNorm. The folded network computes the BatchNorms' eval-mode function
+    (running statistics) in every mode: it is an inference network.
+    """
+    folded = 0
+    for sub in list(module.modules()):
+        if isinstance(sub, fx.GraphModule):
+            folded += _fold_graph(sub)
+        elif isinstance(sub, nn.Sequential):
+            folded += _fold_sequential(sub)
+    return folded

@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from dsnet.train.supernet import calibrate_checkpoint
 
     overrides = {"root": args.data} if args.data else None
+    _check_checkpoint(args.checkpoint, overrides)
     info = calibrate_checkpoint(
         args.checkpoint,
         args.out or args.checkpoint,
@@ -36,3 +37,23 @@ def run(args: argparse.Namespace) -> int:
         f"in {info['seconds']:.1f}s -> {args.out or args.checkpoint}"
     )
     return 0
+
+
+def _check_checkpoint(path: str, data_overrides: dict | None) -> None:
+    """Refuse, before any work, an LC-Net checkpoint or data whose classes differ from the checkpoint's."""
+    from dsnet.data import check_class_names, dataset_class_names
+    from dsnet.models.base import DynamicNet
+    from dsnet.train.checkpoint import build_checkpoint_model, read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    if not isinstance(build_checkpoint_model(ckpt, path), DynamicNet):
+        raise ValueError(
+            f"{path} is an LC-Net checkpoint ({ckpt['model']['name']}); calibrate-bn applies to DS-Net supernets "
+            "(LC-Net keeps its BN statistics from training)"
+        )
+    data = (ckpt.get("config") or {}).get("data")
+    if isinstance(data, dict):
+        cfg = {**data, **(data_overrides or {})}
+        check_class_names(
+            ckpt.get("dataset"), dataset_class_names(cfg), path, f"{cfg.get('dataset')} ({cfg.get('root')})"
+        )

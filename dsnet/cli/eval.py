@@ -135,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{info.name} has {info.num_classes} classes but the model has {model.num_classes}")
     if info.in_chans != model.in_chans:
         raise ValueError(f"{info.name} has {info.in_chans}-channel images but the model takes {model.in_chans}")
+    from dsnet.data import check_class_names
+
+    check_class_names(ckpt.get("dataset"), info.class_names, args.checkpoint, f"{info.name} ({cfg.get('root')})")
     report = evaluate(
         model,
         loader,

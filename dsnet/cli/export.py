@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 from dsnet.cli._args import check_input_size, output_file, positive_int
@@ -47,6 +52,13 @@ def run(args: argparse.Namespace) -> int:
         model, name, dataset = create_model(args.model).eval(), args.model, None
     if not isinstance(model, DynamicNet):
         raise ValueError(f"{name} is not a dynamic dsnet model")
+    names = (dataset or {}).get("class_names") if isinstance(dataset, dict) else None
+    if names and len(names) != model.num_classes:
+        raise ValueError(
+            f"{args.checkpoint}: its dataset record names {len(names)} classes ({', '.join(map(str, names[:5]))}"
+            f"{', ...' if len(names) > 5 else ''}) but the model has {model.num_classes} outputs; the bundle's "
+            "class names would mislabel its answers"
+        )
     if args.subnet is not None and not 0 <= args.subnet < len(model.subnets):
         raise ValueError(
             f"subnet index {args.subnet} out of range: {name} has {len(model.subnets)} sub-networks "
@@ -56,33 +68,78 @@ def run(args: argparse.Namespace) -> int:
     tol = 1e-4
     n = max(args.check_batch, len(model.routing_space))
     images = torch.randn(n, *size, generator=torch.Generator().manual_seed(0))
-    if args.subnet is not None:
-        path = export_static(model, args.subnet, args.out, size, dataset=dataset)
-        params = sum(p.numel() * p.element_size() for p in model.extract(args.subnet).parameters())
-        print(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB; sub-network parameters {params / 1e6:.2f} MB)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # written into a staging folder beside --out and moved into place only once checked: a failed export or
+    # check leaves no file behind and an earlier export at --out as it was
+    stage = Path(tempfile.mkdtemp(prefix=".dsnet-export-", dir=out.parent))
+    try:
+        if args.subnet is not None:
+            staged = export_static(model, args.subnet, stage / out.name, size, dataset=dataset)
+            params = sum(p.numel() * p.element_size() for p in model.extract(args.subnet).parameters())
+            mb = os.path.getsize(staged) / 1e6
+            if not args.no_check:
+                diff = check_static(model, args.subnet, staged, images)
+                _report(f"onnxruntime vs eager, sub-network {args.subnet}: max abs diff {diff:.2e}", diff, tol)
+            os.replace(staged, out)
+            print(f"wrote {out} ({mb:.2f} MB; sub-network parameters {params / 1e6:.2f} MB)")
+            return 0
+        staged = export_dynamic(model, stage / out.name, size, model_name=name, dataset=dataset)
         if not args.no_check:
-            diff = check_static(model, args.subnet, path, images)
-            _report(f"onnxruntime vs eager, sub-network {args.subnet}: max abs diff {diff:.2e}", diff, tol)
-        return 0
-    manifest = export_dynamic(model, args.out, size, model_name=name, dataset=dataset)
-    files = sorted(Path(manifest).parent.glob(Path(args.out).with_suffix("").name + ".*"))
+            res = check_dynamic(model, staged, images)
+            diff = max(res["forced_max_abs_diff"], res["gate_max_abs_diff"])
+            _report(
+                f"onnxruntime vs eager, dynamic, routed to choices {res['choices_checked']}: "
+                f"max abs diff {res['forced_max_abs_diff']:.2e}; own gate: {res['gate_max_abs_diff']:.2e}, "
+                f"decisions agree: {res['gate_choices_agree']}",
+                diff,
+                tol,
+            )
+        manifest, files, stale = _install_bundle(staged, out.parent)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     total = sum(f.stat().st_size for f in files)
-    print(f"wrote dynamic bundle {manifest} ({len(files)} files, {total / 1e6:.2f} MB)")
+    gone = f"; removed {len(stale)} stale file(s) of the earlier bundle" if stale else ""
+    print(f"wrote dynamic bundle {manifest} ({len(files)} files, {total / 1e6:.2f} MB{gone})")
     if dataset:
         print(f"manifest: preprocessing and {len(dataset.get('class_names') or [])} class names of {dataset['name']}")
     else:
         print("manifest: no mean/std or class names (random weights; export a checkpoint to record them)")
-    if not args.no_check:
-        res = check_dynamic(model, manifest, images)
-        diff = max(res["forced_max_abs_diff"], res["gate_max_abs_diff"])
-        _report(
-            f"onnxruntime vs eager, dynamic, routed to choices {res['choices_checked']}: "
-            f"max abs diff {res['forced_max_abs_diff']:.2e}; own gate: {res['gate_max_abs_diff']:.2e}, "
-            f"decisions agree: {res['gate_choices_agree']}",
-            diff,
-            tol,
-        )
     return 0
+
+
+def _bundle_files(manifest: dict) -> list[str]:
+    """The graph files a bundle manifest names (pre-gate first)."""
+    names = [manifest.get("pre", {}).get("file")] + [p.get("file") for p in manifest.get("post", [])]
+    return [n for n in names if isinstance(n, str) and n and Path(n).name == n]
+
+
+def _install_bundle(staged_manifest: Path, folder: Path) -> tuple[Path, list[Path], list[Path]]:
+    """Move a checked bundle into ``folder``, manifest last, and delete what an earlier bundle of that name left.
+
+    The earlier bundle's files are those its manifest lists and ``<stem>.post<j>.onnx`` siblings: a smaller
+    bundle exported over a larger one must not leave graphs that are no longer part of it.
+    Returns (manifest, the bundle's files, the stale files removed).
+    """
+    new = json.loads(staged_manifest.read_text())
+    keep = _bundle_files(new)
+    target = folder / staged_manifest.name
+    old_files: set[str] = set()
+    if target.is_file():
+        try:
+            old_files = set(_bundle_files(json.loads(target.read_text())))
+        except (ValueError, OSError, AttributeError):
+            old_files = set()
+    stem = staged_manifest.name.removesuffix(".manifest.json")
+    pattern = re.compile(re.escape(stem) + r"\.post\d+\.onnx")
+    old_files |= {p.name for p in folder.glob(f"{glob.escape(stem)}.post*.onnx") if pattern.fullmatch(p.name)}
+    for name in keep:
+        os.replace(staged_manifest.parent / name, folder / name)
+    os.replace(staged_manifest, target)
+    stale = [folder / n for n in sorted(old_files - set(keep))]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return target, [folder / n for n in keep] + [target], stale
 
 
 def _report(message: str, diff: float, tol: float) -> None:

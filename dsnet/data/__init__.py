@@ -7,6 +7,8 @@ Public API (other modules code against exactly this)::
     resolve_data_config(cfg)          # defaults merged with cfg, validated (errors name the key)
     build_dataset(cfg, split)         # (raw dataset of (uint8 CHW, label), DatasetInfo)
     build_loader(cfg, split, *, seed=0, rank=0, world_size=1, device="cpu", views=1)
+    dataset_class_names(cfg)          # the class names build_dataset would give, without loading images
+    check_class_names(recorded, found, source)  # refuse data with other classes than a checkpoint's
 
 Datasets: ``fashion_mnist`` (default), ``mnist``, ``cifar10``, ``cifar100``,
 ``imagefolder`` (``root/train/<class>/...``, ``root/val/<class>/...``) and
@@ -18,7 +20,14 @@ recipe, comes from the data (``dsnet.data.recipe``) and travels in
 """
 
 from dsnet.data.config import DATA_DEFAULTS, DATASET_NAMES, resolve_data_config
-from dsnet.data.loader import DatasetInfo, SeededBatchSampler, build_dataset, build_loader
+from dsnet.data.loader import (
+    DatasetInfo,
+    SeededBatchSampler,
+    build_dataset,
+    build_loader,
+    check_class_names,
+    dataset_class_names,
+)
 
 __all__ = [
     "DATA_DEFAULTS",
@@ -27,5 +36,7 @@ __all__ = [
     "SeededBatchSampler",
     "build_dataset",
     "build_loader",
+    "check_class_names",
+    "dataset_class_names",
     "resolve_data_config",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,9 +28,13 @@ __all__ = [
     "read_idx",
     "load_idx_dataset",
     "load_cifar",
+    "load_cifar_class_names",
     "make_synthetic",
     "FASHION_MNIST_CLASSES",
     "IMAGE_EXTENSIONS",
+    "open_image",
+    "image_header",
+    "scan_image_folder",
 ]
 
 FASHION_MNIST_CLASSES = [
@@ -159,6 +164,14 @@ def _unpickle(path: Path) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
+def load_cifar_class_names(meta_file: Path, names_key: str) -> list[str]:
+    """The class names in a CIFAR meta pickle (``batches.meta`` / ``meta``)."""
+    meta = _unpickle(meta_file)
+    if names_key not in meta:
+        raise ValueError(f"{meta_file}: no {names_key!r} entry")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key]]
+
+
 def load_cifar(folder: str | os.PathLike, split: str, fine: bool) -> InMemoryDataset:
     """CIFAR-10 (``fine=False``, ``cifar-10-batches-py/``) or CIFAR-100 (``fine=True``, ``cifar-100-python/``)."""
     folder = Path(folder)
@@ -168,10 +181,7 @@ def load_cifar(folder: str | os.PathLike, split: str, fine: bool) -> InMemoryDat
     else:
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
         label_key, meta_file, names_key = "labels", "batches.meta", "label_names"
-    meta = _unpickle(folder / meta_file)
-    if names_key not in meta:
-        raise ValueError(f"{folder / meta_file}: no {names_key!r} entry")
-    class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key]]
+    class_names = load_cifar_class_names(folder / meta_file, names_key)
     xs, ys = [], []
     for name in files:
         batch = _unpickle(folder / name)
@@ -192,21 +202,145 @@ def load_cifar(folder: str | os.PathLike, split: str, fine: bool) -> InMemoryDat
 
 
 # ---------------------------------------------------------------------------------------------------- folders
+_WIDE_GREY = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def open_image(path: str | os.PathLike, mode: str | None = None, size: int | None = None) -> Image.Image:
+    """The image at ``path``, decoded (converted to ``mode`` when given), or a one-line ``ValueError`` naming it.
+
+    16-bit greyscale (PIL modes ``I;16*``, and ``I`` holding values above 255)
+    is scaled to 8 bits (``v / 257``, rounded) before any conversion: PIL's own
+    ``convert("L")`` clips it, which turns most 16-bit images white. Images
+    over PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) are
+    refused, not decoded. ``size``: images whose shorter side is larger are
+    first downscaled, shorter side to ``size`` (JPEG decodes at reduced scale).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if size is not None and min(im.size) > size:
+                    im.draft("L" if mode == "L" else "RGB", (size, size))  # JPEG: decode at reduced scale
+                im = _to_8bit(im)
+                if size is not None and min(im.size) > size:
+                    w, h = im.size
+                    f = size / min(w, h)
+                    im = im.resize((max(size, round(w * f)), max(size, round(h * f))), Image.BILINEAR)
+                return im.convert(mode) if mode is not None else im.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{path}: refused as a possible decompression bomb ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot decode image: {e}") from None
+
+
+def image_header(path: str | os.PathLike) -> tuple[tuple[int, int], str]:
+    """``(size, mode)`` of the image at ``path`` from its header, checked as :func:`open_image` checks it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.size, im.mode
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{path}: refused as a possible decompression bomb ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot decode image: {e}") from None
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image scaled to 8 bits ("L"); any other image unchanged."""
+    if im.mode not in _WIDE_GREY:
+        return im
+    a = np.asarray(im).astype(np.int64)
+    if im.mode == "I" and (a.size == 0 or a.max() <= 255):  # 32-bit integer mode holding 8-bit values
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+    a = (np.clip(a, 0, 65535) * 255 + 32767) // 65535  # == round(v / 257)
+    return Image.fromarray(a.astype(np.uint8), "L")
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def scan_image_folder(root: Path, classes: Sequence[str], allow_empty: bool = False) -> list[tuple[Path, int]]:
+    """``(path, label)`` of every image under ``root/<class>/`` (sub-folders included, symlinks followed).
+
+    A directory symlink that leads back into ``root`` (or to a folder the scan
+    has already walked) would list images again under another path -- a loop
+    hangs the scan, a link to a parent relabels every image -- so it is a
+    ``ValueError`` naming the link. Links to folders outside ``root`` are
+    followed. Unless ``allow_empty``, a class folder without images is an
+    error naming it (the validation split may lack classes).
+    """
+    tree = os.path.realpath(root)
+    seen: set[str] = set()
+    samples: list[tuple[Path, int]] = []
+    for label, name in enumerate(classes):
+        d = root / name
+        if not d.is_dir():
+            if not allow_empty:
+                raise ValueError(f"{d}: class folder not found")
+            continue
+        start = len(samples)
+        real = os.path.realpath(d)
+        if real in seen or (d.is_symlink() and _loops(real, tree)):
+            raise ValueError(
+                f"{d}: class folder is a symlink to {real}, a folder listed already (or above it); "
+                "its images would be counted twice"
+            )
+        seen.add(real)
+        walked = []
+        for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
+            for sub in dirnames:
+                link = Path(dirpath) / sub
+                target = os.path.realpath(link)
+                if target in seen or (link.is_symlink() and _loops(target, tree)):
+                    raise ValueError(
+                        f"{link}: directory symlink back into the image folder ({target}); it would list images "
+                        "again under another class or loop forever: remove it or point it outside the folder"
+                    )
+                seen.add(target)
+            walked.append((dirpath, filenames))
+        for dirpath, filenames in sorted(walked):
+            for fn in sorted(filenames):
+                if fn.lower().endswith(IMAGE_EXTENSIONS) and _visible(fn):
+                    samples.append((Path(dirpath) / fn, label))
+        if len(samples) == start and not allow_empty:
+            raise ValueError(
+                f"{d}: class folder {name!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                "add images or remove the folder"
+            )
+    return samples
+
+
+def _loops(path: str, tree: str) -> bool:
+    """Whether a folder at real path ``path`` is ``tree``, inside it, or above it."""
+    return path == tree or path.startswith(tree + os.sep) or tree.startswith(path.rstrip(os.sep) + os.sep)
+
+
 class ImageFolderDataset(Dataset):
     """``root/<class>/*.jpg|png|...`` loaded with PIL and converted to ``mode`` ("RGB" or "L", greyscale).
 
     ``classes`` fixes the class order (pass the training split's classes when
     building the validation split, so label ``i`` means the same class in both).
+    Every class folder must hold images unless ``allow_empty_classes`` (the
+    validation split); see :func:`scan_image_folder` for symlinks.
     """
 
-    def __init__(self, root: str | os.PathLike, classes: Sequence[str] | None = None, mode: str = "RGB") -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        classes: Sequence[str] | None = None,
+        mode: str = "RGB",
+        *,
+        allow_empty_classes: bool = False,
+    ) -> None:
         if mode not in ("RGB", "L"):
             raise ValueError(f"image mode must be 'RGB' or 'L', got {mode!r}")
         self.mode = mode
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: image folder not found")
-        found = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        found = sorted(d.name for d in self.root.iterdir() if d.is_dir() and _visible(d.name))
         if classes is None:
             classes = found
         else:
@@ -215,14 +349,8 @@ class ImageFolderDataset(Dataset):
                 raise ValueError(f"{self.root}: class folders {extra[:5]} are not among the training classes")
         self.class_names = list(classes)
         self.samples: list[tuple[Path, int]] = []
-        for label, name in enumerate(self.class_names):
-            d = self.root / name
-            if not d.is_dir():
-                continue
-            for dirpath, _, filenames in sorted(os.walk(d, followlinks=True)):
-                for fn in sorted(filenames):
-                    if fn.lower().endswith(IMAGE_EXTENSIONS) and not fn.startswith("."):
-                        self.samples.append((Path(dirpath) / fn, label))
+        if self.class_names:
+            self.samples = scan_image_folder(self.root, self.class_names, allow_empty=allow_empty_classes)
         if not self.class_names or not self.samples:
             raise FileNotFoundError(
                 f"{self.root}: no images found; expected {self.root}/<class>/*.jpg (or {', '.join(IMAGE_EXTENSIONS)})"
@@ -233,12 +361,7 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def load(self, index: int) -> Image.Image:
-        path = self.samples[index][0]
-        try:
-            with Image.open(path) as im:
-                return im.convert(self.mode)
-        except OSError as e:
-            raise ValueError(f"{path}: cannot decode image: {e}") from None
+        return open_image(self.samples[index][0], self.mode)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return pil_to_tensor(self.load(index)), self.samples[index][1]

@@ -26,6 +26,7 @@ from dsnet.data.datasets import (
     InMemoryDataset,
     _find_file,
     load_cifar,
+    load_cifar_class_names,
     load_idx_dataset,
     make_synthetic,
 )
@@ -33,7 +34,16 @@ from dsnet.data.download import RESOURCES, DownloadError, default_data_dir, down
 from dsnet.data.recipe import Recipe, fixed_recipe, folder_recipe
 from dsnet.data.transforms import AugmentSpec, BatchTransform, augment_defaults
 
-__all__ = ["DatasetInfo", "BatchRequest", "SeededBatchSampler", "BatchFetcher", "build_dataset", "build_loader"]
+__all__ = [
+    "DatasetInfo",
+    "BatchRequest",
+    "SeededBatchSampler",
+    "BatchFetcher",
+    "build_dataset",
+    "build_loader",
+    "dataset_class_names",
+    "check_class_names",
+]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 SPLITS = ("train", "holdout", "val")
@@ -254,8 +264,59 @@ def _image_folder(root: str | None, split: str) -> ImageFolderDataset:
         return ImageFolderDataset(train_dir, classes)
     for name in ("val", "validation"):
         if (r / name).is_dir():
-            return ImageFolderDataset(r / name, classes)
+            return ImageFolderDataset(r / name, classes, allow_empty_classes=True)
     raise FileNotFoundError(f"{r / 'val'} not found; data.root (--data DIR) must be laid out as {layout}")
+
+
+# ---------------------------------------------------------------------------------------------------- class names
+def dataset_class_names(cfg: dict | None) -> list[str]:
+    """The class names ``build_dataset(cfg, ...)`` would give, without loading or measuring the images.
+
+    Image folders: the class folders of ``<root>/train``; CIFAR: its meta file
+    (located, and downloaded when allowed, as ``build_dataset`` does).
+    """
+    cfg = resolve_data_config(cfg)
+    name, root = cfg["dataset"], cfg["root"]
+    if name == "synthetic":
+        return [f"class_{i}" for i in range(cfg["synthetic"]["num_classes"])]
+    if name == "fashion_mnist":
+        return list(FASHION_MNIST_CLASSES)
+    if name == "mnist":
+        return [str(i) for i in range(10)]
+    if name == "imagefolder":
+        if root is None:
+            _image_folder(root, "train")  # the error that says what data.root must be
+        train_dir = Path(root).expanduser() / "train"
+        if not train_dir.is_dir():
+            _image_folder(root, "train")
+        return sorted(d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    folder = _locate(name, root, "val", cfg["download"])
+    meta_file, key = ("meta", "fine_label_names") if name == "cifar100" else ("batches.meta", "label_names")
+    return load_cifar_class_names(folder / meta_file, key)
+
+
+def _shown(names: list[str], k: int = 5) -> str:
+    return "[" + ", ".join(names[:k]) + (f", ... ({len(names)} in all)" if len(names) > k else "") + "]"
+
+
+def check_class_names(recorded: Any, found: list[str] | tuple[str, ...], source: str, data: str = "the data") -> None:
+    """Refuse data whose classes differ from those a checkpoint was trained on (``ValueError`` naming both).
+
+    ``recorded`` is the checkpoint's ``dataset`` entry (``DatasetInfo`` as a
+    dict); a checkpoint that records no class names (older ones, random
+    weights) is not checked. Label ``i`` must mean the same class in both:
+    the same names in the same order.
+    """
+    names = recorded.get("class_names") if isinstance(recorded, dict) else None
+    if not names:
+        return
+    names, found = [str(n) for n in names], [str(n) for n in found]
+    if names != found:
+        what = "in another order" if sorted(names) == sorted(found) else "other classes"
+        raise ValueError(
+            f"{source} was trained on {len(names)} classes {_shown(names)} but {data} has {len(found)} "
+            f"{_shown(found)} ({what}); evaluate or train it on the data it was trained on"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- loading

@@ -38,9 +38,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from dsnet.data.datasets import ImageFolderDataset
+from dsnet.data.datasets import ImageFolderDataset, image_header, open_image
 
 __all__ = [
     "SAMPLE_SIZE",
@@ -120,12 +119,9 @@ def measure_image_folder(
     paths = [dataset.samples[i][0] for i in picks]
     sides, modes = [], set()
     for path in paths:  # headers only: PIL opens lazily
-        try:
-            with Image.open(path) as im:
-                sides.append(min(im.size))
-                modes.add(im.mode)
-        except OSError as e:
-            raise ValueError(f"{path}: cannot decode image: {e}") from None
+        size, mode = image_header(path)
+        sides.append(min(size))
+        modes.add(mode)
     native = int(statistics.median_low(sides))
     found_channels = 1 if modes <= GRAY_MODES else 3
     c = channels or found_channels
@@ -135,14 +131,8 @@ def measure_image_folder(
     total = np.zeros(c)
     total_sq = np.zeros(c)
     count = 0
-    for path in paths:
-        with Image.open(path) as im:
-            if min(im.size) > target:
-                im.draft("RGB" if c == 3 else "L", (target, target))  # JPEG: decode at reduced scale, cheaply
-                w, h = im.size
-                f = target / min(w, h)
-                im = im.resize((max(target, round(w * f)), max(target, round(h * f))), Image.BILINEAR)
-            a = np.asarray(im.convert("RGB" if c == 3 else "L"), dtype=np.float64) / 255.0
+    for path in paths:  # 16-bit greyscale scaled to 8 bits, as the loader sees it
+        a = np.asarray(open_image(path, "RGB" if c == 3 else "L", size=target), dtype=np.float64) / 255.0
         a = a.reshape(-1, c)
         total += a.sum(axis=0)
         total_sq += (a * a).sum(axis=0)

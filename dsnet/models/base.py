@@ -26,7 +26,7 @@ from dsnet.layers.gate import GATE_MODES, DynamicGate, ExitHead, straight_throug
 from dsnet.layers.sliced import CacheBudget, SlicedBatchNorm2d, TensorCache, clear_caches
 from dsnet.models.static import fold_batchnorms
 
-__all__ = ["Subnet", "RoutingResult", "DynamicNet", "build_subnets", "explicit_subnets"]
+__all__ = ["Subnet", "RoutingResult", "DynamicNet", "build_subnets", "explicit_subnets", "check_input_dtype"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,20 @@ def _statistics_slots(subnets: Sequence[Subnet]) -> list[tuple[int, ...]]:
     return table
 
 
+def check_input_dtype(model: nn.Module, x: Tensor) -> None:
+    """``ValueError`` when ``x``'s floating dtype differs from the model's parameters' (outside autocast).
+
+    torch's own message names neither; the fix is ``x.to(dtype)`` or ``model.to(dtype)``.
+    """
+    param = next(model.parameters(), None)
+    if param is None or x.dtype == param.dtype or torch.is_autocast_enabled(x.device.type):
+        return
+    raise ValueError(
+        f"input dtype {x.dtype} does not match the model's parameter dtype {param.dtype}: "
+        f"pass x.to({param.dtype}) or convert the model with model.to({x.dtype})"
+    )
+
+
 class DynamicNet(nn.Module):
     """Base class of dsnet's dynamic supernets. Subclasses set up the layers.
 
@@ -279,6 +293,7 @@ class DynamicNet(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point input, got {x.dtype}")
+        check_input_dtype(self, x)
 
     def width_multiple(self, stage: int) -> int:
         """The channel multiple widths of ``stage`` are rounded to (fast kernels want multiples of 8)."""
@@ -405,6 +420,8 @@ class DynamicNet(nn.Module):
                     f"gate_bias needs one value per routing choice ({len(self.routing_space)}), "
                     f"got shape {tuple(bias.shape)}"
                 )
+            if not bool(torch.isfinite(bias).all()):
+                raise ValueError(f"gate_bias must be finite, got {bias.tolist()} (nan/inf would route every input)")
             gate_logits = gate_logits + bias
         onehot = straight_through_gumbel(gate_logits, tau) if self.training else None
         choice = (onehot if onehot is not None else gate_logits).argmax(dim=1)

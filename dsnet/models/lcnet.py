@@ -63,6 +63,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dsnet.layers.channel_subset import ChannelSubsetConvBN, topk_channels
 from dsnet.layers.gate import straight_through_gumbel
+from dsnet.models.base import check_input_dtype
 from dsnet.models.registry import register_model
 from dsnet.utils.modes import temporary_mode
 
@@ -408,6 +409,7 @@ class LCResNet(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point input, got {x.dtype}")
+        check_input_dtype(self, x)
 
     def _stem(self, x: Tensor) -> Tensor:
         x = F.relu(self.stem(x))
@@ -433,6 +435,10 @@ class LCResNet(nn.Module):
                 raise ValueError(f"channel_mode must be one of {', '.join(CHANNEL_MODES)}, got {channel_mode!r}")
             if execute is not None:
                 execute = self._check_execute(execute, x.shape[0])
+        if not self.training and not math.isfinite(float(skip_bias)):
+            raise ValueError(f"skip_bias must be finite, got {skip_bias} (nan/inf would run or skip every block)")
+        if x.shape[0] == 0:
+            return self._empty(x, return_decisions, skip_bias, density, channel_mode)
         keeps = self.keep_counts(density)
         h = self._stem(x)
         decisions = []
@@ -453,6 +459,31 @@ class LCResNet(nn.Module):
             gate_margin=torch.stack([d["margin"] for d in decisions], 1),
             saliency=[d["saliency"] for d in decisions],
             channels=[d["channels"] for d in decisions],
+        )
+
+    def _empty(
+        self, x: Tensor, return_decisions: bool, skip_bias: float, density: float | None, channel_mode: str
+    ) -> Tensor | LCResult:
+        """An empty batch's answer: empty logits (and decisions), shaped as a batch of one's."""
+        if self.training:
+            raise ValueError("an empty batch cannot train an LC-Net (batch norm needs samples)")
+        with torch.no_grad():
+            one = self.forward(
+                x.new_zeros(1, *x.shape[1:]),
+                return_decisions=return_decisions,
+                skip_bias=skip_bias,
+                density=density,
+                channel_mode=channel_mode,
+            )
+        if not return_decisions:
+            return one[:0]
+        return LCResult(
+            logits=one.logits[:0],
+            execute=one.execute[:0],
+            scale=one.scale[:0],
+            gate_margin=one.gate_margin[:0],
+            saliency=[t[:0] for t in one.saliency],
+            channels=[t[:0] for t in one.channels],
         )
 
     def _check_execute(self, execute: Tensor, n: int) -> Tensor:

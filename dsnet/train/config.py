@@ -31,6 +31,7 @@ from dsnet.utils.schema import (
     Numbers,
     PathKey,
     Str,
+    load_yaml,
     reference_rows,
     resolve_section,
     section_defaults,
@@ -288,7 +289,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not path.is_file():
             raise FileNotFoundError(f"no config file at {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = load_yaml(path.read_text(), str(path)) or {}  # a key given twice is an error, not the last wins
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
         if not isinstance(raw, dict):

@@ -306,7 +306,7 @@ def train_gate(
 
     ``stop_after_epoch`` as in :func:`dsnet.train.supernet.train_supernet`.
     """
-    from dsnet.data import build_loader
+    from dsnet.data import build_loader, check_class_names
     from dsnet.data.recipe import describe_recipe, with_recorded_recipe
 
     if not isinstance(cfg, dict):
@@ -336,6 +336,7 @@ def train_gate(
             f"data ({info.name}: {info.num_classes} classes, {info.in_chans} channels) does not match the supernet "
             f"({model.num_classes} classes, {model.in_chans} channels)"
         )
+    check_class_names(sup.get("dataset"), info.class_names, str(supernet), f"{info.name} ({cfg['data'].get('root')})")
     run = RunDir(out, cfg, ctx, resume, "gate")
     model.train()
     head = freeze_backbone(model)

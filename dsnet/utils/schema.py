@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import yaml
+
 __all__ = [
     "ConfigError",
     "Interval",
@@ -39,6 +41,7 @@ __all__ = [
     "section_defaults",
     "resolve_section",
     "reference_rows",
+    "load_yaml",
 ]
 
 
@@ -85,6 +88,7 @@ class Key:
     choices: tuple[Any, ...] | None = None
     nullable: bool = False
     length: int | None = None  # for ``numbers``: exactly this many
+    nonempty: bool = False  # for ``numbers``: at least one
     stage: str = ""
     doc: str = ""
 
@@ -142,11 +146,15 @@ def Numbers(
     range: str,
     *,
     length: int | None = None,
+    nonempty: bool = False,
     null: bool = False,
     stage: str = "",
     doc: str = "",
 ) -> Key:
-    return Key(default, "numbers", Interval(range), nullable=null, length=length, stage=stage, doc=doc)
+    """A list of numbers, each in ``range``; ``length``: exactly that many; ``nonempty``: at least one."""
+    return Key(
+        default, "numbers", Interval(range), nullable=null, length=length, nonempty=nonempty, stage=stage, doc=doc
+    )
 
 
 def Mapping(default: dict | None = None, *, stage: str = "", doc: str = "") -> Key:
@@ -229,6 +237,8 @@ def check_value(name: str, key: Key, value: Any) -> Any:
             raise ConfigError(f"{name}: expected a {key.type_name()}, {got}")
         if key.length is not None and len(value) != key.length:
             raise ConfigError(f"{name}: expected a {key.type_name()}, got {len(value)}: {list(value)!r}")
+        if key.nonempty and not value:
+            raise ConfigError(f"{name}: must not be empty (expected a {key.type_name()}, default {key.default!r})")
         bad = [v for v in value if not key.range.contains(float(v))]
         if bad:
             raise ConfigError(f"{name}: every value must be in {key.range}, got {list(value)!r}")
@@ -275,3 +285,37 @@ def reference_rows(section: dict[str, Any], prefix: str) -> list[tuple[str, Key]
         else:
             rows.append((dotted, entry))
     return rows
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping naming a key twice (PyYAML keeps the last one silently)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:  # before merging: keys a merge (<<) brings in may be overridden on purpose
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            continue  # the constructor below reports unhashable keys
+        if key in seen:
+            raise ConfigError(
+                f"{key}: key given twice in one mapping (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                "keep one"
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_yaml(text: str, source: str = "") -> Any:
+    """YAML ``text`` parsed safely (plain data only), refusing duplicate keys: ``ConfigError`` naming ``source``."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}" if source else str(err)) from None

@@ -29,6 +29,7 @@ TINY = [
     "pss.group_size=16",
     "pss.noise_steps=2",
     "pss.finetune_steps=2",
+    "pss.threshold=-1",  # the search fine-tunes at every step: the control must repeat each one
     "pss.calibration_batches=1",
     "eval.sweep=3",
     "timing.repeats=1",
@@ -85,6 +86,28 @@ def test_compare_end_to_end_and_resume(tmp_path, capsys):
     control = json.loads((out / "seed0" / "pss_uniform" / "search" / "summary.json").read_text())
     hits = sorted(control["chain"][h]["widths"] for h in control["hits"])
     assert hits == sorted(list(static_widths[k].values()) for k in range(4))
+    # ... and it fine-tunes exactly as often as the search, for as many steps, where the search did
+    assert search["finetunes"] > 0 and control["finetunes"] == search["finetunes"]
+    assert control["finetune_steps_total"] == search["finetune_steps_total"] == 2 * search["finetunes"]
+    assert control["finetune_schedule"] == [c["macs"] for c in search["chain"] if c["finetuned"]]
+    assert result["notes"]["pss_uniform"]["finetune_steps_total"] == result["notes"]["pss"]["finetune_steps_total"]
+    # training compute: sub-network forward+backward passes per method, in compare.json and compare.md
+    tc = result["train_compute"]
+    steps = tc["static"]["stages"]["dsnet/supernet"]["steps"]
+    assert steps > 0 and tc["static"]["fwd_bwd"] == 4 * steps  # the sandwich: 4 sub-networks per step
+    assert tc["alone"]["fwd_bwd"] == 4 * tc["alone"]["stages"]["alone/net0"]["steps"]  # 4 networks, 1 pass each
+    assert tc["dsnet"]["fwd_bwd"] == tc["static"]["fwd_bwd"] and tc["dsnet"]["fwd_only"] > tc["static"]["fwd_only"]
+    assert tc["pss"]["stages"]["pss/search"]["fwd_bwd"] > 0 and tc["lcnet"]["fwd_bwd"] > 0
+    assert all(p["train_fwd_bwd"] == tc[p["method"]]["fwd_bwd"] for p in result["points"])
+    assert "## Training compute per method" in md and "fwd+bwd passes" in md
+    # LC-Net is timed in its fastest exact channel mode at each batch size, and says which
+    for p in by["lcnet"]:
+        assert set(p["variants"]) == {"gather", "mask"} and p["variants_max_abs_diff"] < 1e-4
+        assert p["impl_batch"] in p["variants"] and p["impl_b1"] in p["variants"]
+        assert p["latency_ms_batch"] == min(v["latency_ms_batch"] for v in p["variants"].values())
+    # every claim says what differs between its two methods
+    assert all(c["differs"] for c in result["claims"].values())
+    assert "differs:" in md
     # a re-run trains nothing
     assert main(_args(out)) == 0
     log = capsys.readouterr().out
@@ -130,6 +153,24 @@ def test_cascade_runs_the_widest_exactly_for_unsure_samples():
         torch.testing.assert_close(out[unsure], wide_out[unsure], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(out[~unsure], slim_out[~unsure], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(cascade_forward(model, x, 0.0), slim_out, rtol=1e-4, atol=1e-5)
+
+
+def test_claims_near_chance_are_flagged():
+    from dsnet.compare.run import check_claims
+
+    def pts(method, accs):
+        return [{"method": method, "name": f"{method} {i}", "mmacs": 1.0 + i, "top1": a} for i, a in enumerate(accs)]
+
+    ok = check_claims(pts("dsnet", [80.0, 85.0]) + pts("static", [79.0, 84.0]), num_classes=10)["dsnet_vs_static"]
+    assert (
+        "warning" not in ok
+        and ok["chance_top1"] == 10.0
+        and ok["differs"] == "the router only (the same supernet weights)"
+    )
+    low = check_claims(pts("dsnet", [12.0, 40.0]) + pts("static", [11.0, 39.0]), num_classes=10)["dsnet_vs_static"]
+    assert low["warning"].startswith("near chance: not meaningful") and low["near_chance"] == ["dsnet 0", "static 0"]
+    usnet = check_claims(pts("usnet", [80.0]) + pts("static", [79.0, 84.0]), 10, {"supernet": {"distill": "ieb"}})
+    assert "inplace vs ieb" in usnet["usnet_vs_static"]["differs"]
 
 
 def test_seeds_aggregate_to_mean_and_spread_of_common_points():

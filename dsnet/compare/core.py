@@ -32,6 +32,8 @@ __all__ = [
     "register_method",
     "CompareContext",
     "without_sections",
+    "supernet_compute",
+    "gate_compute",
     "static_points",
     "sweep_points",
     "time_points",
@@ -49,6 +51,8 @@ class Point:
     kind: str = "static"  # static | dynamic (gate) | cascade
     params: dict[str, Any] = field(default_factory=dict)  # widths, gate bias, threshold...
     runner: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
+    # exact alternative implementations of ``runner`` (the same outputs): each is timed, the fastest is reported
+    variants: dict[str, Callable[[Tensor], Tensor]] | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +87,10 @@ class Method:
         """The stages whose training time is this method's cost (shared stages count for each method using them)."""
         raise NotImplementedError
 
+    def notes(self, ctx: CompareContext) -> dict[str, Any]:
+        """Facts about the method's training a reader needs to judge a comparison (e.g. the fine-tuning done)."""
+        return {}
+
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -115,6 +123,7 @@ class CompareContext:
         self.log = log
         self._loaders: dict[str, Any] = {}
         self._info = None
+        self._steps: dict[str, int] = {}
 
     # ----------------------------------------------------------------- data
     @property
@@ -135,12 +144,27 @@ class CompareContext:
         self.loader("val")
         return self._loaders["val"][1]
 
+    def steps_per_epoch(self, cfg: dict[str, Any]) -> int:
+        """Optimiser steps per training epoch of a stage config (the length of its training loader)."""
+        from dsnet.data import build_loader
+
+        key = json.dumps(cfg["data"], sort_keys=True, default=str)
+        if key not in self._steps:
+            self._steps[key] = len(build_loader(cfg["data"], "train", seed=int(cfg["seed"]), device=self.device)[0])
+        return self._steps[key]
+
     # --------------------------------------------------------------- stages
     def stage_dir(self, key: str) -> Path:
         return self.root / key
 
     def stage(
-        self, key: str, run: Callable[[Path, bool], Any], what: str, config: Any, ignore: tuple[str, ...] = ()
+        self,
+        key: str,
+        run: Callable[[Path, bool], Any],
+        what: str,
+        config: Any,
+        ignore: tuple[str, ...] = (),
+        compute: Callable[[Path], dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Run a training stage into ``root/key``, or reuse it if finished, or resume it if interrupted.
 
@@ -151,7 +175,8 @@ class CompareContext:
         time is kept in ``out/stage.json``; a stage that had to resume says so
         (its time then excludes the interrupted part). ``ignore`` names the
         recipe sections the stage does not read (stage I ignores ``gate``), so
-        changing one of them does not invalidate it.
+        changing one of them does not invalidate it. ``compute(out)`` (after the run) says what the stage
+        cost in sub-network passes (:func:`supernet_compute`); it is kept in ``stage.json`` beside the time.
         """
         out = self.stage_dir(key)
         if ignore and isinstance(config, dict):
@@ -166,13 +191,19 @@ class CompareContext:
             )
         if (out / "summary.json").is_file() and record_path.is_file():
             self.log(f"[compare] {key}: reusing finished stage")
-            return json.loads(record_path.read_text())
+            record = json.loads(record_path.read_text())
+            if compute is not None and "compute" not in record:  # a stage finished by an older dsnet
+                record["compute"] = compute(out)
+                atomic_write_json(record, record_path)
+            return record
         resume = (out / "last.ckpt").is_file()
         self.log(f"[compare] {key}: {'resuming' if resume else what}")
         atomic_write_json({"fingerprint": fingerprint, "config": config}, started)
         t0 = time.time()
         run(out, resume)
         record = {"stage": key, "seconds": round(time.time() - t0, 2), "how": "resumed" if resume else "trained"}
+        if compute is not None:
+            record["compute"] = compute(out)
         atomic_write_json(record, record_path)
         return record
 
@@ -185,6 +216,28 @@ class CompareContext:
                 return None
             total += json.loads(path.read_text())["seconds"]
         return total
+
+    def compute(self, keys: list[str]) -> dict[str, Any] | None:
+        """Training compute of finished stages: summed passes, and each stage's record (None if one is missing).
+
+        ``fwd_bwd``: sub-network forward+backward passes over a training batch (a sandwich step of 4
+        sub-networks counts 4); ``fwd_only``: sub-network forwards without a weight gradient (teachers, the
+        frozen supernet under a gate, held-out evaluations in training-batch equivalents). BN recalibration
+        and per-epoch selection evaluations are not counted.
+        """
+        stages = {}
+        for key in keys:
+            path = self.stage_dir(key) / "stage.json"
+            record = json.loads(path.read_text()) if path.is_file() else {}
+            if "compute" not in record:
+                return None
+            stages[key] = record["compute"]
+        return {
+            "fwd_bwd": sum(int(c["fwd_bwd"]) for c in stages.values()),
+            "fwd_only": sum(int(c["fwd_only"]) for c in stages.values()),
+            "seconds": self.seconds(keys),
+            "stages": stages,
+        }
 
     # ----------------------------------------------------------- evaluation
     def load(self, checkpoint: str | Path) -> DynamicNet:
@@ -245,6 +298,52 @@ class CompareContext:
 def without_sections(cfg: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     """``cfg`` without the top-level recipe sections ``names`` (those a stage never reads)."""
     return {k: v for k, v in cfg.items() if k not in names}
+
+
+def supernet_compute(ctx: CompareContext, cfg: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+    """The ``compute`` of a stage I run of ``cfg`` (DS-Net supernet, US-Net, a network trained alone).
+
+    Each step trains the sandwich: ``num_random + 2`` sub-networks forward and backward (one for a network
+    with a single sub-network); distilling from the EMA teacher (``ib``, ``ieb``) adds its forwards.
+    """
+
+    def compute(out: Path) -> dict[str, Any]:
+        sc = cfg["supernet"]
+        widths = cfg["model"]["kwargs"].get("subnet_widths")
+        single = widths is not None and len(widths) == 1
+        per_step = 1 if single else sc["num_random"] + 2
+        views = 2 if sc["mvco"] else 1
+        teacher = 0 if single else {"ib": views, "ieb": views * (1 + sc["num_random"])}.get(sc["distill"], 0)
+        steps = sc["epochs"] * ctx.steps_per_epoch(cfg)
+        return {
+            "steps": steps,
+            "fwd_bwd": steps * per_step,
+            "fwd_only": steps * teacher,
+            "batch_size": cfg["data"]["batch_size"],
+            "how": f"{sc['epochs']} epochs x {steps // max(1, sc['epochs'])} steps x {per_step} sub-network(s)"
+            + (f" + {teacher} teacher forward(s) per step ({sc['distill']})" if teacher else ""),
+        }
+
+    return compute
+
+
+def gate_compute(ctx: CompareContext, cfg: dict[str, Any], routing_choices: int) -> Callable[[Path], dict[str, Any]]:
+    """The ``compute`` of a stage II run: the frozen supernet runs every routing choice forward on each batch
+    (its pre-gate part once); only the small routing head gets a gradient, so no forward+backward pass."""
+
+    def compute(out: Path) -> dict[str, Any]:
+        gc = cfg["gate"]
+        steps = gc["epochs"] * ctx.steps_per_epoch(cfg)
+        return {
+            "steps": steps,
+            "fwd_bwd": 0,
+            "fwd_only": steps * routing_choices,
+            "batch_size": cfg["data"]["batch_size"],
+            "how": f"{gc['epochs']} epochs x {steps // max(1, gc['epochs'])} steps x {routing_choices} routing "
+            "choices forward (frozen supernet; backward into the routing head only)",
+        }
+
+    return compute
 
 
 def _without_logging(config: Any) -> Any:
@@ -317,7 +416,7 @@ def time_points(
     threads: int | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Latency of every point, all interleaved, with the same threads.
 
     Batch 1: each of the first ``batch1_images`` images alone, one call each;
@@ -325,6 +424,12 @@ def time_points(
     images, since input-dependent methods cost more on some). Batch
     ``batch_size``: one call on that many images, milliseconds per call.
     Medians over ``repeats`` rounds.
+
+    A point with ``variants`` (exact alternative implementations, e.g. LC-Net's ``gather`` and ``mask``
+    channel modes) has every variant timed in the same interleaved loop, after checking that they give the
+    same outputs on the large batch; at each batch size the fastest variant's time is reported, and which
+    one it was (``impl_b1``, ``impl_batch``; every variant's times under ``variants``). Taking the minimum
+    of noisy medians favours a variant slightly; the noise floor of the run bounds that.
     """
     from dsnet.bench.timing import interleaved, summarize
 
@@ -336,9 +441,19 @@ def time_points(
     big = images[:batch_size].to(device)
     singles = [images[i : i + 1].to(device) for i in range(batch1_images)]
     fns: dict[str, Callable[[], object]] = {}
+    diffs: dict[str, float] = {}
     for p in timed:
-        fns[f"{p.name}\x00b1"] = lambda r=p.runner: [r(x) for x in singles]
-        fns[f"{p.name}\x00batch"] = lambda r=p.runner: r(big)
+        impls = p.variants or {"": p.runner}
+        if p.variants:
+            outs = {impl: r(big).float() for impl, r in impls.items()}
+            first = next(iter(outs.values()))
+            diffs[p.name] = max(float((o - first).abs().max()) for o in outs.values())
+            for impl, o in outs.items():
+                if not torch.allclose(o, first, rtol=1e-4, atol=1e-5):
+                    raise ValueError(f"{p.name}: variant {impl!r} is not an exact implementation ({diffs[p.name]:.3g})")
+        for impl, r in impls.items():
+            fns[f"{p.name}\x00{impl}\x00b1"] = lambda r=r: [r(x) for x in singles]
+            fns[f"{p.name}\x00{impl}\x00batch"] = lambda r=r: r(big)
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -355,14 +470,28 @@ def time_points(
         torch.set_num_threads(old_threads)
         if bar is not None:
             bar.close()
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for p in timed:
-        b1 = summarize(samples[f"{p.name}\x00b1"])
-        batch = summarize(samples[f"{p.name}\x00batch"])
+        impls = list(p.variants or {"": p.runner})
+        b1s = {i: summarize(samples[f"{p.name}\x00{i}\x00b1"]) for i in impls}
+        batches = {i: summarize(samples[f"{p.name}\x00{i}\x00batch"]) for i in impls}
+        fast_b1 = min(impls, key=lambda i: b1s[i].median)
+        fast_batch = min(impls, key=lambda i: batches[i].median)
+        b1, batch = b1s[fast_b1], batches[fast_batch]
         out[p.name] = {
             "latency_ms_b1": b1.median / batch1_images,
             "latency_ms_batch": batch.median,
             "iqr_ms_b1": b1.iqr / batch1_images,
             "iqr_ms_batch": batch.iqr,
         }
+        if p.variants:
+            out[p.name].update(
+                impl_b1=fast_b1,
+                impl_batch=fast_batch,
+                variants={
+                    i: {"latency_ms_b1": b1s[i].median / batch1_images, "latency_ms_batch": batches[i].median}
+                    for i in impls
+                },
+                variants_max_abs_diff=diffs[p.name],
+            )
     return out

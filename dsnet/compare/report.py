@@ -29,6 +29,15 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _impl(p: dict[str, Any], key: str) -> str:
+    """`` (mask)``: the implementation timed, for points timed in several exact ones (LC-Net's channel modes)."""
+    return f" ({p[key]})" if p.get(key) else ""
+
+
+def _passes(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
 def _rows(result: dict[str, Any]) -> list[list[str]]:
     rows = []
     for p in sorted(result["points"], key=lambda p: (result["methods"].index(p["method"]), p["mmacs"])):
@@ -39,9 +48,10 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
                 p["name"],
                 top1,
                 _fmt(p["mmacs"]),
-                _fmt(p["latency_ms_b1"], 3),
-                _fmt(p["latency_ms_batch"], 1),
+                _fmt(p["latency_ms_b1"], 3) + _impl(p, "impl_b1"),
+                _fmt(p["latency_ms_batch"], 1) + _impl(p, "impl_batch"),
                 _fmt(p["train_seconds"], 0),
+                _passes(p.get("train_fwd_bwd")),
             ]
         )
     return rows
@@ -49,16 +59,49 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
 
 def _headers(result: dict[str, Any]) -> list[str]:
     b = result["timing"]["batch_size"]
-    return ["method", "point", "top-1 %", "MMACs", "ms/image (batch 1)", f"ms (batch {b})", "train s"]
+    return ["method", "point", "top-1 %", "MMACs", "ms/image (batch 1)", f"ms (batch {b})", "train s", "train passes"]
 
 
 def _claim_lines(result: dict[str, Any]) -> list[str]:
     lines = []
     for name, c in result["claims"].items():
-        lines.append(
+        line = (
             f"{name}: {c['method']} - {c['reference']} at equal MACs: mean {c['mean']:+.2f}, max {c['max']:+.2f}, "
             f"min {c['min']:+.2f} points over {c['points']} point(s)  [{c['claim']}]"
         )
+        if c.get("differs"):
+            line += f"; differs: {c['differs']}"
+        if c.get("warning"):
+            line += f"  **{c['warning']}**"
+        lines.append(line)
+    return lines
+
+
+def _compute_lines(result: dict[str, Any]) -> list[str]:
+    """The training compute table (markdown): passes and seconds per method, and how each stage was counted."""
+    compute = result.get("train_compute") or {}
+    lines = [
+        "| method | train s | fwd+bwd passes | forward-only passes | stages (shared ones included) |",
+        "|---|---|---|---|---|",
+    ]
+    for m, s in result["train_seconds"].items():
+        c = compute.get(m)
+        if c is None:
+            lines.append(f"| {m} | {_fmt(s, 0)} | - | - | - |")
+            continue
+        how = "; ".join(f"{k}: {v['how']}" for k, v in c["stages"].items())
+        lines.append(f"| {m} | {_fmt(s, 0)} | {_passes(c['fwd_bwd'])} | {_passes(c['fwd_only'])} | {how} |")
+    batch = {v["batch_size"] for c in compute.values() if c for v in c["stages"].values()}
+    lines += [
+        "",
+        "A pass is one sub-network's forward (and backward) over one training batch"
+        + (f" of {', '.join(map(str, sorted(batch)))} images" if batch else "")
+        + " (a sandwich step of 4 sub-networks is 4 passes); forward-only passes are teachers, the frozen supernet "
+        "under a gate and the search's held-out evaluations (in training-batch equivalents). BN recalibration and "
+        "per-epoch selection evaluations are not counted.",
+    ]
+    for m, n in (result.get("notes") or {}).items():
+        lines.append(f"- {m}: " + ", ".join(f"{k} {v}" for k, v in n.items()))
     return lines
 
 
@@ -88,12 +131,11 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{100 * noise['latency_ms_batch_max_spread']:.0f}% at batch {t['batch_size']} "
             f"(median {100 * noise['latency_ms_batch_median_spread']:.0f}%). Smaller latency differences are noise.",
         ]
-    lines += ["", "## Training time per method", "", "| method | train s (stages it needs, shared ones included) |"]
-    lines += ["|---|---|"]
-    lines += [f"| {m} | {_fmt(s, 0)} |" for m, s in result["train_seconds"].items()]
+    lines += ["", "## Training compute per method", ""] + _compute_lines(result)
     if result["skipped"]:
         lines += ["", "## Skipped", ""] + [f"- {m}: {why}" for m, why in result["skipped"].items()]
     lines += ["", "## Claims at equal MACs (test split)", ""]
+    lines += ["Each claim says what differs between its two methods: one thing is a controlled comparison.", ""]
     lines += [f"- {line}" for line in _claim_lines(result)] or ["- (no pair of methods to compare)"]
     lines += ["", f"Total time: {result['total_seconds']:.0f} s.", ""]
     return "\n".join(lines)

@@ -94,43 +94,142 @@ def gain_at_equal_macs(points: list[dict[str, Any]], reference: list[dict[str, A
     return {"mean": float(np.mean(diffs)), "max": float(max(diffs)), "min": float(min(diffs)), "points": len(diffs)}
 
 
-# (claim name, method, reference method, what the papers say)
+# (claim name, method, reference method, what the papers say, what differs between the two methods): a claim
+# whose "differs" names one thing is controlled; one naming several cannot say which of them made the gap.
+# {distill}, {sampling}: the run's stage I settings.
 CLAIMS = (
-    ("pss_vs_usnet", "pss", "usnet", "PSS paper: +2.3 points average (+4.4 max) over US-Nets at equal size"),
-    ("pss_vs_uniform", "pss", "static", "searched non-uniform widths beat the supernet's uniform widths"),
-    ("usnet_vs_static", "usnet", "static", "continuous-width training vs DS-Net's 4-width supernet"),
-    ("static_vs_alone", "static", "alone", "sharing weights in a supernet vs each width trained alone"),
-    ("dsnet_vs_static", "dsnet", "static", "DS-Net: the gate beats the static sub-networks at equal MACs"),
-    ("pss_vs_pss_uniform", "pss", "pss_uniform", "searched vs uniform widths, the same start and fine-tuning"),
-    ("pss_gate_vs_dsnet", "pss_gate", "dsnet", "a gate over searched widths vs DS-Net's gate over its supernet"),
+    (
+        "pss_vs_usnet",
+        "pss",
+        "usnet",
+        "PSS paper: +2.3 points average (+4.4 max) over US-Nets at equal size",
+        "weights (the widest trained alone, then searched and fine-tuned vs a US-Net supernet), widths "
+        "(searched vs uniform grid), training compute",
+    ),
+    (
+        "pss_vs_uniform",
+        "pss",
+        "static",
+        "searched non-uniform widths beat the supernet's uniform widths",
+        "weights (the widest trained alone + the search's fine-tuning vs DS-Net stage I) and widths: "
+        "pss_vs_pss_uniform is the controlled version",
+    ),
+    (
+        "usnet_vs_static",
+        "usnet",
+        "static",
+        "continuous-width training vs DS-Net's 4-width supernet",
+        "three things at once: the teacher (the widest routed sub-network's own prediction vs DS-Net's "
+        "{distill} teacher at its wider training-only largest), the distillation (inplace vs {distill}) and "
+        "the width sampling (continuous over the US-Net grid vs {sampling} over the routed widths)",
+    ),
+    (
+        "static_vs_alone",
+        "static",
+        "alone",
+        "sharing weights in a supernet vs each width trained alone",
+        "weight sharing (sandwich with {distill} distillation vs each width alone on labels); the same architectures",
+    ),
+    (
+        "dsnet_vs_static",
+        "dsnet",
+        "static",
+        "DS-Net: the gate beats the static sub-networks at equal MACs",
+        "the router only (the same supernet weights)",
+    ),
+    (
+        "pss_vs_pss_uniform",
+        "pss",
+        "pss_uniform",
+        "searched vs uniform widths, the same start and fine-tuning",
+        "the width allocation only: the same start and the same fine-tuning steps at the same MACs (the "
+        "fine-tuned nested sets differ with the widths)",
+    ),
+    (
+        "pss_gate_vs_dsnet",
+        "pss_gate",
+        "dsnet",
+        "a gate over searched widths vs DS-Net's gate over its supernet",
+        "the supernet (searched from a network trained alone vs DS-Net stage I) and its widths; the same gate training",
+    ),
     (
         "pss_gate_vs_pss_uniform_gate",
         "pss_gate",
         "pss_uniform_gate",
         "gate over searched vs uniform widths, same training",
+        "the width allocation only (as pss_vs_pss_uniform); the same gate training",
     ),
-    ("pss_gate_vs_pss", "pss_gate", "pss", "the gate over the searched sub-networks vs those sub-networks"),
-    ("pss_uniform_gate_vs_pss_uniform", "pss_uniform_gate", "pss_uniform", "the control's gate vs its sub-networks"),
-    ("cascade_vs_dsnet", "cascade", "dsnet", "a training-free confidence cascade vs the trained gate"),
-    ("lcnet_vs_dsnet", "lcnet", "dsnet", "LC-Net's per-input block/channel skipping vs DS-Net's gate at equal MACs"),
-    ("lcnet_vs_static", "lcnet", "static", "LC-Net vs DS-Net's static sub-networks at equal MACs"),
+    (
+        "pss_gate_vs_pss",
+        "pss_gate",
+        "pss",
+        "the gate over the searched sub-networks vs those sub-networks",
+        "the router only (the same weights)",
+    ),
+    (
+        "pss_uniform_gate_vs_pss_uniform",
+        "pss_uniform_gate",
+        "pss_uniform",
+        "the control's gate vs its sub-networks",
+        "the router only (the same weights)",
+    ),
+    (
+        "cascade_vs_dsnet",
+        "cascade",
+        "dsnet",
+        "a training-free confidence cascade vs the trained gate",
+        "the router only (the same supernet weights)",
+    ),
+    (
+        "lcnet_vs_dsnet",
+        "lcnet",
+        "dsnet",
+        "LC-Net's per-input block/channel skipping vs DS-Net's gate at equal MACs",
+        "architecture, training and router (LC-Net trained with its gates vs a supernet and a gate); the same "
+        "data and epochs",
+    ),
+    (
+        "lcnet_vs_static",
+        "lcnet",
+        "static",
+        "LC-Net vs DS-Net's static sub-networks at equal MACs",
+        "architecture, training and routing; the same data and epochs",
+    ),
 )
+NEAR_CHANCE = 5.0  # top-1 points above chance (100 / classes) below which a claim is not meaningful
 
 
 def _routed_only(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [p for p in points if "(largest)" not in p["name"]]
 
 
-def check_claims(points: list[dict[str, Any]]) -> dict[str, Any]:
+def check_claims(
+    points: list[dict[str, Any]], num_classes: int | None = None, cfg: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Each claim of :data:`CLAIMS` whose two methods ran: the gain at equal MACs, what differs, and a flag
+    when a compared model is within :data:`NEAR_CHANCE` points of chance (``100 / num_classes``)."""
     by_method: dict[str, list[dict[str, Any]]] = {}
     for p in points:
         by_method.setdefault(p["method"], []).append(p)
+    sc = (cfg or {}).get("supernet", {})
+    fields = {"distill": sc.get("distill", "ib"), "sampling": sc.get("width_sampling", "discrete")}
     claims = {}
-    for name, a, b, what in CLAIMS:
+    for name, a, b, what, differs in CLAIMS:
         if a in by_method and b in by_method:
             gain = gain_at_equal_macs(_routed_only(by_method[a]), _routed_only(by_method[b]))
             if gain is not None:
-                claims[name] = {"method": a, "reference": b, "claim": what, **gain}
+                claims[name] = {"method": a, "reference": b, "claim": what, "differs": differs.format(**fields), **gain}
+                if num_classes:
+                    chance = 100.0 / num_classes
+                    compared = _routed_only(by_method[a]) + _routed_only(by_method[b])
+                    near = [p["name"] for p in compared if p["top1"] < chance + NEAR_CHANCE]
+                    claims[name]["chance_top1"] = chance
+                    if near:
+                        claims[name]["near_chance"] = near
+                        claims[name]["warning"] = (
+                            f"near chance: not meaningful ({len(near)} of {len(compared)} compared point(s) "
+                            f"within {NEAR_CHANCE:g} points of chance, {chance:.1f}%)"
+                        )
     return claims
 
 
@@ -229,6 +328,8 @@ def run_compare(
     instances = [METHODS[m]() for m in names]
     per_seed_points: list[list[dict[str, Any]]] = []
     train_seconds: dict[str, list[float | None]] = {m: [] for m in names}
+    train_compute: dict[str, dict[str, Any] | None] = {}
+    notes: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     timed_points: list[Point] = []
     ctx0 = None
@@ -254,6 +355,9 @@ def run_compare(
                 skipped.setdefault(method.name, "no points (see the log)")
             points += found
             train_seconds[method.name].append(ctx.seconds(method.stages(ctx)))
+            if seed == 0:  # passes follow from the settings: the same every seed
+                train_compute[method.name] = ctx.compute(method.stages(ctx))
+                notes[method.name] = method.notes(ctx)
         per_seed_points.append([p.as_dict() for p in points])
         if seed == 0:
             timed_points, ctx0 = points, ctx
@@ -282,6 +386,7 @@ def run_compare(
         p.update(latency.get(p["name"], {"latency_ms_b1": None, "latency_ms_batch": None}))
         p["batch_size"] = t["batch_size"]
         p["train_seconds"] = method_seconds.get(p["method"])
+        p["train_fwd_bwd"] = (train_compute.get(p["method"]) or {}).get("fwd_bwd")
     result = {
         "schema_version": SCHEMA_VERSION,
         "model": cfg0["model"]["name"],
@@ -292,6 +397,10 @@ def run_compare(
         "skipped": skipped,
         "train_seconds": method_seconds,
         "train_seconds_per_seed": train_seconds,
+        "train_compute": {
+            m: None if c is None else {**c, "seconds": method_seconds.get(m)} for m, c in train_compute.items()
+        },
+        "notes": {m: n for m, n in notes.items() if n},
         "timing": {
             "threads": threads,
             "batch_size": t["batch_size"],
@@ -303,7 +412,7 @@ def run_compare(
         },
         "points": points,
         "per_seed_points": per_seed_points if seeds > 1 else None,
-        "claims": check_claims(points),
+        "claims": check_claims(points, info.num_classes, cfg0),
         "timing_noise": timing_noise(points),
         "config": cfg0,
         "settings": settings,

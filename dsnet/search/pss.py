@@ -128,10 +128,15 @@ class SearchResult:
     targets: list[float]  # MACs, descending
     hits: list[int]  # chain index of the first member within each target
     selected: list[int]  # chain indices kept by re-selection, slimmest first
-    finetunes: int = 0
+    finetunes: int = 0  # fine-tunings run, each pss.finetune_steps optimiser steps
     rankings: int = 0
     seconds: float = 0.0
     log: list[dict] = field(default_factory=list)
+    finetune_steps_total: int = 0  # optimiser steps of all fine-tunings
+    finetune_passes: int = 0  # sub-network forward+backward passes of those steps (the nested set, each step)
+    noise_passes: int = 0  # forward+backward passes of noise-scale learning (weights frozen)
+    evaluations: int = 0  # held-out evaluations (forward only, BN recalibrated first)
+    finetune_schedule: list[float] | None = None  # MACs fine-tuned at when given a schedule (run's finetune_at_macs)
 
     @property
     def subnet_widths(self) -> list[list[int]]:
@@ -234,6 +239,7 @@ class ProgressiveSearch:
         self.result_log: list[dict] = []
         self.finetunes = 0
         self.rankings = 0
+        self.counts = {"finetune_steps_total": 0, "finetune_passes": 0, "noise_passes": 0, "evaluations": 0}
 
     # ------------------------------------------------------------ networks
     def widths(self) -> tuple[int, ...]:
@@ -263,6 +269,7 @@ class ProgressiveSearch:
 
     def evaluate(self, widths: Sequence[int]) -> float:
         """Held-out top-1 of one width configuration, BN statistics recalibrated for it first."""
+        self.counts["evaluations"] += 1
         net = self.build([widths])
         self._calibrate(net)
         return top1_accuracy(net, self.holdout_loader, self.device, subnet=0, max_batches=self.settings["eval_batches"])
@@ -296,6 +303,7 @@ class ProgressiveSearch:
             device=self.device,
         )
         self.rankings += 1
+        self.counts["noise_passes"] += s["noise_steps"]
         g = s["group_size"]
         self.log_alpha = []
         for i, (space, k, la) in enumerate(zip(self.spaces, self.kept, log_alpha, strict=True)):
@@ -378,10 +386,18 @@ class ProgressiveSearch:
                 if own[name].shape == p.shape:
                     p.copy_(own[name])
         self.finetunes += 1
+        self.counts["finetune_steps_total"] += s["finetune_steps"]
+        self.counts["finetune_passes"] += s["finetune_steps"] * len(nets)
 
     # --------------------------------------------------------------- search
-    def run(self, targets: Sequence[float]) -> SearchResult:
-        """Search to every MAC target (descending), then re-select. Returns the chain and the selection."""
+    def run(self, targets: Sequence[float], finetune_at_macs: Sequence[float] | None = None) -> SearchResult:
+        """Search to every MAC target (descending), then re-select. Returns the chain and the selection.
+
+        ``finetune_at_macs`` replaces the ``threshold`` rule by a fixed schedule: one fine-tuning (and
+        re-ranking) at the first chain member at or below each of these MACs -- several at one member that
+        passes several, and those the chain never reaches at its last member. Given another search's
+        fine-tuning MACs, a control gets exactly as many fine-tuning steps, at the same points of the MAC range.
+        """
         t0 = time.time()
         s = self.settings
         targets = sorted((float(t) for t in targets), reverse=True)
@@ -393,6 +409,7 @@ class ProgressiveSearch:
         chain = [Candidate(self.widths(), start_macs, start_top1)]
         hits: dict[int, int] = {j: 0 for j, t in enumerate(targets) if start_macs <= t}
         reference = start_top1
+        schedule = None if finetune_at_macs is None else sorted((float(m) for m in finetune_at_macs), reverse=True)
         bar = tqdm(total=max(1, start_macs - targets[-1]), desc="PSS", disable=None if self.progress else True)
         while chain[-1].macs > targets[-1]:
             step = self.remove_one(chain[-1])
@@ -401,10 +418,18 @@ class ProgressiveSearch:
                 break
             removed, widths, macs, top1 = step
             finetuned = False
-            if reference - top1 > s["threshold"]:
+            if schedule is None:
+                due = int(reference - top1 > s["threshold"])
+            else:  # the chain ends at this member if it meets the slimmest target: the rest of the schedule is due
+                due = len(schedule) if macs <= targets[-1] else sum(m >= macs for m in schedule)
+                schedule = schedule[due:]
+            if due:
                 found = {chain[h].widths for h in hits.values()} | {widths, chain[0].widths}
                 nested = sorted(found, key=lambda w: sum(w))  # a chain: fewer groups = slimmer in every stage
-                self.finetune(nested)
+                for i in range(due):
+                    self.finetune(nested)
+                    if s["rerank"] and i < due - 1:
+                        self.rank()
                 before = top1
                 top1 = self.evaluate(widths)
                 reference, finetuned = top1, True
@@ -434,6 +459,8 @@ class ProgressiveSearch:
             self.rankings,
             round(time.time() - t0, 2),
             self.result_log,
+            **self.counts,
+            finetune_schedule=None if finetune_at_macs is None else [float(m) for m in finetune_at_macs],
         )
 
     def _final_accuracy(self, chain: list[Candidate]) -> None:
@@ -468,6 +495,7 @@ def run_pss(
     device: torch.device | str = "cpu",
     progress: bool = True,
     log=print,
+    finetune_at_macs: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Search from a trained network and save the searched supernet (``out/best.ckpt``, ``summary.json``).
 
@@ -475,7 +503,8 @@ def run_pss(
     alone), else its sub-network ``subnet`` (default: the widest routed one).
     ``cfg`` is the run's training config: its data section gives the training
     batches and the held-out slice (``data.holdout`` must be set: search
-    decisions never read the reported split).
+    decisions never read the reported split). ``finetune_at_macs``: fine-tune on this schedule instead of
+    the threshold rule (see :meth:`ProgressiveSearch.run`).
     """
     from dsnet.data import build_loader
 
@@ -521,7 +550,7 @@ def run_pss(
             n = settings["num_subnets"]
             lo = settings["min_fraction"] * start_macs
             targets_macs = [lo + (start_macs - lo) * i / max(1, n - 1) for i in range(n)]
-    result = search.run(targets_macs)
+    result = search.run(targets_macs, finetune_at_macs)
     calibration = cfg["supernet"]["bn_calibration_batches"]
     final = search.final_model(result, calibration)
     final_spec = copy.deepcopy(search.spec)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dsnet.baselines.alone import alone_config, alone_widths
-from dsnet.compare.core import CompareContext, Method, Point, register_method, static_points
+from dsnet.compare.core import CompareContext, Method, Point, register_method, static_points, supernet_compute
 
 __all__ = ["routed_widths", "alone_checkpoint"]
 
@@ -29,6 +29,7 @@ def alone_checkpoint(ctx: CompareContext, k: int) -> Path:
         f"training {widths} alone, {cfg['supernet']['epochs']} epochs",
         cfg,
         ignore=("gate", "lcnet"),
+        compute=supernet_compute(ctx, cfg),
     )
     return ctx.stage_dir(key) / "best.ckpt"
 

@@ -15,7 +15,16 @@ from pathlib import Path
 
 from torch import Tensor
 
-from dsnet.compare.core import CompareContext, Method, Point, register_method, static_points, sweep_points
+from dsnet.compare.core import (
+    CompareContext,
+    Method,
+    Point,
+    gate_compute,
+    register_method,
+    static_points,
+    supernet_compute,
+    sweep_points,
+)
 from dsnet.models.base import DynamicNet
 
 __all__ = ["supernet_checkpoint", "cascade_forward"]
@@ -34,6 +43,7 @@ def supernet_checkpoint(ctx: CompareContext) -> Path:
         f"training the DS-Net supernet, {ctx.cfg['supernet']['epochs']} epochs",
         ctx.cfg,
         ignore=("gate", "lcnet"),
+        compute=supernet_compute(ctx, ctx.cfg),
     )
     return ctx.stage_dir(SUPERNET) / "best.ckpt"
 
@@ -68,6 +78,7 @@ class DSNetGate(Method):
             f"training the gate, {ctx.cfg['gate']['epochs']} epochs",
             ctx.cfg,
             ignore=("lcnet",),
+            compute=gate_compute(ctx, ctx.cfg, len(ctx.load(supernet).routing_space)),
         )
 
     def points(self, ctx: CompareContext) -> list[Point]:

@@ -7,7 +7,10 @@ defaults otherwise: C-Net density 0.5, ConvNet-AIG rate target 0.6); its best
 epoch and skip thresholds come from the held-out slice like every method's.
 Its points are the run-time skip-bias sweep (``--set eval.lcnet_skip_biases=[...]``),
 evaluated once on the test split and timed as real skipping inference
-(skipped blocks not computed, kept channels gathered).
+(skipped blocks not computed), with each exact channel implementation --
+``gather`` (kept channels gathered per sample) and ``mask`` (full width,
+dropped channels zeroed: the same outputs) -- timed at each batch size and the
+fastest reported (``impl_b1``, ``impl_batch`` in compare.json).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ __all__ = ["lcnet_model_name", "lcnet_config"]
 
 STAGE = "lcnet"
 DENSITY = 0.5  # the LC-Net recipe's C-Net density (configs/lcnet_fashion_mnist.yaml)
+EXACT = ("gather", "mask")  # channel modes with the same outputs ("prefix" computes another function)
 
 
 def lcnet_model_name(name: str) -> str | None:
@@ -66,6 +70,7 @@ class LCNet(Method):
             f"training {cfg['model']['name']}, {cfg['lcnet']['epochs']} epochs",
             cfg,
             ignore=("gate", "supernet"),  # the supernet's optimiser settings are copied into lcnet
+            compute=lambda out: _compute(ctx, cfg),
         )
 
     def points(self, ctx: CompareContext) -> list[Point]:
@@ -93,9 +98,23 @@ class LCNet(Method):
                     "dynamic",
                     {"skip_bias": b, "density": p["density"], "exec_rate": p["exec_rate"]},
                     lambda x, b=b: model(x, skip_bias=b),
+                    variants={mode: (lambda x, b=b, m=mode: model(x, skip_bias=b, channel_mode=m)) for mode in EXACT},
                 )
             )
         return points
 
     def stages(self, ctx: CompareContext) -> list[str]:
         return [STAGE]
+
+
+def _compute(ctx: CompareContext, cfg: dict[str, Any]) -> dict[str, Any]:
+    """One LC-Net forward+backward per step (full-width model with its skip and channel gates)."""
+    lc = cfg["lcnet"]
+    steps = lc["epochs"] * ctx.steps_per_epoch(cfg)
+    return {
+        "steps": steps,
+        "fwd_bwd": steps,
+        "fwd_only": 0,
+        "batch_size": cfg["data"]["batch_size"],
+        "how": f"{lc['epochs']} epochs x {steps // max(1, lc['epochs'])} steps x 1 network (gates trained jointly)",
+    }

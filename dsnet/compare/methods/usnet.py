@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dsnet.baselines.usnet import usnet_config
-from dsnet.compare.core import CompareContext, Method, Point, register_method, static_points
+from dsnet.compare.core import CompareContext, Method, Point, register_method, static_points, supernet_compute
 
 STAGE = "usnet"
 
@@ -24,6 +24,7 @@ class USNet(Method):
             f"training a US-Net over {n} widths, {cfg['supernet']['epochs']} epochs",
             cfg,
             ignore=("gate", "lcnet"),
+            compute=supernet_compute(ctx, cfg),
         )
 
     def points(self, ctx: CompareContext) -> list[Point]:

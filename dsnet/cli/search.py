@@ -5,6 +5,13 @@ from __future__ import annotations
 import argparse
 
 
+def _numbers(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "search",
@@ -23,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="dataset root (overrides data.root)")
     p.add_argument(
         "--targets-mmacs",
-        type=lambda s: [float(v) for v in s.split(",") if v.strip()],
+        type=_numbers,
         help="MAC targets in MMACs, e.g. 1.4,2.6,4.4,6.9 (default: pss.num_subnets evenly spaced)",
     )
     p.add_argument(
@@ -33,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="a recipe key (data.holdout=5000) or a search setting (pss.threshold=1.0, pss.group_size=8)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier search in --out (default: refuse an occupied one)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -51,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = resolve_config(apply_overrides(read_checkpoint(args.checkpoint).get("config") or {}, training))
     settings = resolve_section({"pss": PSS_SCHEMA}, apply_overrides({}, ours), "")["pss"]
+    if args.targets_mmacs is not None and not args.targets_mmacs:
+        raise ValueError("--targets-mmacs: no targets given")
     targets = None if args.targets_mmacs is None else [t * 1e6 for t in args.targets_mmacs]
     summary = run_pss(
         args.checkpoint,
@@ -60,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         targets_macs=targets,
         subnet=args.subnet,
         progress=not args.no_progress,
+        replace=args.overwrite,
     )
     from dsnet.utils.table import format_table
 

@@ -24,7 +24,7 @@ import torch
 
 from dsnet.compare.core import METHODS, CompareContext, Point, time_points
 from dsnet.search.pss import PSS_SCHEMA
-from dsnet.utils.io import atomic_write_json, atomic_write_text
+from dsnet.utils.io import atomic_write_json, atomic_write_text, check_output_dir
 from dsnet.utils.schema import Float, Int, Numbers, resolve_section, section_defaults, with_stage
 
 __all__ = ["COMPARE_DEFAULTS", "COMPARE_SCHEMA", "compare_config", "run_compare", "gain_at_equal_macs"]
@@ -40,7 +40,10 @@ COMPARE_SCHEMA: dict[str, Any] = {
     "eval": {
         "sweep": Int(9, "[2, inf)", doc="gate-bias sweep points per gated model"),
         "lcnet_skip_biases": Numbers(
-            [-1.0, 0.0, 1.0, 2.0, 3.0], "(-inf, inf)", doc="LC-Net run-time skip biases evaluated (> 0 skips more)"
+            [-1.0, 0.0, 1.0, 2.0, 3.0],
+            "(-inf, inf)",
+            nonempty=True,
+            doc="LC-Net run-time skip biases evaluated (> 0 skips more)",
         ),
     },
     "timing": {
@@ -286,6 +289,26 @@ def _timing_images(ctx: CompareContext, n: int) -> torch.Tensor:
     return x[:n]
 
 
+def _check_search_settings(names: list[str], cfg: dict[str, Any], settings: dict[str, Any], info: Any) -> None:
+    """The search settings the search methods would reject after the networks trained, checked now."""
+    if not any(n.startswith("pss") for n in names):
+        return
+    from dsnet.models import create_model
+    from dsnet.search.channels import channel_map
+    from dsnet.search.pss import check_group_size, check_targets
+
+    kwargs = {"num_classes": info.num_classes, "in_chans": info.in_chans, **cfg["model"]["kwargs"]}
+    model = create_model(cfg["model"]["name"], **kwargs)
+    try:
+        channel_map(model)
+    except ValueError:
+        return  # no channel map: the search methods say they do not apply (and are skipped)
+    start = model.subnets[model.routing_space[-1]].widths  # the search starts from the widest routed network
+    check_group_size(model, start, settings["pss"]["group_size"])
+    if settings["pss"]["targets_mmacs"] is not None:
+        check_targets([t * 1e6 for t in settings["pss"]["targets_mmacs"]])
+
+
 def run_compare(
     out: str | Path = "runs/compare",
     *,
@@ -304,7 +327,9 @@ def run_compare(
     from dsnet.data import build_dataset
 
     t_start = time.time()
-    names = list(methods) if methods else [m for m in DEFAULT_ORDER if m in METHODS]
+    if methods is not None and not list(methods):
+        raise ValueError(f"--methods: empty method list; name one or more of {', '.join(METHODS)} (omit it for all)")
+    names = list(methods) if methods is not None else [m for m in DEFAULT_ORDER if m in METHODS]
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
@@ -316,9 +341,10 @@ def run_compare(
     if not cfg0["data"]["holdout"]:
         raise ValueError("dsnet compare makes every choice on data.holdout (held-out training images): set it > 0")
     cfg0["log"]["progress"] = cfg0["log"]["progress"] and progress
-    out = Path(out)
+    out = check_output_dir(out, "--out")  # compare.json is written at the end: fail now, not after training
     _, info = build_dataset(cfg0["data"], "val")  # fails in a second, with instructions, if the data is missing
     train_info = build_dataset(cfg0["data"], "train")[1]
+    _check_search_settings(names, cfg0, settings, train_info)
     log(
         f"[compare] {cfg0['model']['name']} on {info.name}: {train_info.num_samples} training / "
         f"{cfg0['data']['holdout']} held-out / {info.num_samples} test images, {cfg0['supernet']['epochs']} epochs "

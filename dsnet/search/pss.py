@@ -48,6 +48,7 @@ or training batches; the reported split is never looked at.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -63,11 +64,11 @@ from dsnet.models.base import DynamicNet
 from dsnet.search.channels import ChannelSpace, channel_map, permute_space_
 from dsnet.search.noise import importance_order, learn_noise_scales
 from dsnet.train.bn_calibration import calibrate_bn
-from dsnet.train.checkpoint import read_checkpoint, save_checkpoint
+from dsnet.train.checkpoint import build_checkpoint_model, load_state_into, read_checkpoint, save_checkpoint
 from dsnet.train.optim import MaskedSGD
 from dsnet.train.run import top1_accuracy
 from dsnet.train.supernet import supernet_step
-from dsnet.utils.io import atomic_write_json
+from dsnet.utils.io import atomic_write_json, check_output_dir
 from dsnet.utils.schema import Bool, Choice, Float, Int, Numbers, resolve_section, section_defaults
 
 __all__ = [
@@ -78,6 +79,8 @@ __all__ = [
     "ProgressiveSearch",
     "pareto_front",
     "reselect",
+    "check_group_size",
+    "check_targets",
     "run_pss",
     "cycle",
 ]
@@ -178,6 +181,64 @@ def reselect(points: Sequence[tuple[float, float]], targets: Sequence[float]) ->
     return sorted(chosen, key=lambda i: points[i][0])
 
 
+def check_group_size(model: DynamicNet, widths: Sequence[int], group_size: int) -> None:
+    """``ValueError`` unless ``group_size`` divides every searched stage's width in ``widths`` (the start).
+
+    The searched stages are those of :func:`~dsnet.search.channels.channel_map`
+    after the gate; a model without a channel map raises its own ``ValueError``.
+    """
+    spaces = [s for s in channel_map(model) if min(s.stages) >= model.gate_stage]
+    if not spaces:
+        raise ValueError("no channel space after the gate to search")
+    for space in spaces:
+        stage = space.stages[0]
+        if space.units % group_size or widths[stage] % group_size:
+            name = model.subnets[0].stage_names[stage]
+            raise ValueError(
+                f"pss.group_size={group_size} must divide the width of stage {name} "
+                f"({widths[stage]} of {space.units} units)"
+            )
+
+
+def check_targets(
+    targets: Sequence[float], start_macs: float | None = None, min_macs: float | None = None
+) -> list[float]:
+    """MAC targets checked before a search starts, descending; each error names the target.
+
+    Every target must be a finite positive number; with ``start_macs`` /
+    ``min_macs`` (the start network's MACs and the smallest the search can
+    reach, every searched stage at one group) each must lie between them: a
+    target above the start is met by the start alone and one below the
+    smallest cannot be met. At least two distinct targets: the searched
+    supernet needs two sub-networks to route between.
+    """
+    values = [float(t) for t in targets]
+    bad = [t for t in values if not math.isfinite(t) or t <= 0]
+    if bad:
+        raise ValueError(f"MAC targets must be finite positive numbers, got {', '.join(f'{t:g}' for t in bad)}")
+    values = sorted(set(values), reverse=True)
+    if len(values) < 2:
+        raise ValueError(
+            f"MAC targets: got {len(values)} distinct target(s) ({', '.join(f'{t / 1e6:g}' for t in values)} MMACs); "
+            "the searched supernet needs at least two sub-networks: give two targets or more"
+        )
+    if start_macs is not None:
+        above = [t for t in values if t > start_macs * (1 + 1e-9)]
+        if above:
+            raise ValueError(
+                f"MAC targets {', '.join(f'{t / 1e6:g}' for t in above)} MMACs are above the start network's "
+                f"{start_macs / 1e6:.4g} MMACs: each target must be at most the start's MACs"
+            )
+    if min_macs is not None:
+        below = [t for t in values if t < min_macs * (1 - 1e-9)]
+        if below:
+            raise ValueError(
+                f"MAC targets {', '.join(f'{t / 1e6:g}' for t in below)} MMACs are below {min_macs / 1e6:.4g} MMACs, "
+                "the smallest network the search can reach (every searched stage at one group)"
+            )
+    return values
+
+
 class ProgressiveSearch:
     """The search state: working weights, channel order, kept groups per searched space.
 
@@ -223,15 +284,8 @@ class ProgressiveSearch:
         ]  # only stages after the gate are searched
         if not self.spaces:
             raise ValueError("no channel space after the gate to search")
-        self.kept: list[int] = []
-        for space in self.spaces:
-            name = model.subnets[0].stage_names[space.stages[0]]
-            if space.units % g or start[space.stages[0]] % g:
-                raise ValueError(
-                    f"pss.group_size={g} must divide the width of stage {name} "
-                    f"({start[space.stages[0]]} of {space.units} units)"
-                )
-            self.kept.append(start[space.stages[0]] // g)
+        check_group_size(model, start, g)
+        self.kept: list[int] = [start[space.stages[0]] // g for space in self.spaces]
         self.base_widths = start
         # group id (original order) at each position of each space
         self.group_ids = [torch.arange(space.units // g) for space in self.spaces]
@@ -248,6 +302,14 @@ class ProgressiveSearch:
         for space, k in zip(self.spaces, self.kept, strict=True):
             for s in space.stages:
                 out[s] = k * g
+        return tuple(out)
+
+    def smallest_widths(self) -> tuple[int, ...]:
+        """The widths with every searched space at one group: the slimmest the search can reach."""
+        out = list(self.base_widths)
+        for space in self.spaces:
+            for s in space.stages:
+                out[s] = self.settings["group_size"]
         return tuple(out)
 
     def build(self, subnet_widths: Sequence[Sequence[int]], routing_space: Sequence[int] | None = None) -> DynamicNet:
@@ -400,10 +462,8 @@ class ProgressiveSearch:
         """
         t0 = time.time()
         s = self.settings
-        targets = sorted((float(t) for t in targets), reverse=True)
         start_macs = self.macs(self.widths())
-        if not targets or targets[-1] <= 0:
-            raise ValueError(f"MAC targets must be positive, got {targets}")
+        targets = check_targets(targets, start_macs, self.macs(self.smallest_widths()))
         self.rank()
         start_top1 = self.evaluate(self.widths())
         chain = [Candidate(self.widths(), start_macs, start_top1)]
@@ -495,9 +555,15 @@ def run_pss(
     device: torch.device | str = "cpu",
     progress: bool = True,
     log=print,
+    replace: bool = True,
     finetune_at_macs: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Search from a trained network and save the searched supernet (``out/best.ckpt``, ``summary.json``).
+
+    Everything is checked before the search: ``out`` can be written (and,
+    unless ``replace``, holds no earlier search), the targets are finite,
+    between the slimmest reachable network's MACs and the start's, at least
+    two; the checkpoint holds a DS-Net model whose weights fit it.
 
     The start is the checkpoint's network if it has one sub-network (trained
     alone), else its sub-network ``subnet`` (default: the widest routed one).
@@ -510,11 +576,28 @@ def run_pss(
 
     if not cfg["data"].get("holdout"):
         raise ValueError("progressive search selects on data.holdout: set it (e.g. --set data.holdout=5000)")
-    out = Path(out)
+    out = check_output_dir(out, "--out")  # before the search, not at its end
+    if not replace and any((out / name).exists() for name in ("best.ckpt", "summary.json")):
+        raise ValueError(
+            f"--out {out} already holds a search (best.ckpt, summary.json); pass --overwrite to replace it "
+            "or choose another --out"
+        )
+    settings = {**PSS_DEFAULTS, **settings}
+    if targets_macs is None and settings["targets_mmacs"] is not None:
+        targets_macs = [t * 1e6 for t in settings["targets_mmacs"]]
+    if targets_macs is not None:
+        check_targets(targets_macs)
     ckpt = read_checkpoint(start_checkpoint)
     spec = copy.deepcopy(ckpt["model"])
-    model = create_model(spec["name"], **spec["kwargs"])
-    model.load_state_dict(ckpt["ema_state_dict"] if ckpt.get("ema_state_dict") else ckpt["state_dict"])
+    spec.setdefault("kwargs", {})
+    model = build_checkpoint_model(ckpt, start_checkpoint)
+    if not isinstance(model, DynamicNet):
+        raise ValueError(
+            f"{start_checkpoint} is an LC-Net checkpoint ({spec['name']}); search applies to DS-Net supernets "
+            "(or networks trained alone)"
+        )
+    use_ema = bool(ckpt.get("ema_state_dict"))
+    load_state_into(model, ckpt["ema_state_dict"] if use_ema else ckpt["state_dict"], start_checkpoint, ckpt)
     if len(model.subnets) > 1 or subnet is not None:  # start from one sub-network of a supernet
         k = model.check_subnet([s.index for s in model.subnets if s.routed][-1] if subnet is None else subnet)
         kwargs = {n: v for n, v in spec["kwargs"].items() if n not in ("subnet_widths", "routing_space")}
@@ -527,7 +610,7 @@ def run_pss(
                     p.copy_(own[name])
         model = single
         log(f"[pss] starting from sub-network #{k} {list(model.subnets[0].widths)} of {start_checkpoint}")
-    settings = {**PSS_DEFAULTS, **settings}
+    check_group_size(model, model.subnets[0].widths, settings["group_size"])
     train_loader, info = build_loader(cfg["data"], "train", seed=cfg["seed"], device=device)
     holdout_loader, _ = build_loader(cfg["data"], "holdout", seed=cfg["seed"], device=device)
     search = ProgressiveSearch(
@@ -544,13 +627,15 @@ def run_pss(
     )
     start_macs = search.macs(search.widths())
     if targets_macs is None:
-        if settings["targets_mmacs"] is not None:
-            targets_macs = [t * 1e6 for t in settings["targets_mmacs"]]
-        else:
-            n = settings["num_subnets"]
-            lo = settings["min_fraction"] * start_macs
-            targets_macs = [lo + (start_macs - lo) * i / max(1, n - 1) for i in range(n)]
-    result = search.run(targets_macs, finetune_at_macs)
+        n = settings["num_subnets"]
+        lo = settings["min_fraction"] * start_macs
+        targets_macs = [lo + (start_macs - lo) * i / max(1, n - 1) for i in range(n)]
+    result = search.run(targets_macs, finetune_at_macs)  # checks the targets against the start and the slimmest first
+    if len(result.selected) < 2:
+        log(
+            f"[pss] warning: re-selection kept {len(result.selected)} sub-network for the targets "
+            f"{[round(t / 1e6, 3) for t in result.targets]} MMACs (a slimmer candidate was at least as accurate)"
+        )
     calibration = cfg["supernet"]["bn_calibration_batches"]
     final = search.final_model(result, calibration)
     final_spec = copy.deepcopy(search.spec)

@@ -236,3 +236,89 @@ def test_training_prints_its_thread_count(thread_state, tmp_path, capsys):
     train_supernet(cfg, tmp_path / "sup")
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[supernet] data recipe"))
     assert line.endswith("; torch threads: 1") and torch.get_num_threads() == 1
+
+
+# ---------------------------------------------------------------- 9. hidden knobs, a fast `dsnet models`
+def test_models_options_lists_constructor_options_with_defaults(capsys):
+    from dsnet.cli.models import model_options
+
+    family, rows = model_options("ds_resnet8_tiny")
+    by = {r["option"]: r for r in rows}
+    assert family == "DSResNet"
+    for option in ("zero_init_residual", "gate_mode", "pre_gate_ratio", "stem_stride", "gate_se_ratio"):
+        assert option in by
+    assert by["stem_stride"]["value"] == "2" and by["stem_stride"]["class_default"] == "1"  # set by the factory
+    assert by["gate_mode"]["value"] == "'pre'" and by["zero_init_residual"]["value"] == "True"
+    assert main(["models", "--options", "ds_resnet8_tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "stem_stride" in out and "DSResNet default" in out
+    assert main(["models", "--options", "no_such_model"]) == 2
+
+
+def test_models_summaries_are_cached_per_code_version(tmp_path, monkeypatch):
+    from dsnet.cli import models
+
+    monkeypatch.setenv("DSNET_CACHE", str(tmp_path))
+    calls: list[str] = []
+
+    def summarise(name: str) -> dict:
+        calls.append(name)
+        return {"model": name, "n": len(calls)}
+
+    first = models.cached_summaries(["a", "b"], summarise)
+    assert models.cached_summaries(["a", "b"], summarise) == first and calls == ["a", "b"]  # the second: cached
+    assert models.cached_summaries(["a", "b"], summarise, use_cache=False) != first  # --no-cache recounts
+    monkeypatch.setattr(models, "_code_digest", lambda: "other code")
+    models.cached_summaries(["a"], summarise)
+    assert calls == ["a", "b", "a", "b", "a"]  # edited code: counted again
+
+
+# ---------------------------------------------------------------- 10. small things
+def test_summaries_count_epochs_from_one_and_name_the_selection_split(tiny_run):
+    from dsnet.train.checkpoint import read_checkpoint
+
+    sup, gate = tiny_run
+    for path in (sup, gate):
+        summary = json.loads((path.parent / "summary.json").read_text())
+        assert summary["best_epoch"] == read_checkpoint(path)["epoch"] + 1 == 1
+    record = json.loads((gate.parent / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["selection_split"] == "holdout" and "holdout_top1" in record and "val_top1" not in record
+
+
+def test_eval_says_what_it_evaluates(tiny_run, capsys):
+    from dsnet.cli.eval import _gate_label, _say_what_no_ema_loads
+    from dsnet.train.checkpoint import read_checkpoint
+
+    assert _gate_label({"checkpoint_stage": "supernet"}).startswith("untrained gate")
+    assert _gate_label({"checkpoint_stage": "gate"}) == "trained gate"
+    sup, gate = tiny_run
+    _say_what_no_ema_loads(str(gate), read_checkpoint(gate))
+    assert "has no separate EMA weights" in capsys.readouterr().err
+    ckpt = read_checkpoint(sup)
+    _say_what_no_ema_loads(str(sup), {**ckpt, "ema_state_dict": dict(ckpt["state_dict"])})
+    assert "equal its raw weights" in capsys.readouterr().err
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    _say_what_no_ema_loads(str(sup), {**ckpt, "ema_state_dict": ema})  # EMA weights that differ: nothing to say
+    assert capsys.readouterr().err == ""
+
+
+def test_only_the_main_rank_prints_the_summary(tmp_path, monkeypatch, capsys):
+    import dsnet.train.supernet
+
+    monkeypatch.setattr(dsnet.train.supernet, "train_supernet", lambda *a, **k: {"best_metric": -1.0})
+    args = ["train", "supernet", "--set", "data.dataset=synthetic", "--out", str(tmp_path / "r")]
+    monkeypatch.setenv("RANK", "1")
+    assert main(args) == 0 and "best_metric" not in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "0")
+    assert main(args) == 0 and "best_metric" in capsys.readouterr().out
+
+
+def test_config_show_prints_the_data_recipe(capsys):
+    import yaml
+
+    assert main(["config", "show", "--set", "data.dataset=synthetic", "--set", "data.synthetic.image_size=20"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].startswith("# data recipe (synthetic data's statistics): 20 px")
+    assert yaml.safe_load(out)["data"]["dataset"] == "synthetic"  # still the config, as YAML
+    assert main(["config", "show", "--set", "data.dataset=imagefolder"]) == 0  # no folder here: said, not fatal
+    assert "data recipe: not measured here" in capsys.readouterr().out

@@ -21,6 +21,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         s.set_defaults(func=run)
 
 
+def recipe_line(cfg: dict) -> str:
+    """The data recipe training would use (``data recipe (...): 28 px, ...``), measuring an image folder if need be.
+
+    Data that cannot be read here (not downloaded, no folder) gives a line saying so instead of an error: the
+    config itself may still be fine for the machine it is meant for.
+    """
+    from dsnet.data import build_dataset
+    from dsnet.data.recipe import describe_recipe
+
+    try:
+        _, info = build_dataset(cfg["data"], "train")
+    except (OSError, ValueError) as err:
+        return f"data recipe: not measured here ({' '.join(str(err).split())[:200]})"
+    return describe_recipe(info.recipe, cfg["data"]["augment"])
+
+
 def run(args: argparse.Namespace) -> int:
     import yaml
 
@@ -32,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.file, args.overrides)
     if args.action == "show":
         print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        print(f"# {recipe_line(cfg)}")  # a YAML comment: the output still loads as the config
         return 0
     check_model_config(cfg)
     print(f"{args.file or 'defaults'}: OK")

@@ -123,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(model, DynamicNet):
         raise ValueError(f"{args.checkpoint} holds a {type(model).__name__}, not a dynamic dsnet model")
     name = ckpt["model"]["name"]
+    if args.no_ema:
+        _say_what_no_ema_loads(args.checkpoint, ckpt)
     cfg = data_config(ckpt, args)
 
     from dsnet.data import build_loader
@@ -149,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         dataset_name=info.name,
         class_names=list(info.class_names) if info.class_names else None,
     )
+    report["checkpoint_stage"] = ckpt.get("stage")  # "supernet": the gate was never trained
     print(format_report(report))
     if args.json:
         atomic_write_json(report, args.json)
@@ -157,6 +160,24 @@ def run(args: argparse.Namespace) -> int:
         plot_report(report, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _say_what_no_ema_loads(path: str, ckpt: dict[str, Any]) -> None:
+    """``--no-ema`` picks the raw weights; say so when that is no different from the default."""
+    ema, raw = ckpt.get("ema_state_dict"), ckpt["state_dict"]
+    if not ema:
+        print(f"note: {path} has no separate EMA weights (a {ckpt.get('stage') or 'dsnet'} checkpoint): "
+              "--no-ema loads the same weights as without it", file=sys.stderr, flush=True)  # fmt: skip
+    elif ema.keys() == raw.keys() and all(torch.equal(ema[k], raw[k]) for k in raw):
+        print(f"note: {path}: its EMA weights equal its raw weights: --no-ema changes nothing",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _gate_label(report: dict[str, Any]) -> str:
+    """Dynamic inference's label: "trained gate", unless a stage I checkpoint (its gate head never trained)."""
+    if report.get("checkpoint_stage") == "supernet":
+        return "untrained gate: a supernet checkpoint, run `dsnet train gate`"
+    return "trained gate"
 
 
 def _pm(value: float, pm: float | None, signed: bool = False) -> str:
@@ -204,7 +225,8 @@ def format_report(report: dict[str, Any]) -> str:
         for c, n, f in zip(choices, dyn["histogram"]["counts"], dyn["histogram"]["fractions"])
     ]
     title = (
-        f"dynamic (trained gate, b=0): top-1 {_pm(dyn['top1'], dyn.get('top1_pm95'))}%, top-{k} {dyn['top5']:.2f}%, "
+        f"dynamic ({_gate_label(report)}, b=0): "
+        f"top-1 {_pm(dyn['top1'], dyn.get('top1_pm95'))}%, top-{k} {dyn['top5']:.2f}%, "
         f"mean {dyn['mean_macs'] / 1e6:.2f} MMACs per sample"
     )
     out.append(format_table(["choice", "subnet", "MMACs (+gate)", "samples", "%"], rows, title="\n" + title))
@@ -266,7 +288,7 @@ def format_summary(report: dict[str, Any]) -> str:
         f"gate mode {report.get('gate_mode', 'pre')!r}; stored budget bias "
         + ("none" if bias is None else "[" + ", ".join(f"{b:+.3f}" for b in bias) + "]"),
         f"widest routed #{w['index']}: top-1 {_pm(w['top1'], w.get('top1_pm95'))}% at {w['macs'] / 1e6:.2f} MMACs; "
-        f"dynamic (trained gate): {_pm(s['dynamic_top1'], s.get('dynamic_top1_pm95'))}% at "
+        f"dynamic ({_gate_label(report)}): {_pm(s['dynamic_top1'], s.get('dynamic_top1_pm95'))}% at "
         f"{s['dynamic_mean_macs'] / 1e6:.2f} MMACs ({s['mac_reduction']:.2f}x fewer MACs); ± = 95% interval",
         f"at {s['dynamic_mean_macs'] / 1e6:.2f} MMACs: gate {s['dynamic_top1']:.2f}% | static curve "
         f"{s['static_top1_at_dynamic_macs']:.2f}% "

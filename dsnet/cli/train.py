@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from dsnet.cli._args import output_dir
@@ -69,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         from dsnet.train.gate import train_gate
 
         result = train_gate(cfg, args.supernet, args.out, resume=args.resume)
-    print(json.dumps(result, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # one summary per launch: the other DDP ranks have none to give
+        print(json.dumps(result, indent=2))
     return 0
 
 

@@ -88,7 +88,8 @@ SCHEMA: dict[str, Any] = {
         {
             "name": Str("ds_mobilenet_v1_cifar", doc="registered model (`dsnet models`)"),
             "kwargs": Mapping(
-                doc="create_model arguments, checked by building the model; num_classes/in_chans: the dataset's"
+                doc="create_model arguments, checked by building the model; num_classes/in_chans: the dataset's; "
+                "every option with its default: `dsnet models --options NAME`"
             ),
             "checkpoint_path": PathKey(
                 None, null=True, doc="stage I starts from these weights (torchvision/timm/official DS-Net/dsnet)"

@@ -399,8 +399,8 @@ def train_gate(
             record["target_mmacs"] = target / 1e6
         if ctx.is_main:
             val = evaluate_dynamic(model, val_loader, device, macs_table)
-            record.update({f"val_{k}": v for k, v in val.items()}, selection_split=val_split)
-        metric = record.get("val_top1", -1.0)
+            record.update({f"{val_split}_{k}": v for k, v in val.items()}, selection_split=val_split)
+        metric = record.get(f"{val_split}_top1", -1.0)
         best_metric = run.end_epoch(
             record,
             metric,
@@ -423,8 +423,8 @@ def train_gate(
             print(
                 f"[gate] epoch {epoch + 1}/{gc['epochs']} {record['epoch_time_s']:.1f}s "
                 f"loss={record['loss']:.3f} sgs={record['loss_sgs']:.3f} task={record['loss_task']:.3f} "
-                f"val_top1={record.get('val_top1', float('nan')):.2f} "
-                f"val_mmacs={record.get('val_mmacs', float('nan')):.2f}",
+                f"{val_split}_top1={record.get(f'{val_split}_top1', float('nan')):.2f} "
+                f"{val_split}_mmacs={record.get(f'{val_split}_mmacs', float('nan')):.2f}",
                 flush=True,
             )
         ctx.barrier()
@@ -434,7 +434,7 @@ def train_gate(
     result = {
         "epochs": gc["epochs"],
         "best_metric": best_metric,
-        "best_epoch": run.best_epoch,
+        "best_epoch": None if run.best_epoch is None else run.best_epoch + 1,  # 1-based, as the logs count
         "selection_split": val_split,
     }
     if ctx.is_main:

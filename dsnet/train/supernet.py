@@ -390,7 +390,7 @@ def train_supernet(
     result: dict[str, Any] = {
         "epochs": sc["epochs"],
         "best_metric": best_metric,
-        "best_epoch": run.best_epoch,
+        "best_epoch": None if run.best_epoch is None else run.best_epoch + 1,  # 1-based, as the logs count
         "selection_split": val_split,
         "rank_param_checksums": checksums,
     }

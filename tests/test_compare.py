@@ -121,7 +121,7 @@ def test_compare_rejects_unknown_methods_in_one_line(tmp_path, capsys):
     assert "unknown method" in err and "lcnet_typo" in err and "Traceback" not in err
     assert main(_args(tmp_path / "x", "--set", "pss.treshold=2")) == 2
     assert "pss.treshold: unknown key" in capsys.readouterr().err
-    assert main(_args(tmp_path / "x", "--set", "data.holdout=null")) == 2
+    assert main(_args(tmp_path / "x", "--set", "data.holdout=0")) == 2
     assert "data.holdout" in capsys.readouterr().err
 
 

@@ -210,5 +210,5 @@ def test_search_cli_from_a_supernet_checkpoint(tmp_path, capsys):
     assert all(w[:2] == (16, 16) for w in (s.widths for s in searched.subnets))  # the pre-gate trunk is kept
     assert max(searched.subnet_macs()) <= 6e6 and len(searched.subnets) >= 1
     # data.holdout unset: one clear line
-    assert main(args + ["--set", "data.holdout=null"]) == 2
+    assert main(args + ["--set", "data.holdout=0"]) == 2
     assert "data.holdout" in capsys.readouterr().err

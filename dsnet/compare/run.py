@@ -338,7 +338,7 @@ def run_compare(
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     cfg0, settings = compare_config(fast, data, overrides, model)
-    if not cfg0["data"]["holdout"]:
+    if cfg0["data"]["holdout"] == 0:
         raise ValueError("dsnet compare makes every choice on data.holdout (held-out training images): set it > 0")
     cfg0["log"]["progress"] = cfg0["log"]["progress"] and progress
     out = check_output_dir(out, "--out")  # compare.json is written at the end: fail now, not after training

@@ -63,7 +63,11 @@ DATA_SCHEMA: dict[str, Any] = with_stage(
         "workers": Int(2, "[0, inf)", doc="data-loading worker processes"),
         "train_subset": Int(None, "[1, inf)", null=True, stage=TRAINING, doc="a fixed seeded training subset"),
         "holdout": Int(
-            None, "[1, inf)", null=True, stage="supernet, gate", doc="training images held out for model selection"
+            None,
+            "[0, inf)",
+            null=True,
+            stage="supernet, gate",
+            doc="training images held out for model selection; null: 10% (<= 5000); 0: none (select on val)",
         ),
         "val_subset": Int(None, "[1, inf)", null=True, doc="a fixed seeded subset of the validation split"),
         "download": Choice(

@@ -156,11 +156,25 @@ def _subset(ds: InMemoryDataset | ImageFolderDataset, k: int | None, salt: int) 
     return ds.subset(idx)
 
 
-def _holdout_split(ds: InMemoryDataset | ImageFolderDataset, n: int | None, split: str) -> Any:
-    """The training images minus ``n`` held-out ones (``split="train"``), or those ``n`` (``"holdout"``)."""
+AUTO_HOLDOUT_FRACTION, AUTO_HOLDOUT_MAX = 0.1, 5000  # data.holdout: null
+
+
+def holdout_size(n: int | None, num_train: int) -> int:
+    """How many training images ``data.holdout`` holds out: ``n``, or with ``null`` 10% of them (at most 5,000)."""
     if n is None:
+        return min(AUTO_HOLDOUT_MAX, max(1, round(AUTO_HOLDOUT_FRACTION * num_train))) if num_train > 1 else 0
+    return n
+
+
+def _holdout_split(ds: InMemoryDataset | ImageFolderDataset, n: int | None, split: str) -> Any:
+    """The training images minus ``n`` held-out ones (``split="train"``), or those ``n`` (``"holdout"``).
+
+    ``n=None`` holds out 10% (at most 5,000, :func:`holdout_size`); ``n=0`` holds out nothing.
+    """
+    n = holdout_size(n, len(ds))
+    if n == 0:
         if split == "holdout":
-            raise ValueError("data.holdout is not set: there is no held-out slice of the training set to use")
+            raise ValueError("data.holdout is 0: there is no held-out slice of the training set to use")
         return ds
     if n >= len(ds):
         raise ValueError(f"data.holdout={n} leaves no training images (the training split has {len(ds)})")

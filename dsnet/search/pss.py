@@ -574,8 +574,8 @@ def run_pss(
     """
     from dsnet.data import build_loader
 
-    if not cfg["data"].get("holdout"):
-        raise ValueError("progressive search selects on data.holdout: set it (e.g. --set data.holdout=5000)")
+    if cfg["data"].get("holdout") == 0:
+        raise ValueError("progressive search selects on data.holdout: it is 0 (e.g. --set data.holdout=5000)")
     out = check_output_dir(out, "--out")  # before the search, not at its end
     if not replace and any((out / name).exists() for name in ("best.ckpt", "summary.json")):
         raise ValueError(

@@ -207,6 +207,11 @@ def test_inference_cache_bytes_and_bound():
             for k in range(len(model.subnets)):
                 _close(model(x, subnet=k), want[k])
                 assert model.inference_cache_bytes() <= limit
+    clone = copy.deepcopy(model)  # the copy keeps its own bound (and consistent accounting)
+    with torch.no_grad():
+        for k in range(len(clone.subnets)):
+            _close(clone(x, subnet=k), want[k])
+            assert clone.inference_cache_bytes() <= limit
     model.set_inference_cache(enabled=False)
     with torch.no_grad():
         _close(model(x, subnet=1), want[1])

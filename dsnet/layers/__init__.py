@@ -2,16 +2,20 @@
 
 from dsnet.layers.gate import DynamicGate, SqueezeExcite, bias_ramp, make_divisible, straight_through_gumbel
 from dsnet.layers.sliced import (
+    CacheBudget,
     SliceableModule,
     SlicedBatchNorm2d,
     SlicedConv2d,
     SlicedLayerNorm,
     SlicedLinear,
     TensorCache,
+    conv_bn,
+    fold_batchnorm,
 )
 from dsnet.layers.transformer import DSViTBlock, SlicedAttention, SlicedMlp, SlicedQKV, TokenGate
 
 __all__ = [
+    "CacheBudget",
     "DSViTBlock",
     "DynamicGate",
     "SlicedAttention",
@@ -20,6 +24,8 @@ __all__ = [
     "TensorCache",
     "TokenGate",
     "bias_ramp",
+    "conv_bn",
+    "fold_batchnorm",
     "SqueezeExcite",
     "SliceableModule",
     "SlicedBatchNorm2d",

@@ -79,32 +79,34 @@ class CacheBudget:
         self.enabled = enabled
         self.max_bytes = max_bytes
         self.total = 0
-        self._lru: OrderedDict[tuple[int, object], tuple[TensorCache, int]] = OrderedDict()
+        # keyed by the cache object itself (not its id), so a deep copy of a model keeps its accounting consistent
+        self._lru: OrderedDict[tuple[TensorCache, object], int] = OrderedDict()
 
     @property
     def bounded(self) -> bool:
         return self.max_bytes is not None
 
     def touch(self, cache: TensorCache, key: object) -> None:
-        if (id(cache), key) in self._lru:
-            self._lru.move_to_end((id(cache), key))
+        if (cache, key) in self._lru:
+            self._lru.move_to_end((cache, key))
 
     def admit(self, cache: TensorCache, key: object, nbytes: int) -> bool:
         """Account a new entry; evict the oldest until the total fits. False: the entry itself does not fit."""
         self.forget(cache, key)
         if self.max_bytes is not None and nbytes > self.max_bytes:
             return False
-        self._lru[(id(cache), key)] = (cache, nbytes)
+        self._lru[(cache, key)] = nbytes
         self.total += nbytes
         while self.max_bytes is not None and self.total > self.max_bytes:
-            (_, old_key), (owner, _) = next(iter(self._lru.items()))
-            owner.evict(old_key)  # calls forget
+            (owner, old_key), size = self._lru.popitem(last=False)
+            self.total -= size
+            owner.evict(old_key)
         return True
 
     def forget(self, cache: TensorCache, key: object) -> None:
-        entry = self._lru.pop((id(cache), key), None)
-        if entry is not None:
-            self.total -= entry[1]
+        size = self._lru.pop((cache, key), None)
+        if size is not None:
+            self.total -= size
 
 
 def _version(t: Tensor) -> int:

@@ -49,7 +49,7 @@ def test_schema(setup):
     json.loads(json.dumps(report))  # JSON-serialisable, no tensors or numpy scalars
     assert set(report) == {
         "schema_version", "model", "dataset", "input_size", "top5_k", "bias_ramp", "routing_choices",
-        "gate_mode", "static", "dynamic", "sweep", "baselines", "summary", "consistency",
+        "gate_mode", "routing", "static", "dynamic", "sweep", "baselines", "summary", "consistency",
     }  # fmt: skip
     assert report["gate_mode"] == "pre"
     assert report["schema_version"] == SCHEMA_VERSION

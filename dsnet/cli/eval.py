@@ -302,6 +302,11 @@ def format_summary(report: dict[str, Any]) -> str:
         "share of the oracle's gain over the static curve the gate captures: "
         + ("n/a" if capture is None else f"{100 * capture:.0f}%"),
     ]
+    routing = report.get("routing")
+    if routing:  # which widths the knob can reach at all (dsnet.evaluation.reachability)
+        subnets = [c["subnet"] for c in report["routing_choices"]]
+        shares = " / ".join(f"#{k} {100 * f:.0f}%" for k, f in zip(subnets, routing["reachable_fraction"]))
+        lines.append(f"router {routing['router']!r}: images each choice wins at some bias b: {shares}")
     worst_static, worst_cascade = s["sweep_min_gain_over_static"], s["sweep_min_gain_over_cascade"]
     if worst_static is not None:
         lines.append(

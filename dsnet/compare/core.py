@@ -381,9 +381,7 @@ def static_points(
 
 def sweep_points(method: str, report: dict[str, Any], model: DynamicNet) -> list[Point]:
     """The gate's budget sweep (and the trained gate, bias 0) of a report; timed as real dynamic inference."""
-    from dsnet.evaluation import bias_ramp
-
-    ramp = bias_ramp(len(model.routing_space))
+    ramp = model.bias_direction(report.get("input_size"))  # the report's sweep moved the gate along this
     points = []
     sweep = sorted(report["sweep"], key=lambda p: p["bias"])
     for i, p in enumerate(sweep):

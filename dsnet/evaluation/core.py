@@ -34,7 +34,11 @@ histograms are indexed by routing choice (position in ``routing_space``).
     dataset         {name: str, split: str, num_samples: int, class_names: [str]}
     input_size      [C, H, W]
     top5_k          int  (min(5, num_classes): the k of the "top5" fields)
-    bias_ramp       [float] * R  (gate bias vector = bias * bias_ramp)
+    bias_ramp       [float] * R  (gate bias vector = bias * bias_ramp: model.bias_direction(), the
+                     linspace(+1, -1, R) ramp for router "logits", -(c - mean(c)) of the relative MACs for "utility")
+    routing         {router, direction: [float] * R, reachable_fraction: [float] * R  (share of images each
+                     choice wins at SOME bias, exactly), mean_reachable_choices, num_samples}
+                     (see dsnet.evaluation.reachability)
     gate_mode       "pre" | "exit"
     routing_choices [{choice: int, subnet: int, macs: int}] * R  (macs: what routing to the choice costs,
                      gate head included; in "exit" mode the slimmest plus the choice's post-gate part)
@@ -87,6 +91,7 @@ from torch import Tensor
 
 from dsnet.evaluation import baselines as bl
 from dsnet.evaluation import stats
+from dsnet.evaluation.reachability import reachability_summary
 from dsnet.layers.gate import bias_ramp
 from dsnet.models.base import DynamicNet
 from dsnet.utils.modes import temporary_mode
@@ -379,7 +384,7 @@ def evaluate(
     gate_head = int(model.gate_head_macs())
     choice_macs = model.routing_macs(input_size).double()
     n = int(rec["labels"].numel())
-    ramp = bias_ramp(len(routing_space))
+    ramp = model.bias_direction(input_size)  # the knob's direction: bias_ramp for router "logits"
     gate, c1, c5 = rec["gate"], rec["c1"], rec["c5"]
 
     static = [
@@ -486,6 +491,7 @@ def evaluate(
             {"choice": j, "subnet": k, "macs": int(choice_macs[j])} for j, k in enumerate(routing_space)
         ],
         "gate_mode": model.gate_mode,
+        "routing": reachability_summary(gate, ramp, model.router),
         "static": static,
         "dynamic": dynamic,
         "sweep": points,

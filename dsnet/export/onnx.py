@@ -12,13 +12,18 @@
   - ``<name>.post<j>.onnx``: the routed part of routing choice ``j``
     (``features`` -> ``logits``), compact weights of that sub-network only.
   - ``<name>.manifest.json``: format tag, model name, routing space, file
-    names, MACs, and what a server needs around the graphs: the
+    names, MACs, the routing rule (``router``, ``bias_direction``: the
+    operating point at knob ``b`` is ``argmax(gate_logits + b *
+    bias_direction)``; the stored ``budget_bias`` is already inside
+    ``gate_logits``, ``budget_bias_in_gate_logits: true``), and what a
+    server needs around the graphs: the
     ``preprocessing`` (input size, channels, layout, pixel scale, mean/std,
     resize and crop) and the ``class_names``, taken from the checkpoint's
     dataset record when exporting a checkpoint.
 
   :class:`OnnxDynamicModel` is the router: it runs the pre-gate graph once for
-  the batch, takes ``argmax(gate_logits + bias)`` per sample, runs each
+  the batch, takes ``argmax(gate_logits + gate_bias)`` per sample (``gate_bias``
+  a vector, or ``bias * bias_direction`` for a scalar knob), runs each
   routed graph once on its group of samples and puts the outputs back in input
   order, exactly as ``DynamicNet.route`` does in eager mode. Its five-odd
   sessions run one after another, never together, so their thread pools are
@@ -202,7 +207,7 @@ def export_static(
 
 
 class _PreGate(nn.Module):
-    """Shared part of dynamic inference: features for the routed part, and the gate's logits."""
+    """Shared part of dynamic inference: features for the routed part, and the gate's scores (budget bias included)."""
 
     def __init__(self, model: DynamicNet) -> None:
         super().__init__()
@@ -275,6 +280,10 @@ def export_dynamic(
         "class_names": class_names,
         "routing_space": list(model.routing_space),
         "gate_mode": model.gate_mode,
+        "router": model.router,
+        "bias_direction": [float(v) for v in model.bias_direction(tuple(x.shape[1:]))],
+        "budget_bias": [float(v) for v in model.gate.budget_bias],
+        "budget_bias_in_gate_logits": True,
         "pre": {"file": pre_path.name, "inputs": ["input"], "outputs": pre_outputs},
         "post": posts,
     }
@@ -312,7 +321,10 @@ class OnnxDynamicModel:
 
     ``path`` is the manifest, the pre-gate ``.onnx`` beside it, or their
     common stem. ``gate_bias`` (one value per routing choice) is added to the
-    gate logits, as ``DynamicNet.forward(gate_bias=...)`` does. ``threads``
+    gate logits, as ``DynamicNet.forward(gate_bias=...)`` does; ``bias`` (a
+    scalar knob) adds ``bias * bias_direction``, the manifest's direction
+    (``model.bias_direction()``; the bias ramp for manifests written before
+    it was recorded). ``threads``
     intra-op threads per session (default: torch's count); the sessions never
     run at once, so their pools do not spin (see ``ort_session``).
     ``preprocessing`` and ``class_names`` come from the manifest;
@@ -331,6 +343,12 @@ class OnnxDynamicModel:
         self.routing_space: list[int] = self.manifest["routing_space"]
         self.preprocessing: dict[str, Any] | None = self.manifest.get("preprocessing")
         self.class_names: list[str] | None = self.manifest.get("class_names")
+        self.router: str = self.manifest.get("router", "logits")
+        direction = self.manifest.get("bias_direction")
+        if direction is None:  # written before the direction was recorded: the logits router's ramp
+            r = len(self.routing_space)
+            direction = np.linspace(1.0, -1.0, r).tolist() if r > 1 else [0.0]
+        self.bias_direction = np.asarray(direction, dtype=np.float32)
         self.pre = ort_session(root / self.manifest["pre"]["file"], threads, spinning=spinning)
         # exit mode: choice 0 has no graph of its own, its output comes from the pre-gate graph
         self.post = [
@@ -352,9 +370,18 @@ class OnnxDynamicModel:
         return np.ascontiguousarray((images.astype(np.float32) * np.float32(spec["pixel_scale"]) - mean) / std)
 
     def __call__(
-        self, images: np.ndarray, gate_bias: Sequence[float] | None = None, choice: np.ndarray | None = None
+        self,
+        images: np.ndarray,
+        gate_bias: Sequence[float] | None = None,
+        choice: np.ndarray | None = None,
+        *,
+        bias: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Logits (N, classes) and routing choices (N,). ``choice`` forces decisions (benchmarks, tests)."""
+        if bias is not None:
+            if gate_bias is not None:
+                raise ValueError("pass gate_bias (a vector) or bias (a scalar knob), not both")
+            gate_bias = np.float32(bias) * self.bias_direction
         images = np.ascontiguousarray(images, dtype=np.float32)
         features, gate_logits, *slim = self.pre.run(None, {"input": images})
         if choice is None:

@@ -7,6 +7,18 @@ A shared encoder ``z = ReLU(FC_r(GAP(h)))`` feeds two heads:
 * the **slimming head**, ``FC_g(z)``: logits over the routing space, trained in
   stage II. Training uses straight-through Gumbel-softmax (hard one-hot
   forward, soft gradient backward); inference uses a plain argmax, no noise.
+
+Two routing rules read the head (``ROUTERS``, the models' ``router`` option):
+
+* ``"logits"`` (the paper's): the head's outputs are logits over the choices,
+  SGS-trained; a scalar knob ``b`` moves them along :func:`bias_ramp`.
+* ``"utility"`` [ours]: output ``u_j`` is the logit of P(choice ``j``
+  classifies this image correctly), trained with binary cross-entropy; the
+  gate scores are ``sigmoid(u_j)`` and the knob ``b = lam`` moves them along
+  :func:`cost_direction`, so the choice is ``argmax_j sigmoid(u_j) - lam * c_j``
+  with ``c_j`` the choice's MACs relative to the widest.
+
+Either way the operating point is ``argmax(scores + b * direction)``.
 """
 
 from __future__ import annotations
@@ -22,12 +34,16 @@ __all__ = [
     "DynamicGate",
     "ExitHead",
     "GATE_MODES",
+    "ROUTERS",
     "bias_ramp",
+    "cost_direction",
+    "routing_scores",
     "straight_through_gumbel",
     "make_divisible",
 ]
 
 GATE_MODES = ("pre", "exit")
+ROUTERS = ("logits", "utility")
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -89,6 +105,32 @@ def bias_ramp(num_choices: int) -> Tensor:
     if num_choices == 1:
         return torch.zeros(1)
     return torch.linspace(1.0, -1.0, num_choices)
+
+
+def cost_direction(choice_macs: Tensor) -> Tensor:
+    """``-(c - mean(c))`` with ``c = choice_macs / max(choice_macs)``: the knob direction of the utility router.
+
+    Adding ``lam * cost_direction`` to the scores and taking the argmax is
+    ``argmax_j (score_j - lam * c_j)`` (the mean is the same for every choice),
+    so ``lam`` is the expected accuracy traded per unit of relative compute:
+    ``lam > 0`` saves compute, ``lam = 0`` is the most likely correct choice.
+    """
+    macs = torch.as_tensor(choice_macs, dtype=torch.float32).flatten()
+    if macs.numel() < 1:
+        raise ValueError("need at least one routing choice")
+    if not bool((macs > 0).all()):
+        raise ValueError(f"routing choices need positive MACs, got {macs.tolist()}")
+    c = macs / macs.max()
+    return -(c - c.mean())
+
+
+def routing_scores(raw: Tensor, router: str) -> Tensor:
+    """The gate scores a knob bias is added to: the head's logits (``"logits"``) or ``sigmoid`` (``"utility"``)."""
+    if router == "logits":
+        return raw
+    if router == "utility":
+        return torch.sigmoid(raw)
+    raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}")
 
 
 class DynamicGate(SqueezeExcite):

@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from dsnet.layers.gate import GATE_MODES, DynamicGate, ExitHead, straight_through_gumbel
+from dsnet.layers.gate import (
+    GATE_MODES,
+    ROUTERS,
+    DynamicGate,
+    ExitHead,
+    bias_ramp,
+    cost_direction,
+    routing_scores,
+    straight_through_gumbel,
+)
 from dsnet.layers.sliced import CacheBudget, SlicedBatchNorm2d, TensorCache, clear_caches
 from dsnet.models.static import fold_batchnorms
 
@@ -181,10 +190,18 @@ class DynamicNet(nn.Module):
     per-stage choices by an explicit list of sub-networks, one width per stage
     each (see :func:`explicit_subnets`): a US-Nets width grid, a searched
     non-uniform set, or a single network trained alone.
+
+    ``router`` (a family constructor argument too) is the routing rule the
+    head is read with (``dsnet.layers.gate.ROUTERS``): ``"logits"`` (the
+    paper's SGS-trained logits) or ``"utility"`` [ours] (the head predicts, per
+    choice, the logit of P(that choice is right); the gate scores are their
+    sigmoids). Either way an operating point is ``argmax(scores + b *
+    bias_direction())`` (see :meth:`bias_direction`).
     """
 
     gate: DynamicGate
     gate_mode: str = "pre"  # "pre": the paper's gate, before any routed layer; "exit": see ExitHead
+    router: str = "logits"  # "logits": the paper's; "utility": see bias_direction
 
     def __init__(
         self,
@@ -196,8 +213,12 @@ class DynamicNet(nn.Module):
         input_size: tuple[int, int, int],
         routing_space: Sequence[int] | None,
         subnet_widths: Sequence[Sequence[int]] | None = None,
+        router: str = "logits",
     ) -> None:
         super().__init__()
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}")
+        self.router = router
         self.gate_stage = gate_stage
         self.in_chans = in_chans
         self.num_classes = num_classes
@@ -224,6 +245,7 @@ class DynamicNet(nn.Module):
             )
         self.routing_space = sorted(self.routing_space)
         self._macs_cache: dict[tuple, list[int]] = {}
+        self._space_cache: dict[tuple, Tensor] = {}  # routing_space as a tensor, per device (route)
         self.exit_head: ExitHead | None = None  # set by _build_exit_head in "exit" mode
 
     # ----------------------------------------------------------- subclass API
@@ -423,24 +445,65 @@ class DynamicNet(nn.Module):
             if not bool(torch.isfinite(bias).all()):
                 raise ValueError(f"gate_bias must be finite, got {bias.tolist()} (nan/inf would route every input)")
             gate_logits = gate_logits + bias
-        onehot = straight_through_gumbel(gate_logits, tau) if self.training else None
-        choice = (onehot if onehot is not None else gate_logits).argmax(dim=1)
+        if self.training and self.router == "logits":
+            onehot = straight_through_gumbel(gate_logits, tau)
+            choice = onehot.argmax(dim=1)
+        else:  # eval mode; the utility router has no sampling in training either (hard one-hot, no noise)
+            choice = gate_logits.argmax(dim=1)
+            onehot = None
+            if self.training:
+                onehot = torch.nn.functional.one_hot(choice, len(self.routing_space)).to(gate_logits.dtype)
         logits = self._run_groups(h, choice, onehot, slim_out)
-        space = torch.as_tensor(self.routing_space, device=choice.device)
-        return RoutingResult(logits, space[choice], choice, gate_logits, onehot)
+        return RoutingResult(logits, self._routing_space_on(choice.device)[choice], choice, gate_logits, onehot)
+
+    def _routing_space_on(self, device: torch.device) -> Tensor:
+        """``routing_space`` as a tensor on ``device``, built once per device (route runs every call)."""
+        key = (device, tuple(self.routing_space))
+        space = self._space_cache.get(key)
+        if space is None:
+            with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
+                space = self._space_cache[key] = torch.tensor(self.routing_space, device=device)
+        return space
 
     def gate_logits(self, h: Tensor, z: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Routing logits (stored budget bias included) from the pre-gate features ``h`` and encoding ``z``.
+        """Gate scores with the stored budget bias: what the argmax of dynamic inference reads.
 
-        In ``"exit"`` mode the slimmest routed sub-network runs first and its
-        output is returned too (choice 0's answer, already paid for); ``None``
-        in ``"pre"`` mode.
+        The scores are :meth:`gate_scores` (the head's logits for
+        ``router="logits"``, probabilities for ``"utility"``). In ``"exit"``
+        mode the slimmest routed sub-network runs first and its output is
+        returned too (choice 0's answer, already paid for); ``None`` in
+        ``"pre"`` mode.
         """
-        logits, slim_out = self.raw_gate_logits(h, z)
-        return logits + self.gate.budget_bias, slim_out
+        scores, slim_out = self.gate_scores(h, z)
+        return scores + self.gate.budget_bias, slim_out
+
+    def gate_scores(self, h: Tensor, z: Tensor, slim_out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """As :meth:`gate_logits` without the stored budget bias: what a knob bias is added to.
+
+        ``router="logits"``: the head's logits (:meth:`raw_gate_logits`);
+        ``"utility"``: their sigmoids, each choice's predicted probability of
+        being right, so a bias is in accuracy units.
+        """
+        raw, slim_out = self.raw_gate_logits(h, z, slim_out)
+        return routing_scores(raw, self.router), slim_out
+
+    def bias_direction(self, input_size: Sequence[int] | None = None) -> Tensor:
+        """The per-choice vector a scalar knob ``b`` scales: every operating point is ``argmax(scores + b * dir)``.
+
+        ``router="logits"``: :func:`~dsnet.layers.gate.bias_ramp` (``+1`` on
+        the slimmest to ``-1`` on the widest). ``"utility"``:
+        :func:`~dsnet.layers.gate.cost_direction` of :meth:`routing_macs` at
+        ``input_size``, ``-(c - mean(c))`` with ``c`` the MACs relative to the
+        widest choice, so ``b`` is ``lam`` in ``argmax_j p_j - lam * c_j``.
+        Either way ``b > 0`` saves compute, and ``model(x, gate_bias=b * dir)``
+        is that operating point. A float32 CPU tensor.
+        """
+        if self.router == "logits":
+            return bias_ramp(len(self.routing_space))
+        return cost_direction(self.routing_macs(input_size))
 
     def raw_gate_logits(self, h: Tensor, z: Tensor, slim_out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """As :meth:`gate_logits` without the stored budget bias (what stage II trains).
+        """The routing head's outputs, no budget bias, no sigmoid (what stage II trains).
 
         In ``"exit"`` mode, ``slim_out`` (the slimmest's logits on ``h``) is used if the caller already has it.
         """

@@ -99,6 +99,8 @@ class DSViT(DynamicNet):
         gate_mode: ``"pre"`` (the paper's gate) or ``"exit"`` (see :meth:`DynamicNet._build_exit_head`).
         subnet_widths: an explicit list of sub-networks (per-stage widths in embedding dims, multiples of
             ``head_dim``, slimmest first) instead of ``head_choices``/``pre_gate_heads``.
+        router: ``"logits"`` (the paper's gate logits) or ``"utility"`` (per-choice P(correct); see
+            :class:`DynamicNet`).
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class DSViT(DynamicNet):
         routing_space: Sequence[int] | None = None,
         gate_mode: str = "pre",
         subnet_widths: Sequence[Sequence[int]] | None = None,
+        router: str = "logits",
     ) -> None:
         if min(embed_dim, num_heads, patch_size, img_size) < 1 or mlp_ratio <= 0 or se_ratio <= 0:
             raise ValueError(
@@ -165,6 +168,7 @@ class DSViT(DynamicNet):
             (in_chans, img_size, img_size),
             (list(range(n_routed)) if subnet_widths is None else None) if routing_space is None else routing_space,
             subnet_widths,
+            router=router,
         )
         if subnet_widths is not None:
             for net in self.subnets:

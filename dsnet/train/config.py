@@ -132,6 +132,11 @@ SCHEMA: dict[str, Any] = {
             "warmup_epochs": Float(0.0, "[0, inf)", doc="linear warm-up, in epochs (fractions allowed), <= epochs"),
             "min_lr": Float(0.0, "[0, inf)", doc="final learning rate of the cosine schedule, <= lr"),
             "mode": Choice("pre", ("pre", "exit"), doc="pre: the paper's gate; exit: decides after the slimmest ran"),
+            "router": Choice(
+                "logits",
+                ("logits", "utility"),
+                doc="logits: SGS-trained logits (paper); utility: per-width P(correct), BCE (other losses off)",
+            ),
             "tau": Float(1.0, "(0, inf)", doc="Gumbel-softmax temperature"),
             "sgs_weight": Float(1.0, "[0, inf)", doc="weight of the sandwich gate sparsification loss"),
             "sgs_targets": Choice(

@@ -16,6 +16,14 @@ decides after the slimmest sub-network ran (:class:`dsnet.layers.gate.ExitHead`)
   straight-through decision (forward = the real routed cost), or, with a
   target budget, ``lambda * ((mean MACs - target) / unit)^2``.
 
+With ``gate.router: utility`` [ours] (the model's ``router="utility"``) the
+head instead learns, per routing choice, the logit of P(that choice classifies
+the image correctly): binary cross-entropy against the frozen supernet's
+per-choice correctness, no Gumbel noise, no SGS, task or complexity term (the
+weights of those are ignored). Compute is traded at run time, by the knob of
+:meth:`~dsnet.models.base.DynamicNet.bias_direction` (``argmax_j p_j - lam *
+c_j``), and a budget is met by :func:`calibrate_budget` as for the logits.
+
 The backbone runs once per batch up to the gate, then each choice's post-gate
 part once on the whole batch. With a budget, the stored budget bias is then
 calibrated on held-out training images (``data.holdout``) to meet it.
@@ -35,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from dsnet.layers.gate import bias_ramp, straight_through_gumbel
+from dsnet.layers.gate import straight_through_gumbel
 from dsnet.models.base import DynamicNet
 from dsnet.train.checkpoint import load_model, load_state_into
 from dsnet.train.config import load_config
@@ -83,17 +91,25 @@ class GateObjective:
     """The stage II loss: ``sgs_weight * SGS + task_weight * task + complexity``.
 
     * ``task_loss``: how the classification loss reaches the gate.
-      ``"mixed"`` (default) -- the logits are ``sum_j m_j * out_j`` over every
-      routing choice's output, ``m`` the straight-through one-hot: the forward
-      value is the chosen output exactly, and every choice gets a gradient
-      (what its output would do to the loss), so the gate learns *which* width
-      would have been better, as the official zero-masking does in effect.
+      ``"mixed"`` (default) -- the negative log-likelihood of the mixture
+      ``sum_j m_j * softmax(out_j)`` over every routing choice's output, ``m``
+      the straight-through one-hot: the forward value is the chosen output's
+      cross-entropy exactly, and every choice gets a gradient (what its
+      probability of the label would do to the loss), so the gate learns
+      *which* width would have been better, as the official zero-masking does
+      in effect. Probabilities are mixed, not logits: a mixture of logits
+      would favour whichever choice is most confident, right or wrong.
       ``"routed"`` -- the chosen output times its one-hot entry (the gate only
       learns "more or less of what was sampled"; kept to compare).
       ``"expected"`` [ours] -- ``sum_j softmax_j * CE(out_j)``, the expected
-      loss under the gate's distribution (an exact, noise-free gradient).
+      loss under the gate's distribution (an exact, noise-free gradient; it
+      averages losses, not outputs).
     * ``sgs_targets``: ``"sandwich"`` (the paper: slimmest and widest label
       each image) or ``"cheapest"`` [ours]: the cheapest choice that is right.
+
+    A model with ``router="utility"`` ignores all of this but nothing: its
+    stage II loss is the utility head's binary cross-entropy (see the module
+    docstring and :func:`utility_loss`).
     """
 
     tau: float = 1.0
@@ -115,6 +131,23 @@ class GateObjective:
     def from_config(cls, gc: dict[str, Any]) -> GateObjective:
         """From the ``gate:`` section of a training config."""
         return cls(**{f.name: gc[f.name] for f in dataclasses.fields(cls)})
+
+
+def mixed_task_loss(onehot: Tensor, outs: Tensor, labels: Tensor) -> Tensor:
+    """``-log sum_j onehot_j * softmax(outs_j)[label]``, the batch mean: the NLL of the probability mixture.
+
+    ``onehot`` (N, R) is the straight-through decision, ``outs`` (N, R, classes)
+    every choice's logits. With a hard one-hot the forward value is the chosen
+    output's cross-entropy; the gradient reaches every choice's weight.
+    """
+    log_p = F.log_softmax(outs.float(), dim=-1).gather(2, labels[:, None, None].expand(-1, outs.shape[1], 1))[..., 0]
+    mixed = (onehot.to(log_p.dtype) * log_p.exp()).sum(1)
+    return -mixed.clamp_min(torch.finfo(mixed.dtype).tiny).log().mean()
+
+
+def utility_loss(head_out: Tensor, correct: Tensor) -> Tensor:
+    """Binary cross-entropy of the utility head ``(N, R)`` against each choice's correctness ``(N, R)`` (bool)."""
+    return F.binary_cross_entropy_with_logits(head_out.float(), correct.to(torch.float32))
 
 
 def gate_step(
@@ -140,6 +173,8 @@ def gate_step(
         h, z = model.forward_pre(images, space[0])
         outs = torch.stack([model.forward_post(h, k).float() for k in space], dim=1)  # (N, R, classes)
     correct = outs.argmax(-1) == labels[:, None]
+    if model.router == "utility":
+        return _utility_step(model, h, z, outs, correct, macs_table)
     if objective.sgs_targets == "cheapest":
         target = cheapest_correct_targets(correct)
     else:
@@ -151,7 +186,7 @@ def gate_step(
     choice = onehot.argmax(1)
     rows = torch.arange(len(labels), device=labels.device)
     if objective.task_loss == "mixed":
-        task = F.cross_entropy((onehot[:, :, None] * outs).sum(1), labels)
+        task = mixed_task_loss(onehot, outs, labels)
     elif objective.task_loss == "routed":
         task = F.cross_entropy(outs[rows, choice] * onehot.gather(1, choice[:, None]), labels)
     else:
@@ -173,6 +208,33 @@ def gate_step(
         "train_mmacs": float(expected_macs.detach().mean()) / 1e6,
         "train_top1": 100.0 * float(correct[rows, choice].float().mean()),
         "sgs_wide_frac": float((target == len(space) - 1).float().mean()),
+    }
+    stats.update({f"train_route_{k}": float(c) for k, c in zip(space, counts, strict=True)})
+    return stats
+
+
+def _utility_step(
+    model: DynamicNet, h: Tensor, z: Tensor, outs: Tensor, correct: Tensor, macs_table: Tensor
+) -> dict[str, float]:
+    """Stage II of ``router="utility"``: the head learns each choice's P(correct), nothing else."""
+    space = model.routing_space
+    head_out, _ = model.raw_gate_logits(h, z, slim_out=outs[:, 0])
+    loss = utility_loss(head_out, correct)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"stage II utility loss is not finite ({float(loss)})")
+    loss.backward()
+    choice = head_out.detach().argmax(1)  # knob 0: the choice most likely right
+    rows = torch.arange(len(choice), device=choice.device)
+    counts = torch.bincount(choice, minlength=len(space)).float() / len(choice)
+    stats = {
+        "loss": float(loss.detach()),
+        "loss_utility": float(loss.detach()),
+        "loss_sgs": 0.0,
+        "loss_task": 0.0,
+        "loss_macs": 0.0,
+        "train_mmacs": float(macs_table[choice].float().mean()) / 1e6,
+        "train_top1": 100.0 * float(correct[rows, choice].float().mean()),
+        "train_utility_acc": float(((head_out.detach() > 0) == correct).float().mean()),
     }
     stats.update({f"train_route_{k}": float(c) for k, c in zip(space, counts, strict=True)})
     return stats
@@ -218,10 +280,12 @@ def calibrate_budget(
 
     The budget is ``target_macs`` per sample, or ``target_fraction`` of the
     widest routed sub-network's MACs. Use held-out training images (not the
-    split you report on). The bias is ``b * bias_ramp`` (favouring slim
-    choices for ``b > 0``); the mean routed MACs fall monotonically with
-    ``b``, so bisection finds the smallest ``b`` that meets the budget, which
-    is stored in ``model.gate.budget_bias`` (saved with the weights). Returns ``b``.
+    split you report on). The bias is ``b * model.bias_direction()`` (the
+    ramp of the logits router, the relative-cost vector of the utility router,
+    where ``b`` is ``lam``; both favour slim choices for ``b > 0``); the mean
+    routed MACs fall monotonically with ``b``, so bisection finds the smallest
+    ``b`` that meets the budget, which is stored in ``model.gate.budget_bias``
+    (saved with the weights). Returns ``b``.
     """
     if (target_macs is None) == (target_fraction is None):
         raise ValueError("calibrate_budget needs exactly one of target_macs and target_fraction")
@@ -234,7 +298,7 @@ def calibrate_budget(
             images = batch[0].to(device)
             input_size = tuple(images.shape[1:])
             h, z = model.forward_pre(images, model.routing_space[0])
-            logits.append(model.raw_gate_logits(h, z)[0].float())
+            logits.append(model.gate_scores(h, z)[0].float())
     if not logits:
         raise ValueError("calibrate_budget: the batches yielded no images")
     table = model.routing_macs(input_size).to(device)
@@ -242,7 +306,7 @@ def calibrate_budget(
         target_macs = target_macs_of(target_fraction, None, model, input_size)
     target = float(target_macs)
     g = torch.cat(logits)
-    ramp = bias_ramp(len(model.routing_space)).to(device)
+    ramp = model.bias_direction(input_size).to(device)
 
     def mean_macs(b: float) -> float:
         return float(table[(g + b * ramp).argmax(1)].mean())
@@ -281,7 +345,10 @@ def evaluate_dynamic(model: DynamicNet, loader, device: torch.device, macs_table
 
 
 def with_gate_mode(model: DynamicNet, spec: dict[str, Any], device: torch.device) -> DynamicNet:
-    """``model``'s weights in a model built from ``spec`` (another ``gate_mode``): only the routing head is new."""
+    """``model``'s weights in a model built from ``spec`` (another ``gate_mode`` or ``router``).
+
+    Only an exit head can be new; a head kept from ``model`` keeps its weights.
+    """
     from dsnet.models import create_model
 
     new = create_model(spec["name"], **spec["kwargs"]).to(device)
@@ -290,7 +357,10 @@ def with_gate_mode(model: DynamicNet, spec: dict[str, Any], device: torch.device
         k for k in unexpected if not k.startswith("exit_head.")
     ]
     if foreign:
-        raise ValueError(f"gate.mode={new.gate_mode!r}: the supernet's weights do not fit ({foreign[:5]})")
+        raise ValueError(
+            f"gate.mode={new.gate_mode!r}, gate.router={new.router!r}: the supernet's weights do not fit "
+            f"({foreign[:5]})"
+        )
     return new.eval()
 
 
@@ -315,12 +385,15 @@ def train_gate(
     ctx, device = init_distributed(cfg["device"], cfg["distributed"]["backend"])
     seed_everything(cfg["seed"] + 1)
     threads = set_threads(cfg.get("threads"), override=False)  # --threads N (set earlier) wins
-    model, sup = load_model(supernet, use_ema=True, map_location=device)
+    # a factory model the user's own recipe names may be built from the supernet checkpoint; no other
+    model, sup = load_model(supernet, use_ema=True, map_location=device, trust_factories=[cfg["model"]["name"]])
     if not isinstance(model, DynamicNet):
         raise ValueError(f"{supernet} does not hold a dynamic dsnet model")
     spec = sup["model"]
-    if model.gate_mode != gc["mode"]:  # the same supernet with another routing head (the head is new)
-        spec = {**spec, "kwargs": {**spec.get("kwargs", {}), "gate_mode": gc["mode"]}}
+    routing = {"gate_mode": gc["mode"], "router": gc["router"]}
+    changed = {k: v for k, v in routing.items() if getattr(model, k) != v}
+    if changed:  # the same supernet with another routing head or rule (an exit head is new)
+        spec = {**spec, "kwargs": {**spec.get("kwargs", {}), **changed}}
         model = with_gate_mode(model, spec, device)
     if not sup.get("bn_calibrated", False) and ctx.is_main:
         print(f"warning: {supernet} has not been BN-recalibrated; run `dsnet calibrate-bn` first for best results")
@@ -399,7 +472,9 @@ def train_gate(
             record["target_mmacs"] = target / 1e6
         if ctx.is_main:
             val = evaluate_dynamic(model, val_loader, device, macs_table)
-            record.update({f"{val_split}_{k}": v for k, v in val.items()}, selection_split=val_split)
+            record.update(
+                {f"{val_split}_{k}": v for k, v in val.items()}, selection_split=val_split
+            )  # holdout_top1, ...
         metric = record.get(f"{val_split}_top1", -1.0)
         best_metric = run.end_epoch(
             record,
@@ -422,8 +497,13 @@ def train_gate(
         if ctx.is_main:
             print(
                 f"[gate] epoch {epoch + 1}/{gc['epochs']} {record['epoch_time_s']:.1f}s "
-                f"loss={record['loss']:.3f} sgs={record['loss_sgs']:.3f} task={record['loss_task']:.3f} "
-                f"{val_split}_top1={record.get(f'{val_split}_top1', float('nan')):.2f} "
+                f"loss={record['loss']:.3f} "
+                + (
+                    f"utility={record['loss_utility']:.3f} "
+                    if "loss_utility" in record
+                    else f"sgs={record['loss_sgs']:.3f} task={record['loss_task']:.3f} "
+                )
+                + f"{val_split}_top1={record.get(f'{val_split}_top1', float('nan')):.2f} "
                 f"{val_split}_mmacs={record.get(f'{val_split}_mmacs', float('nan')):.2f}",
                 flush=True,
             )

@@ -322,3 +322,33 @@ def test_config_show_prints_the_data_recipe(capsys):
     assert yaml.safe_load(out)["data"]["dataset"] == "synthetic"  # still the config, as YAML
     assert main(["config", "show", "--set", "data.dataset=imagefolder"]) == 0  # no folder here: said, not fatal
     assert "data recipe: not measured here" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- 8. bench --checkpoint times the checkpoint's routing
+def test_bench_checkpoint_uses_its_own_routing(tiny_run, monkeypatch, capsys):
+    import dsnet.bench
+    from dsnet.data import build_loader
+    from dsnet.data.recipe import with_recorded_recipe
+    from dsnet.train.checkpoint import read_checkpoint
+
+    _, gate = tiny_run
+    ckpt = read_checkpoint(gate)
+    model = dsnet.load(gate).model
+    # independently: the gate's choices on the held-out images the run selected on, with the recorded recipe
+    loader, _ = build_loader(with_recorded_recipe(ckpt["config"]["data"], ckpt["dataset"]), "holdout", seed=0)
+    with torch.no_grad():
+        choices = torch.cat([model(x, return_routing=True).choice for x, _ in loader])
+    want = [float(c) / len(choices) for c in torch.bincount(choices, minlength=len(model.routing_space))]
+    seen = {}
+
+    def fake_benchmark(model, config, model_name, log):  # noqa: ANN001 - no timing in tests
+        seen["mix"] = config.mix
+        return {"fake": True}
+
+    monkeypatch.setattr(dsnet.bench, "run_benchmark", fake_benchmark)
+    monkeypatch.setattr(dsnet.bench, "format_report", lambda report: "")
+    assert main(["bench", "--checkpoint", str(gate), "--routing-images", "1000"]) == 0
+    assert seen["mix"] == pytest.approx(want, abs=1e-12) and sum(seen["mix"]) == pytest.approx(1.0)
+    assert "the checkpoint's gate on the first" in capsys.readouterr().err
+    assert main(["bench", "--checkpoint", str(gate), "--mix", "1,1,1,1"]) == 0
+    assert seen["mix"] == [1.0, 1.0, 1.0, 1.0]  # --mix: the synthetic mix, as before

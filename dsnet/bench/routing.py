@@ -1,4 +1,4 @@
-"""Forcing the gate's decisions, so a benchmark runs an exact routing mix.
+"""Forcing the gate's decisions, so a benchmark runs an exact routing mix; a checkpoint's own mix on data.
 
 A trained gate's decisions depend on the images; a benchmark wants a known
 mix (say 40/30/20/10 % over the routing space) on any weights. Rather than a
@@ -10,7 +10,7 @@ scatter included, is the model's own dynamic inference.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from dsnet.models.base import DynamicNet
 
-__all__ = ["mix_counts", "mix_choices", "forced_routing"]
+__all__ = ["mix_counts", "mix_choices", "forced_routing", "measured_mix"]
 
 _FORCE = 1e9
 
@@ -78,3 +78,34 @@ def forced_routing(model: DynamicNet, choices: Tensor, batch_size: int | None = 
         yield
     finally:
         del model.gate_logits
+
+
+def measured_mix(model: DynamicNet, batches: Iterable, limit: int | None = None) -> tuple[list[float], int]:
+    """The fraction of images the model's own gate sends to each routing choice (eval mode, no forcing).
+
+    ``batches`` yields ``(images, labels)`` or images; at most ``limit`` images are routed (the first ones).
+    Returns the mix (one fraction per choice of ``model.routing_space``) and the number of images routed.
+    """
+    counts = torch.zeros(len(model.routing_space), dtype=torch.long)
+    seen = 0
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                images = batch[0] if isinstance(batch, (tuple, list)) else batch
+                if limit is not None:
+                    images = images[: limit - seen]
+                if images.shape[0] == 0:
+                    break
+                routing = model(images.to(device), return_routing=True)
+                counts += torch.bincount(routing.choice.cpu(), minlength=len(model.routing_space))
+                seen += images.shape[0]
+                if limit is not None and seen >= limit:
+                    break
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("no images to measure the routing mix on")
+    return [float(c) / seen for c in counts], seen

@@ -56,8 +56,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--subnets", type=_ints, default=None, help="sub-network indices (default: the routing space)")
     p.add_argument(
-        "--mix", type=_fractions, default=None, help="routing mix over the routing space, e.g. 0.4,0.3,0.2,0.1"
+        "--mix",
+        type=_fractions,
+        default=None,
+        help="a synthetic routing mix over the routing space, e.g. 0.4,0.3,0.2,0.1 (default with --checkpoint: "
+        "the checkpoint's own routing on its data; with --model: 0.4/0.3/0.2/0.1)",
     )
+    p.add_argument(
+        "--routing-images",
+        type=positive_int,
+        default=512,
+        metavar="N",
+        help="--checkpoint: measure its routing on the first N images of its selection split (default 512)",
+    )
+    p.add_argument("--data", metavar="DIR", help="--checkpoint: dataset root (overrides its recorded data.root)")
     p.add_argument(
         "--repeats", type=positive_int, default=None, help="timed rounds per batch size (default 30 at 1, else 7)"
     )
@@ -105,12 +117,16 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(model, DynamicNet):
         raise ValueError(f"{name} is not a dynamic dsnet model")
     input_size = check_input_size(model, args.input_size) if args.input_size else None
+    mix, source = args.mix, "given (--mix)" if args.mix is not None else "synthetic default"
+    if args.checkpoint and mix is None:
+        mix, source = checkpoint_mix(model, ckpt, args.routing_images, args.data)
+        print(f"routing mix: {'/'.join(f'{w:.3f}' for w in mix)} ({source})", file=sys.stderr, flush=True)
     config = BenchConfig(
         batch_sizes=args.batch_sizes,
         threads=args.threads,
         device=args.device,
         subnets=args.subnets,
-        mix=args.mix,
+        mix=mix,
         repeats=args.repeats,
         warmup=args.warmup,
         input_size=input_size,
@@ -120,10 +136,43 @@ def run(args: argparse.Namespace) -> int:
     )
     report = run_benchmark(model, config, model_name=name, log=lambda m: print(m, file=sys.stderr, flush=True))
     report["command"] = "dsnet " + " ".join(sys.argv[1:])
+    report["mix_source"] = source
     print(format_report(report))
     if args.json:
         atomic_write_json(report, args.json)
     return 0
+
+
+def checkpoint_mix(model, ckpt: dict, images: int, root: str | None = None) -> tuple[list[float], str]:  # noqa: ANN001
+    """The checkpoint's own routing mix: its gate on the first ``images`` images of its selection split.
+
+    The split is the one training selected on, as the checkpoint's data config says: the held-out slice of
+    the training set, or the validation/test split when ``data.holdout`` is 0. Its images are prepared with
+    the recorded data recipe. Data that cannot be read here is a one-line error that suggests ``--mix``.
+    """
+    import copy
+
+    from dsnet.bench.routing import measured_mix
+    from dsnet.data import build_loader
+    from dsnet.data.recipe import with_recorded_recipe
+
+    data = copy.deepcopy((ckpt.get("config") or {}).get("data") or {})
+    if not data:
+        raise ValueError("the checkpoint records no data config to measure its routing on: pass --mix")
+    if root is not None:
+        data["root"] = root
+    data = with_recorded_recipe(data, ckpt.get("dataset"))
+    split = "val" if data.get("holdout") == 0 else "holdout"
+    try:
+        loader, info = build_loader(data, split, seed=0)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"cannot read the checkpoint's {split} images to measure its routing ({' '.join(str(err).split())}); "
+            "pass --data DIR, or --mix for a synthetic mix"
+        ) from None
+    mix, seen = measured_mix(model, loader, images)
+    what = "held-out training images" if split == "holdout" else f"{split} images"
+    return mix, f"the checkpoint's gate on the first {seen} {what} of {info.name}"
 
 
 def _run_lcnet(model, name: str, args: argparse.Namespace) -> int:  # noqa: ANN001

@@ -352,3 +352,43 @@ def test_bench_checkpoint_uses_its_own_routing(tiny_run, monkeypatch, capsys):
     assert "the checkpoint's gate on the first" in capsys.readouterr().err
     assert main(["bench", "--checkpoint", str(gate), "--mix", "1,1,1,1"]) == 0
     assert seen["mix"] == [1.0, 1.0, 1.0, 1.0]  # --mix: the synthetic mix, as before
+
+
+# ---------------------------------------------------------------- 7. extraction as the user's own network
+class UserCNN(nn.Module):
+    """The user's residual CNN with its widths as arguments (what they would build at a sub-network's widths)."""
+
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 64), num_classes: int = 10) -> None:
+        from tests.test_convert import Block
+
+        super().__init__()
+        a, b, c = widths
+        self.stem = nn.Sequential(nn.Conv2d(1, a, 3, 1, 1, bias=False), nn.BatchNorm2d(a), nn.ReLU())
+        self.layer1 = nn.Sequential(Block(a, a, 1), Block(a, a, 1))
+        self.layer2 = Block(a, b, 2)
+        self.layer3 = Block(b, c, 2)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_extract_source_is_the_users_network_at_narrower_widths():
+    torch.manual_seed(7)
+    x = torch.randn(4, 1, 16, 16)
+    dyn = make_dynamic(randomize(UserCNN()), x, gate_after="layer2").eval()
+    for k in (0, 2, dyn.largest):
+        plain = dyn.extract_source(k)
+        assert type(plain) is UserCNN
+        assert all(not type(m).__module__.startswith("dsnet") for m in plain.modules())
+        widths = (plain.stem[0].out_channels, plain.layer2.conv1.out_channels, plain.layer3.conv1.out_channels)
+        mine = UserCNN(widths)
+        mine.load_state_dict(plain.state_dict())  # strict: the same keys and shapes
+        with torch.no_grad():
+            torch.testing.assert_close(mine.eval()(x), dyn(x, subnet=k), rtol=1e-5, atol=1e-5)
+    assert widths == (16, 32, 64)  # the largest: the original network
+    with torch.no_grad():
+        dyn.gate.expand.weight.add_(0.5)  # a trained gate attention: input-dependent, the user's forward lacks it
+    with pytest.raises(ValueError, match="attention is no longer the identity"):
+        dyn.extract_source(0)

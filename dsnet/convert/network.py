@@ -269,6 +269,8 @@ class FxDynamicNet(DynamicNet):
         # the layers, under their original names, sliced where they slice
         self.net = nn.Module()
         self._source_keys: set[str] = set(source.state_dict())
+        # the user's own module tree, without weights (meta device, unregistered): extract_source's skeleton
+        self.__dict__["_skeleton"] = copy.deepcopy(model).to("meta")
         installed: set[str] = set()
         for node in gm.graph.nodes:
             name = str(node.target)
@@ -524,6 +526,65 @@ class FxDynamicNet(DynamicNet):
         if kind == "linear":
             return module.to_static(in_width * in_chan.inner, out_width)
         return module.to_static(in_width, out_width)
+
+    def extract_source(self, subnet: int) -> nn.Module:
+        """Sub-network ``subnet`` as the user's own network: their module classes, narrower layers, no dsnet code.
+
+        A deep copy of the network given to ``make_dynamic`` in which every ``Conv2d``, ``BatchNorm2d`` and
+        ``Linear`` is a plain layer of this sub-network's width holding its (sliced, importance-ordered)
+        weights and statistics, and every other module holds the trained copy. So the user's class built at
+        these widths loads its ``state_dict()``. It runs the user's own ``forward``.
+
+        Possible only when that forward computes the sub-network: the gate's attention (inserted by dsnet,
+        input-dependent, so it cannot be folded into a layer) must still be the identity, as ``make_dynamic``
+        starts it, and the forward must not depend on channel counts or on the channel order of
+        concatenations that both slice. Both are checked (on random images, against :meth:`extract`); if
+        either fails, a ``ValueError`` says why and :meth:`extract` (a ``torch.fx.GraphModule``) is the way.
+        """
+        k = self.check_subnet(subnet)
+        graph_version = self.extract(k, fold_bn=False).eval()
+        gate_width = self._spec_width(self._chan[self._gate_node].spec, k)
+        g = torch.Generator().manual_seed(0)
+        ref = next(iter(self.net.parameters()))
+        x = torch.randn(2, *self.default_input_size, generator=g).to(ref.device, ref.dtype)
+        with torch.no_grad():
+            h = self._program("pre", k)(x)
+            attention = self.gate.to_static(gate_width).eval()
+            if not torch.equal(attention(h), h):
+                raise ValueError(
+                    "extract_source: the gate's attention is no longer the identity (it was trained), and the "
+                    "user's network has no place for it; use extract(), which keeps it as a module"
+                )
+        out = copy.deepcopy(self._skeleton)
+        done: set[str] = set()
+        for node in self._graph.nodes:
+            name = str(node.target)
+            if node.op not in ("call_module", "get_attr") or name in done:
+                continue
+            done.add(name)
+            if node.op == "call_module":
+                layer = self._static_layer(node, self.net.get_submodule(name), k)
+                _set_module(out, name, layer)
+            else:
+                value = _get_attr(self.net, name)
+                value = nn.Parameter(value.detach().clone()) if isinstance(value, nn.Parameter) else value.clone()
+                _set_module(out, name, value)
+        meta = [n for n, t in [*out.named_parameters(), *out.named_buffers()] if t.is_meta]
+        if meta:
+            raise ValueError(f"extract_source: tensors the traced forward never reads: {', '.join(meta[:5])}")
+        out = out.to(ref.device).eval()
+        try:
+            with torch.no_grad():
+                same = torch.allclose(out(x), graph_version(x), rtol=1e-4, atol=1e-5)
+        except (RuntimeError, ValueError, IndexError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"extract_source: the network's own forward fails at these widths ({first})") from None
+        if not same:
+            raise ValueError(
+                "extract_source: the network's own forward does not compute sub-network "
+                f"{k} (it depends on channel counts or on the order of concatenated channels); use extract()"
+            )
+        return out.train(self.training)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gate_after={self.gate_after!r}, unsliced={len(self.unsliced)}"

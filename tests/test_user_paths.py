@@ -392,3 +392,17 @@ def test_extract_source_is_the_users_network_at_narrower_widths():
         dyn.gate.expand.weight.add_(0.5)  # a trained gate attention: input-dependent, the user's forward lacks it
     with pytest.raises(ValueError, match="attention is no longer the identity"):
         dyn.extract_source(0)
+
+
+def test_oversubscription_warning_only_where_timings_are_reported(thread_state, monkeypatch, capsys):
+    import argparse
+
+    from dsnet.cli._args import apply_common_arguments
+
+    monkeypatch.setattr(thread_state.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(thread_state.os, "getloadavg", lambda: (6.0, 6.0, 6.0))
+    apply_common_arguments(argparse.Namespace(command="train", threads=1))
+    assert capsys.readouterr().err == ""  # a training's stderr stays its own
+    thread_state._state["warned"] = False
+    apply_common_arguments(argparse.Namespace(command="bench", threads=1))
+    assert capsys.readouterr().err.startswith("warning: machine is oversubscribed: load 6.0 on 2 cores")

@@ -23,7 +23,7 @@ __all__ = [
     "output_dir",
 ]
 
-_NO_COMPUTE = frozenset({"config", "models", "checkpoint"})  # commands that only read and print
+_TIMING = frozenset({"bench", "compare", "quickstart"})  # commands whose output includes timings
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 
 
@@ -100,10 +100,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def apply_common_arguments(args: argparse.Namespace) -> None:
     """Act on the common options before the command runs: set the thread count (once, for the process)."""
-    from dsnet.utils.threads import set_threads
+    from dsnet.utils.threads import set_threads, warn_line
 
-    quiet = getattr(args, "command", None) in _NO_COMPUTE  # nothing to time: no oversubscription warning
-    set_threads(getattr(args, "threads", None), **({"warn": lambda message: None} if quiet else {}))
+    timing = getattr(args, "command", None) in _TIMING  # the oversubscription warning where timings are reported
+    set_threads(getattr(args, "threads", None), warn=warn_line if timing else None)
 
 
 def check_input_size(model, side: int | None, option: str = "--input-size") -> tuple[int, int, int]:

@@ -6,7 +6,7 @@ launch on this node (``LOCAL_WORLD_SIZE``): torch's own default is every core
 of the machine, which on a machine others are using too (or with several
 ranks) means more busy threads than cores, and timings that mean nothing.
 If the 1-minute load average says the machine is already busy, one warning
-line says so.
+line says so (in the commands that report timings: bench, compare, quickstart).
 
 Every command takes ``--threads N``; training configs have a top-level
 ``threads`` key (null: auto). A value given on the command line wins over the
@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["MAX_AUTO_THREADS", "auto_threads", "available_cores", "oversubscription", "set_threads"]
+__all__ = ["MAX_AUTO_THREADS", "auto_threads", "available_cores", "oversubscription", "set_threads", "warn_line"]
 
 MAX_AUTO_THREADS = 8  # beyond this, intra-op threads of small-batch CNN inference/training rarely help
 
@@ -59,19 +59,21 @@ def oversubscription(threads: int) -> str | None:
     )
 
 
-def _warn(message: str) -> None:
+def warn_line(message: str) -> None:
+    """``warning: message`` on stderr, from the first rank only."""
     if os.environ.get("RANK", "0") == "0":  # one line per launch, not one per rank
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def set_threads(threads: int | None = None, *, override: bool = True, warn: Callable[[str], None] = _warn) -> int:
+def set_threads(threads: int | None = None, *, override: bool = True, warn: Callable[[str], None] | None = None) -> int:
     """Set torch's intra-op thread count for this process, once; returns the count in effect.
 
     ``threads=None`` is auto (:func:`auto_threads`) and changes nothing once a
     count has been set. An explicit count is applied, except that
     ``override=False`` (a config's value) does not replace an explicit count
-    set earlier (the command line's ``--threads``). The oversubscription
-    warning is given at most once per process.
+    set earlier (the command line's ``--threads``). ``warn`` (e.g.
+    :func:`warn_line`; the commands that report timings pass it) receives the
+    oversubscription warning, at most once per process.
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer or null (auto), got {threads!r}")
@@ -83,7 +85,7 @@ def set_threads(threads: int | None = None, *, override: bool = True, warn: Call
         torch.set_num_threads(count)
     _state["threads"] = count
     _state["explicit"] = bool(_state["explicit"]) or threads is not None
-    if not _state["warned"]:
+    if warn is not None and not _state["warned"]:
         _state["warned"] = True
         message = oversubscription(count)
         if message:

@@ -406,3 +406,20 @@ def test_oversubscription_warning_only_where_timings_are_reported(thread_state, 
     thread_state._state["warned"] = False
     apply_common_arguments(argparse.Namespace(command="bench", threads=1))
     assert capsys.readouterr().err.startswith("warning: machine is oversubscribed: load 6.0 on 2 cores")
+
+
+def test_evaluating_an_image_folder_needs_only_its_val_split(tmp_path):
+    from PIL import Image
+
+    from dsnet.data import build_dataset
+
+    g = torch.Generator().manual_seed(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "val" / cls).mkdir(parents=True)
+        for i in range(3):
+            pixels = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "val" / cls / f"{i}.png")
+    ds, info = build_dataset({"dataset": "imagefolder", "root": str(tmp_path)}, "val")
+    assert info.class_names == ["cat", "dog"] and info.num_samples == 6 and len(ds) == 6
+    with pytest.raises(FileNotFoundError, match="train not found"):
+        build_dataset({"dataset": "imagefolder", "root": str(tmp_path)}, "train")  # training still needs train/

@@ -219,9 +219,14 @@ def build_dataset(cfg: dict | None, split: str) -> tuple[Dataset, DatasetInfo]:
             source="synthetic data's statistics",
         )
     elif name == "imagefolder":
-        train_folder = _image_folder(root, "train")
-        recipe = folder_recipe(cfg, train_folder)  # always from the training images: train and eval agree
-        ds = train_folder if source == "train" else _image_folder(root, source)
+        if source == "val" and root is not None and not (Path(root).expanduser() / "train").is_dir():
+            # evaluation reads only val/: no train/ needed (a checkpoint's recorded recipe pins size, mean, std)
+            ds = _image_folder(root, "val")
+            recipe = folder_recipe(cfg, ds)
+        else:
+            train_folder = _image_folder(root, "train")
+            recipe = folder_recipe(cfg, train_folder)  # always from the training images: train and eval agree
+            ds = train_folder if source == "train" else _image_folder(root, source)
         ds.mode = "L" if recipe.channels == 1 else "RGB"
     else:
         native, in_chans, mean, std = _STATS[name]
@@ -264,21 +269,27 @@ def build_dataset(cfg: dict | None, split: str) -> tuple[Dataset, DatasetInfo]:
     return ds, info
 
 
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 def _image_folder(root: str | None, split: str) -> ImageFolderDataset:
     layout = "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg"
     if root is None:
         raise FileNotFoundError(f"imagefolder needs data.root (CLI: --data DIR): a folder laid out as {layout}")
     r = Path(root).expanduser()
     train_dir = r / "train"
-    if not train_dir.is_dir():
-        raise FileNotFoundError(f"{train_dir} not found; data.root (--data DIR) must be laid out as {layout}")
-    # class order always comes from train, so that label i means the same class in both splits
-    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if split == "train":
-        return ImageFolderDataset(train_dir, classes)
+    classes: list[str] | None = None  # val/ without train/ (evaluation only): the val folder's own classes
+    if split == "train" or train_dir.is_dir():
+        if not train_dir.is_dir():
+            raise FileNotFoundError(f"{train_dir} not found; data.root (--data DIR) must be laid out as {layout}")
+        # class order comes from train when there is one, so that label i means the same class in both splits
+        classes = _class_dirs(train_dir)
+        if split == "train":
+            return ImageFolderDataset(train_dir, classes)
     for name in ("val", "validation"):
         if (r / name).is_dir():
-            return ImageFolderDataset(r / name, classes, allow_empty_classes=True)
+            return ImageFolderDataset(r / name, classes or _class_dirs(r / name), allow_empty_classes=True)
     raise FileNotFoundError(f"{r / 'val'} not found; data.root (--data DIR) must be laid out as {layout}")
 
 

@@ -3,6 +3,7 @@
 from dsnet.convert import make_dynamic
 from dsnet.macs import count_macs
 from dsnet.models import DynamicNet, RoutingResult, Subnet, create_model, list_models
+from dsnet.models.registry import trust_factories, trusted_factories
 
 __version__ = "0.1.0"
 
@@ -25,5 +26,7 @@ __all__ = [
     "list_models",
     "load",
     "make_dynamic",
+    "trust_factories",
+    "trusted_factories",
     "__version__",
 ]

@@ -54,6 +54,14 @@ VARIANTS: dict[str, list[str]] = dict(
         ("exit", "mixed", "cheapest", 0.35),
     )
 )
+# the utility router [ours]: per-width P(correct), binary cross-entropy, routes by p_j - lam * MACs_j
+VARIANTS.update(
+    {
+        f"{mode}/utility@{budget:g}": [f"gate.mode={mode}", "gate.router=utility", f"gate.target_fraction={budget}"]
+        for mode in ("exit", "pre")
+        for budget in (0.35,)
+    }
+)
 
 
 FIGURES = (
@@ -90,6 +98,7 @@ def run_variant(name: str, overrides: list[str], supernet: Path, out: Path, extr
         report = evaluate(model, loader, sweep=11, progress=False)
         result[split] = {k: report["summary"][k] for k in FIGURES}
         result[split]["histogram"] = report["dynamic"]["histogram"]["fractions"]
+        result[split]["reachable"] = (report.get("routing") or {}).get("reachable_fraction")
         result[split]["curve"] = [(p["mean_macs"] / 1e6, p["top1"]) for p in report["sweep"]]
         result[split]["static"] = [(p["macs"] / 1e6, p["top1"]) for p in report["static"] if p["routed"]]
         result[split]["cascade"] = [(p["mean_macs"] / 1e6, p["top1"]) for p in report["baselines"]["cascade"]]

@@ -304,7 +304,10 @@ def test_factory_model_trains_from_source_weights_and_reloads(tmp_path):
         ],
     )
     train_supernet(cfg, tmp_path / "run")
-    model, ckpt = load_model(tmp_path / "run" / "best.ckpt")
+    # the checkpoint names a factory: rebuilt only when the user allows it
+    with pytest.raises(ValueError, match="--trust-factory tests.test_convert:residual_factory"):
+        load_model(tmp_path / "run" / "best.ckpt")
+    model, ckpt = load_model(tmp_path / "run" / "best.ckpt", trust_factories=["tests.test_convert:residual_factory"])
     assert ckpt["model"] == {
         "name": "tests.test_convert:residual_factory",
         "kwargs": {"num_classes": 10, "in_chans": 1},

@@ -33,6 +33,15 @@ from dsnet.data.transforms import (
 HEAVY_AUG = {"randaugment_n": 2, "randaugment_m": 9, "random_erasing": 0.5, "hflip": True}
 
 
+@pytest.fixture(autouse=True)
+def _whole_training_split(monkeypatch):
+    """These tests check how datasets are read: ``data.holdout: null`` holds out nothing here (tests/test_holdout.py
+    covers the default 10% slice)."""
+    import dsnet.data.loader
+
+    monkeypatch.setattr(dsnet.data.loader, "AUTO_HOLDOUT_FRACTION", 0.0)
+
+
 def synthetic_cfg(**over) -> dict:
     cfg = {"dataset": "synthetic", "workers": 0, "batch_size": 32, "eval_batch_size": 50}
     cfg["synthetic"] = {"num_train": 128, "num_val": 100, "image_size": 16, "channels": 3, "num_classes": 4}
@@ -108,7 +117,7 @@ def test_idx_round_trip(tmp_path):
     np.testing.assert_array_equal(read_idx(tmp_path / "train-images-idx3-ubyte.gz"), images)
     plain = write_idx(tmp_path / "plain-idx1-ubyte", labels, compress=False)
     np.testing.assert_array_equal(read_idx(plain), labels)
-    ds, info = build_dataset({"dataset": "mnist", "root": str(tmp_path)}, "train")
+    ds, info = build_dataset({"dataset": "mnist", "root": str(tmp_path), "holdout": 0}, "train")
     expected = DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,), [str(i) for i in range(10)], 12)
     assert dataclasses.replace(info, recipe={}) == expected
     assert info.recipe["crop_padding"] == 2 and not info.recipe["hflip"] and info.recipe["source"] == "MNIST statistics"
@@ -454,22 +463,6 @@ def test_geometry_of_tensor_crops():
     assert (rrc(batch, idx, seed=0, epoch=0, view=0) * 255 - batch.float()).abs().max() < 1e-3  # whole image
     evaluate = BatchTransform(train=False, image_size=12, mean=mean, std=std)
     assert torch.equal(evaluate(batch, idx, seed=0, epoch=0, view=0), batch.float() / 255)
-
-
-def test_a_recipe_without_a_holdout_still_selects_on_held_out_images():
-    """data.holdout unset (null): 10% of the training images are held out, and selection reads them, not val."""
-    from dsnet.train.config import load_config
-    from dsnet.train.run import selection_loader
-
-    cfg = load_config(None, ["data.dataset=synthetic", "data.synthetic.num_train=200", "data.synthetic.num_val=40"])
-    assert cfg["data"]["holdout"] is None
-    train, _ = build_dataset(cfg["data"], "train")
-    hold, _ = build_dataset(cfg["data"], "holdout")
-    assert (len(train), len(hold)) == (180, 20)
-    loader, split = selection_loader(cfg["data"], 0, torch.device("cpu"))
-    assert split == "holdout" and len(loader.dataset) == 20
-    _, split = selection_loader({**cfg["data"], "holdout": 0}, 0, torch.device("cpu"))
-    assert split == "val"  # only when the user turns the held-out slice off
 
 
 def test_holdout_is_carved_out_of_train_and_fixed_across_seeds():

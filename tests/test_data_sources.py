@@ -23,6 +23,15 @@ ROOT = Path(__file__).parents[1]
 MIRROR_A, MIRROR_B = "https://mirror-a.test/fashion/", "https://mirror-b.test/fashion/"
 
 
+@pytest.fixture(autouse=True)
+def _whole_training_split(monkeypatch):
+    """These tests check how datasets are read: ``data.holdout: null`` holds out nothing here (tests/test_holdout.py
+    covers the default 10% slice)."""
+    import dsnet.data.loader
+
+    monkeypatch.setattr(dsnet.data.loader, "AUTO_HOLDOUT_FRACTION", 0.0)
+
+
 def _idx(array: np.ndarray) -> bytes:
     header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
     return gzip.compress(header + array.astype(np.uint8).tobytes())

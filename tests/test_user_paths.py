@@ -180,6 +180,7 @@ def thread_state(monkeypatch):
 def test_auto_threads_is_capped_and_shared(thread_state, monkeypatch):
     monkeypatch.setattr(thread_state.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert thread_state.auto_threads() == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert thread_state.auto_threads() == 8
@@ -187,6 +188,8 @@ def test_auto_threads_is_capped_and_shared(thread_state, monkeypatch):
     assert thread_state.auto_threads() == 1  # 3 cores for 2 processes
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert thread_state.auto_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the usual cap is honoured
+    assert thread_state.auto_threads() == 2
 
 
 def test_set_threads_once_command_line_wins(thread_state, monkeypatch):

@@ -243,7 +243,7 @@ class CompareContext:
     def load(self, checkpoint: str | Path) -> DynamicNet:
         from dsnet.train.checkpoint import load_model
 
-        model, _ = load_model(checkpoint, map_location=self.device)
+        model, _ = load_model(checkpoint, map_location=self.device, trust_factories=[self.cfg["model"]["name"]])
         return model
 
     def cached(

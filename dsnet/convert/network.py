@@ -56,7 +56,7 @@ import copy
 import inspect
 import operator
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -121,6 +121,16 @@ def _stages(
             name = f"{groups[gid].name}#{n}"
         names.append(name)
     return names, [widths[g] for g in pre_ids + post_ids], stage_of, len(pre_ids)
+
+
+def _module_and_attr_nodes(graph: fx.Graph) -> Iterator[tuple[fx.Node, str]]:
+    """Each ``call_module`` / ``get_attr`` node of ``graph`` whose target comes first, with its target's name."""
+    seen: set[str] = set()
+    for node in graph.nodes:
+        name = str(node.target)
+        if node.op in ("call_module", "get_attr") and name not in seen:
+            seen.add(name)
+            yield node, name
 
 
 def _set_module(root: nn.Module, qualname: str, value: nn.Module | Tensor) -> None:
@@ -271,12 +281,7 @@ class FxDynamicNet(DynamicNet):
         self._source_keys: set[str] = set(source.state_dict())
         # the user's own module tree, without weights (meta device, unregistered): extract_source's skeleton
         self.__dict__["_skeleton"] = copy.deepcopy(model).to("meta")
-        installed: set[str] = set()
-        for node in gm.graph.nodes:
-            name = str(node.target)
-            if node.op not in ("call_module", "get_attr") or name in installed:
-                continue
-            installed.add(name)
+        for node, name in _module_and_attr_nodes(gm.graph):
             if node.op == "call_module":
                 module = gm.get_submodule(name)
                 kind = self._kind.get(name, "other")
@@ -556,12 +561,7 @@ class FxDynamicNet(DynamicNet):
                     "user's network has no place for it; use extract(), which keeps it as a module"
                 )
         out = copy.deepcopy(self._skeleton)
-        done: set[str] = set()
-        for node in self._graph.nodes:
-            name = str(node.target)
-            if node.op not in ("call_module", "get_attr") or name in done:
-                continue
-            done.add(name)
+        for node, name in _module_and_attr_nodes(self._graph):
             if node.op == "call_module":
                 layer = self._static_layer(node, self.net.get_submodule(name), k)
                 _set_module(out, name, layer)

@@ -162,7 +162,8 @@ AUTO_HOLDOUT_FRACTION, AUTO_HOLDOUT_MAX = 0.1, 5000  # data.holdout: null
 def holdout_size(n: int | None, num_train: int) -> int:
     """How many training images ``data.holdout`` holds out: ``n``, or with ``null`` 10% of them (at most 5,000)."""
     if n is None:
-        return min(AUTO_HOLDOUT_MAX, max(1, round(AUTO_HOLDOUT_FRACTION * num_train))) if num_train > 1 else 0
+        f = AUTO_HOLDOUT_FRACTION
+        return min(AUTO_HOLDOUT_MAX, max(1, round(f * num_train))) if f > 0 and num_train > 1 else 0
     return n
 
 

@@ -99,7 +99,7 @@ def _torch_load(path: Path) -> object:
     from dsnet.train.checkpoint import read_checkpoint
 
     try:
-        return read_checkpoint(path)
+        return read_checkpoint(path, check_factories=False)  # weights only: the caller built the model
     except ValueError:
         raise ValueError(
             f"{path} holds Python objects other than tensors and is not a dsnet checkpoint; "

@@ -10,7 +10,7 @@ around them.
 .. code-block:: python
 
     model = dsnet.create_model("ds_resnet8_tiny", num_classes=10, in_chans=1)
-    fit_supernet(model, train_batches, epochs=3, lr=0.1)        # stage I: sandwich rule + in-place bootstrapping
+    fit_supernet(model, train_batches, epochs=3, lr=0.1)        # stage I: sandwich rule (labels by default)
     calibrate_bn(model, train_batches, num_batches=50)          # fresh BN statistics per sub-network
     fit_gate(model, train_batches, epochs=2, target_fraction=0.6)  # stage II: the routing head only
     calibrate_budget(model, holdout_batches, target_fraction=0.6)  # meet the budget on held-out images
@@ -58,7 +58,7 @@ def fit_supernet(
     warmup_epochs: float = 0.0,
     optimizer: str = "sgd",
     num_random: int = 2,
-    distill: str = "ib",
+    distill: str = "none",
     label_smoothing: float = 0.1,
     ema_decay: float = 0.997,
     ema_warmup: bool = True,
@@ -66,11 +66,13 @@ def fit_supernet(
     seed: int = 0,
     progress: bool = True,
 ) -> list[dict[str, float]]:
-    """Stage I on ``model``, in place: the sandwich rule with in-place bootstrapping (SPEC section 3).
+    """Stage I on ``model``, in place: the sandwich rule (SPEC section 3).
 
     Each step trains the largest sub-network on the labels and ``num_random``
-    random routed ones plus the slimmest on the EMA teacher's predictions
-    (``distill``: ``"ib"``, ``"ieb"``, ``"inplace"`` or ``"none"``), then one
+    random routed ones plus the slimmest on the labels too (``distill="none"``,
+    the default: measured best at short schedules), or on the EMA teacher's
+    predictions (``"ib"``, the paper's in-place bootstrapping; ``"ieb"``,
+    ``"inplace"``), then one
     optimiser step (masked SGD, or ``"adamw"``) on a cosine schedule.
     ``lr`` is the learning rate as given (no batch-size rescaling). With
     ``use_ema`` the model ends with the EMA teacher's weights, as the

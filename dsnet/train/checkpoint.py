@@ -50,6 +50,7 @@ __all__ = [
     "load_state_into",
     "load_model",
     "convert_checkpoint",
+    "nonfinite_tensors",
 ]
 
 FORMAT = "dsnet-checkpoint-v1"
@@ -109,16 +110,21 @@ def _check_integrity(ckpt: dict[str, Any], path: Path) -> None:
         )
 
 
+def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold a NaN or an inf."""
+    return [
+        name
+        for name, t in state.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+
+
 def _check_finite(ckpt: dict[str, Any], path: Path) -> None:
     for key in _WEIGHT_KEYS:
         state = ckpt.get(key)
         if not isinstance(state, dict):
             continue
-        bad = [
-            name
-            for name, t in state.items()
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
-        ]
+        bad = nonfinite_tensors(state)
         if bad:
             what = "weights" if key == "state_dict" else "EMA weights"
             raise ValueError(

@@ -108,9 +108,19 @@ SCHEMA: dict[str, Any] = {
                 ("discrete", "continuous"),
                 doc="discrete: random routed sub-networks; continuous: US-Nets widths r ~ U[r_min, 1]",
             ),
-            "distill": Choice("ib", ("ib", "ieb", "inplace", "none"), doc="teacher of the other sub-networks"),
+            "distill": Choice(
+                "none",
+                ("ib", "ieb", "inplace", "none"),
+                doc="teacher of the other sub-networks; none: labels (chosen by measurement); ib: the paper's",
+            ),
             "ema_decay": Float(0.997, "[0, 1)", doc="decay of the EMA teacher"),
             "ema_warmup": Bool(True, doc="decay min(ema_decay, (1+t)/(10+t)): a usable teacher from the start"),
+            "ema_buffers": Choice(
+                "average", ("average", "copy"), doc="BN statistics of the EMA teacher: averaged (timm) or copied"
+            ),
+            "distill_label_weight": Float(
+                0.0, "[0, 1]", doc="students' loss: (1-w) * distillation + w * label CE [ours]; 0: the paper's"
+            ),
             "mvco": Bool(False, doc="multi-view consistency: two augmented views per image"),
             "mask_untouched": Bool(True, doc="no weight decay / momentum for channels that got no gradient"),
             "amp": Bool(True, doc="bfloat16 autocast on CUDA; ignored on CPU"),
@@ -320,8 +330,11 @@ def check_model_config(cfg: dict) -> None:
     """
     from dsnet.models import create_model
     from dsnet.models.base import DynamicNet
+    from dsnet.models.registry import check_factory_trusted
 
     name, kwargs = cfg["model"]["name"], cfg["model"]["kwargs"]
+    # checking a recipe (perhaps someone else's) builds its model: a factory there runs only if allowed
+    check_factory_trusted(name, "the recipe (model.name)")
     try:
         model = create_model(name, **kwargs)  # the meta device would be free but costs ~10 s to set up once
     except (ValueError, TypeError) as err:

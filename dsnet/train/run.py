@@ -19,7 +19,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsnet.train.checkpoint import read_checkpoint, save_checkpoint
+from dsnet.train.checkpoint import nonfinite_tensors, read_checkpoint, save_checkpoint
 from dsnet.train.distributed import DistContext, all_reduce_sum
 from dsnet.utils.io import atomic_copy, atomic_write_text, check_output_dir, remove_stale_temporaries
 from dsnet.utils.modes import temporary_mode
@@ -284,6 +284,14 @@ class RunDir:
         if is_best or self.best_epoch is None:
             self.best_epoch = epoch
         record["best_metric"] = best
+        for key in ("state_dict", "ema_state_dict"):  # a diverged run saves nothing, even if its loss stayed finite
+            bad = nonfinite_tensors(payload.get(key) or {})
+            if bad:
+                shown = ", ".join(bad[:3]) + (f", ... ({len(bad)} in all)" if len(bad) > 3 else "")
+                raise FloatingPointError(
+                    f"{self.stage} training diverged at epoch {epoch + 1}: its weights are not finite ({shown}); "
+                    f"stopped without saving epoch {epoch + 1}. Lower {self.stage}.lr or check the data"
+                )
         self.log(record)
         self.save({**payload, "best_metric": best, "best_epoch": self.best_epoch, "metrics": record}, best=is_best)
         return best

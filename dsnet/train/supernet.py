@@ -26,7 +26,13 @@ from torch import Tensor, nn
 from dsnet.models import create_model
 from dsnet.models.base import DynamicNet
 from dsnet.train.bn_calibration import calibrate_bn
-from dsnet.train.checkpoint import build_checkpoint_model, load_state_into, read_checkpoint, save_checkpoint
+from dsnet.train.checkpoint import (
+    build_checkpoint_model,
+    load_state_into,
+    nonfinite_tensors,
+    read_checkpoint,
+    save_checkpoint,
+)
 from dsnet.train.config import load_config, model_config_error
 from dsnet.train.distributed import DistContext, init_distributed
 from dsnet.train.ema import ModelEma
@@ -463,6 +469,12 @@ def calibrate_checkpoint(
         load_state_into(model, ckpt[key], src, ckpt)
         calibrate_bn(model, loader, num_batches, device=device, progress=progress)
         ckpt[key] = {k: v.cpu() for k, v in model.state_dict().items()}
+        bad = nonfinite_tensors(ckpt[key])
+        if bad:  # weights so large that the recalibrated statistics overflow: nothing is written
+            raise FloatingPointError(
+                f"{src}: BN recalibration gave statistics that are not finite ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}): its weights overflow (training diverged?); {dst} not written"
+            )
     ckpt["bn_calibrated"] = keys
     save_checkpoint(dst, {k: v for k, v in ckpt.items() if k != "format"})
     return {"batches_per_subnet": num_batches, "subnets": len(model.subnets), "seconds": round(time.time() - t0, 2)}

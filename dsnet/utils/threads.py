@@ -1,6 +1,6 @@
 """The process's torch thread count: one place that sets it, a default that is safe on a shared machine.
 
-``set_threads(None)`` (auto) uses ``min(cores this process may run on, 8)``
+``set_threads(None)`` (auto) uses ``OMP_NUM_THREADS`` when it is set, else ``min(cores this process may run on, 8)``
 (``os.sched_getaffinity``), divided among the processes of a ``torchrun``
 launch on this node (``LOCAL_WORLD_SIZE``): torch's own default is every core
 of the machine, which on a machine others are using too (or with several
@@ -37,7 +37,10 @@ def available_cores() -> int:
 
 
 def auto_threads() -> int:
-    """``min(available cores / local processes, 8)``, at least 1."""
+    """``min(available cores / local processes, 8)``, at least 1; ``OMP_NUM_THREADS``, when set, wins."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:  # the usual way to cap a process's threads: honoured, not overridden
+        return int(env)
     try:
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:

@@ -52,13 +52,12 @@ MODES = ("time", "mid-write", "after-write")
 
 
 # ------------------------------------------------------------------------------------------ the driver (subprocess)
-def _run_child(stage: str, out: Path, resume: bool, supernet: Path | None, mode: str, k: int, count: Path | None):
-    """Body of a forked run: train (``mode`` may kill it at its ``k``-th checkpoint write), then ``os._exit``."""
-    torch.set_num_threads(1)
+def _kill_at_write(mode: str, k: int) -> list[int]:
+    """Make this process SIGKILL itself in the middle of (or right after) its ``k``-th checkpoint write.
+
+    Returns the running count of checkpoint writes. ``mode="none"`` only counts.
+    """
     import dsnet.utils.io as io_mod
-    from dsnet.train.config import load_config
-    from dsnet.train.gate import train_gate
-    from dsnet.train.supernet import train_supernet
 
     real = io_mod._atomic
     writes = [0]
@@ -81,6 +80,17 @@ def _run_child(stage: str, out: Path, resume: bool, supernet: Path | None, mode:
         return result
 
     io_mod._atomic = atomic
+    return writes
+
+
+def _run_child(stage: str, out: Path, resume: bool, supernet: Path | None, mode: str, k: int, count: Path | None):
+    """Body of a forked run: train (``mode`` may kill it at its ``k``-th checkpoint write), then ``os._exit``."""
+    torch.set_num_threads(1)
+    from dsnet.train.config import load_config
+    from dsnet.train.gate import train_gate
+    from dsnet.train.supernet import train_supernet
+
+    writes = _kill_at_write(mode, k)
     try:
         cfg = load_config(None, CONFIG)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the child ends with os._exit
@@ -237,3 +247,48 @@ def test_failed_resume_with_another_config_writes_nothing(fault_runs, tmp_path, 
     assert (run / "config.yaml").read_bytes() == before
     # the right resume (the run's own config; only a path / logging key changed) still works
     assert main(["train", "supernet", "--resume", "--set", "data.workers=0", "--out", str(run)]) == 0
+
+
+# ------------------------------------------------------------------------------------------ dsnet compare
+def _compare_child(out: Path, mode: str, k: int, count: Path | None) -> None:
+    torch.set_num_threads(1)
+    from tests.test_compare import _args
+
+    writes = _kill_at_write(mode, k)
+    try:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the child ends with os._exit
+        code = main(_args(out, "--methods", "static,alone"))
+        if count is not None:
+            count.write_text(str(writes[0]))
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(code)
+
+
+def _fork_compare(*args) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _compare_child(*args)
+        finally:
+            os._exit(1)
+    return pid
+
+
+def _points(out: Path) -> list[tuple]:
+    points = json.loads((out / "compare.json").read_text())["points"]
+    return [(p["name"], p["top1"], p["mmacs"]) for p in points]
+
+
+def test_compare_killed_inside_a_checkpoint_write_resumes_to_the_same_result(tmp_path):
+    """A forced kill halfway through ``dsnet compare``'s middle checkpoint write, then a re-run: same results."""
+    count = tmp_path / "writes"
+    assert _finish(_fork_compare(tmp_path / "ref", "none", 0, count)) == 0
+    k = max(1, int(count.read_text()) // 2)
+    out = tmp_path / "killed"
+    assert _finish(_fork_compare(out, "mid-write", k, None)) == -signal.SIGKILL
+    assert list(out.rglob(".*.tmp")), "the kill did not land inside a checkpoint write"
+    assert _finish(_fork_compare(out, "none", 0, None)) == 0
+    assert not list(out.rglob(".*.tmp"))
+    assert _points(out) == _points(tmp_path / "ref")

@@ -251,7 +251,8 @@ def test_models_options_lists_constructor_options_with_defaults(capsys):
     for option in ("zero_init_residual", "gate_mode", "pre_gate_ratio", "stem_stride", "gate_se_ratio"):
         assert option in by
     assert by["stem_stride"]["value"] == "2" and by["stem_stride"]["class_default"] == "1"  # set by the factory
-    assert by["gate_mode"]["value"] == "'pre'" and by["zero_init_residual"]["value"] == "True"
+    assert by["gate_mode"]["value"] == "'pre'" and by["zero_init_residual"]["value"] == "False"  # the factory's
+    assert by["zero_init_residual"]["class_default"] == "True"
     assert main(["models", "--options", "ds_resnet8_tiny"]) == 0
     out = capsys.readouterr().out
     assert "stem_stride" in out and "DSResNet default" in out

@@ -106,11 +106,12 @@ def _run_child(stage: str, out: Path, resume: bool, supernet: Path | None, mode:
     os._exit(0)
 
 
-def _fork(*args) -> int:
+def _fork(*args, body=None) -> int:
+    """Fork a child running ``body(*args)`` (default: :func:`_run_child`); the child always ends with ``os._exit``."""
     pid = os.fork()
     if pid == 0:
         try:
-            _run_child(*args)
+            (body or _run_child)(*args)
         finally:
             os._exit(1)
     return pid
@@ -266,16 +267,6 @@ def _compare_child(out: Path, mode: str, k: int, count: Path | None) -> None:
     os._exit(code)
 
 
-def _fork_compare(*args) -> int:
-    pid = os.fork()
-    if pid == 0:
-        try:
-            _compare_child(*args)
-        finally:
-            os._exit(1)
-    return pid
-
-
 def _points(out: Path) -> list[tuple]:
     points = json.loads((out / "compare.json").read_text())["points"]
     return [(p["name"], p["top1"], p["mmacs"]) for p in points]
@@ -284,11 +275,11 @@ def _points(out: Path) -> list[tuple]:
 def test_compare_killed_inside_a_checkpoint_write_resumes_to_the_same_result(tmp_path):
     """A forced kill halfway through ``dsnet compare``'s middle checkpoint write, then a re-run: same results."""
     count = tmp_path / "writes"
-    assert _finish(_fork_compare(tmp_path / "ref", "none", 0, count)) == 0
+    assert _finish(_fork(tmp_path / "ref", "none", 0, count, body=_compare_child)) == 0
     k = max(1, int(count.read_text()) // 2)
     out = tmp_path / "killed"
-    assert _finish(_fork_compare(out, "mid-write", k, None)) == -signal.SIGKILL
+    assert _finish(_fork(out, "mid-write", k, None, body=_compare_child)) == -signal.SIGKILL
     assert list(out.rglob(".*.tmp")), "the kill did not land inside a checkpoint write"
-    assert _finish(_fork_compare(out, "none", 0, None)) == 0
+    assert _finish(_fork(out, "none", 0, None, body=_compare_child)) == 0
     assert not list(out.rglob(".*.tmp"))
     assert _points(out) == _points(tmp_path / "ref")

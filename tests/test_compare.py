@@ -174,10 +174,10 @@ def test_claims_near_chance_are_flagged():
 
 
 def test_seeds_aggregate_to_mean_and_spread_of_common_points():
-    from dsnet.compare.run import _aggregate
+    from dsnet.compare.run import aggregate_points
 
     seed0 = [{"name": "a", "top1": 80.0, "mmacs": 1.0}, {"name": "b", "top1": 90.0, "mmacs": 2.0}]
     seed1 = [{"name": "a", "top1": 82.0, "mmacs": 1.2}, {"name": "c", "top1": 50.0, "mmacs": 2.0}]
-    (a,) = _aggregate([seed0, seed1])  # "b" and "c" are not in every seed
+    (a,) = aggregate_points([seed0, seed1])  # "b" and "c" are not in every seed
     assert a["name"] == "a" and a["top1"] == 81.0 and a["mmacs"] == pytest.approx(1.1)
     assert a["top1_per_seed"] == [80.0, 82.0] and a["top1_std"] == pytest.approx(2**0.5)

@@ -236,7 +236,7 @@ def check_claims(
     return claims
 
 
-def _aggregate(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def aggregate_points(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Mean over seeds of the points present in every seed (by name); spread as the standard deviation."""
     names = [p["name"] for p in per_seed[0]]
     common = [n for n in names if all(any(p["name"] == n for p in seed) for seed in per_seed)]
@@ -403,7 +403,7 @@ def run_compare(
         device=device,
         progress=progress,
     )
-    points = _aggregate(per_seed_points)
+    points = aggregate_points(per_seed_points)
     method_seconds = {}
     for m, values in train_seconds.items():
         known = [v for v in values if v is not None]

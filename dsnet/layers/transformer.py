@@ -11,7 +11,9 @@ layers holding compact copies.
   first ``h * head_dim`` columns. Attention itself runs in
   ``F.scaled_dot_product_attention``.
 * **MLP** slices its hidden width (and its input/output embedding width).
-* **Blocks** compute on the first ``width`` embedding dimensions of the token
+* **Blocks** take the three dimensions separately: embedding width, heads and
+  MLP hidden units (by default the last two follow the first, DeiT-style).
+  They compute on the first ``width`` embedding dimensions of the token
   stream. With *dynamic idle slicing* (DS-Net++) the block adds its result to
   those dims and carries the rest through untouched, so a slim block keeps the
   full residual stream; with plain slicing the stream itself is cut (or
@@ -252,10 +254,15 @@ class SlicedMlp(SliceableModule):
 
 
 class DSViTBlock(nn.Module):
-    """Pre-norm transformer block whose width (embedding dims it computes on) is chosen per call.
+    """Pre-norm transformer block whose widths are chosen per call.
 
-    At width ``w``: ``w // head_dim`` heads, ``round(mlp_ratio * w)`` hidden
-    units, LayerNorm over the first ``w`` dims. What happens to the other dims
+    ``width`` is the number of embedding dims the block computes on
+    (LayerNorms over the first ``width`` dims, q/k/v read them, the output
+    projection and ``fc2`` write them). ``heads`` (whole heads of the fixed
+    ``head_dim``) and ``hidden`` (MLP hidden units) are separate dimensions;
+    left out, they follow the width as in the DeiT family: ``width //
+    head_dim`` heads (``width`` must then be a multiple of ``head_dim``) and
+    ``round(mlp_ratio * width)`` hidden units. What happens to the other dims
     of the stream is :func:`residual_at_width`'s ``idle`` choice.
     """
 
@@ -264,14 +271,17 @@ class DSViTBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.dim = dim
+        self.num_heads = num_heads
         self.head_dim = head_dim
         self.mlp_ratio = mlp_ratio
+        self.mlp_hidden = int(round(mlp_ratio * dim))
         self.norm1 = SlicedLayerNorm(dim, eps)
         self.attn = SlicedAttention(dim, num_heads, head_dim, qkv_bias)
         self.norm2 = SlicedLayerNorm(dim, eps)
-        self.mlp = SlicedMlp(dim, int(round(mlp_ratio * dim)))
+        self.mlp = SlicedMlp(dim, self.mlp_hidden)
 
     def heads(self, width: int) -> int:
+        """The heads that go with ``width`` embedding dims when the two are tied."""
         if width % self.head_dim or not 0 < width <= self.dim:
             raise ValueError(
                 f"block width must be a multiple of head_dim={self.head_dim} up to {self.dim}, got {width}"
@@ -279,10 +289,25 @@ class DSViTBlock(nn.Module):
         return width // self.head_dim
 
     def hidden(self, width: int) -> int:
+        """The MLP hidden units that go with ``width`` embedding dims when the two are tied."""
         return int(round(self.mlp_ratio * width))
 
-    def forward(self, x: Tensor, width: int, idle: bool) -> Tensor:
-        heads, hidden = self.heads(width), self.hidden(width)
+    def dims(self, width: int, heads: int | None = None, hidden: int | None = None) -> tuple[int, int]:
+        """``(heads, hidden)`` for a call: the given ones (checked), or those tied to ``width``."""
+        for name, value, top in (("width", width, self.dim), ("heads", heads, self.num_heads)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= top):
+                raise ValueError(f"block {name} must be an int in 1..{top}, got {value!r}")
+        if hidden is not None and (
+            isinstance(hidden, bool) or not isinstance(hidden, int) or not 0 < hidden <= self.mlp_hidden
+        ):
+            raise ValueError(f"block MLP hidden width must be an int in 1..{self.mlp_hidden}, got {hidden!r}")
+        return (
+            self.heads(width) if heads is None else heads,
+            self.hidden(width) if hidden is None else hidden,
+        )
+
+    def forward(self, x: Tensor, width: int, idle: bool, heads: int | None = None, hidden: int | None = None) -> Tensor:
+        heads, hidden = self.dims(width, heads, hidden)
 
         def body(y: Tensor) -> Tensor:
             y = y + self.attn(self.norm1(y), heads)
@@ -290,12 +315,13 @@ class DSViTBlock(nn.Module):
 
         return residual_at_width(x, width, idle, body)
 
-    def to_static(self, width: int, idle: bool) -> StaticViTBlock:
+    def to_static(self, width: int, idle: bool, heads: int | None = None, hidden: int | None = None) -> StaticViTBlock:
+        heads, hidden = self.dims(width, heads, hidden)
         return StaticViTBlock(
             self.norm1.to_static(width),
-            self.attn.to_static(width, self.heads(width)),
+            self.attn.to_static(width, heads),
             self.norm2.to_static(width),
-            self.mlp.to_static(width, self.hidden(width)),
+            self.mlp.to_static(width, hidden),
             width,
             idle,
         )

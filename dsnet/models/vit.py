@@ -14,6 +14,21 @@ keeps every sub-network a well-formed ViT (``embed = heads * head_dim``,
 to ``num_heads // 3 .. num_heads`` heads: 2..6 for ViT-S (embed 128..384, width
 ratios 1/3..1), 1..3 for ViT-Ti.
 
+**Separate dimensions** (``separate_dims=True``). Embedding width, heads and
+MLP hidden width become three dimensions of their own in every block group,
+so a sub-network can be, say, narrow in the MLP and wide in heads. Each group
+then has three stages, ``blocksA-B.embed`` (embedding dims its blocks compute
+on: LayerNorms, q/k/v inputs, projection and ``fc2`` outputs, i.e. the slice
+of the residual stream), ``blocksA-B.heads`` (active heads, ``head_dim``
+fixed) and ``blocksA-B.mlp`` (active hidden units), and ``subnet_widths``
+lists sub-networks in that layout: flat, one width per stage, as
+``model.subnets[k].widths`` reports them, or nested, ``[embed, [e, h, m],
+[e, h, m], ...]`` (the embedding stage, then one triple per group). Without
+``subnet_widths`` the sub-networks are the tied ones above, written in the
+separate layout: the same routing space, parameters and outputs, bit for bit,
+so every checkpoint loads either way. ``model.block_dims(k)`` gives the
+``(embed, heads, mlp)`` triples of sub-network ``k`` in either layout.
+
 **Stages.** ``embed`` (patch embedding, class token, position embedding) is
 stage 0; the blocks are split into groups (``depths``, default 3 + 9 for
 12 blocks), each a stage. Stages before ``gate_stage`` (default 2: the gate
@@ -90,7 +105,8 @@ class DSViT(DynamicNet):
         mlp_ratio: MLP hidden units per embedding dim.
         head_choices: routed widths, in heads (default ``num_heads // 3 .. num_heads``).
         pre_gate_heads: heads of the pre-gate stages (default: the slimmest choice).
-        gate_stage: first routed stage.
+        gate_stage: first routed stage (a block group; with ``separate_dims`` the model's ``gate_stage`` is
+            that group's first stage in the separate layout).
         idle_slicing: carry idle dims (DS-Net++) or narrow the stream (plain slicing).
         global_pool: ``"token"`` (class token) or ``"avg"`` (mean of patch tokens) for the classifier.
         gate_pool: the same choice for the gate's input.
@@ -98,7 +114,10 @@ class DSViT(DynamicNet):
         routing_space: sub-networks the gate picks among (default: every routed one).
         gate_mode: ``"pre"`` (the paper's gate) or ``"exit"`` (see :meth:`DynamicNet._build_exit_head`).
         subnet_widths: an explicit list of sub-networks (per-stage widths in embedding dims, multiples of
-            ``head_dim``, slimmest first) instead of ``head_choices``/``pre_gate_heads``.
+            ``head_dim``, slimmest first) instead of ``head_choices``/``pre_gate_heads``; with
+            ``separate_dims``, per-stage widths of that layout (flat, or ``[embed, [e, h, m], ...]``).
+        separate_dims: embedding width, heads and MLP hidden width as separate dimensions of every block
+            group (stages ``blocksA-B.embed``, ``.heads``, ``.mlp``) instead of one tied width per group.
         router: ``"logits"`` (the paper's gate logits) or ``"utility"`` (per-choice P(correct); see
             :class:`DynamicNet`).
     """
@@ -128,6 +147,7 @@ class DSViT(DynamicNet):
         gate_mode: str = "pre",
         subnet_widths: Sequence[Sequence[int]] | None = None,
         router: str = "logits",
+        separate_dims: bool = False,
     ) -> None:
         if min(embed_dim, num_heads, patch_size, img_size) < 1 or mlp_ratio <= 0 or se_ratio <= 0:
             raise ValueError(
@@ -155,14 +175,30 @@ class DSViT(DynamicNet):
         block_widths = [
             pre_widths if s < gate_stage else tuple(h * head_dim for h in choices) for s in range(1, len(depths) + 1)
         ]
-        stage_widths = [(full,) if idle_slicing else pre_widths, *block_widths]
         bounds = [sum(depths[:i]) for i in range(len(depths) + 1)]
-        stage_names = ("embed",) + tuple(f"blocks{bounds[i]}-{bounds[i + 1] - 1}" for i in range(len(depths)))
+        group_names = tuple(f"blocks{bounds[i]}-{bounds[i + 1] - 1}" for i in range(len(depths)))
+        if not isinstance(separate_dims, bool):
+            raise TypeError(f"separate_dims must be True or False, got {separate_dims!r}")
+        if separate_dims:
+            if not 0 < gate_stage <= len(depths):
+                raise ValueError(f"gate_stage must name a block group 1..{len(depths)}, got {gate_stage}")
+            # the tied widths, each group written as its three dimensions (embed dims, heads, hidden units)
+            stage_names = ("embed",) + tuple(f"{g}.{d}" for g in group_names for d in ("embed", "heads", "mlp"))
+            block_widths = [
+                dims
+                for ws in block_widths
+                for dims in (ws, tuple(w // head_dim for w in ws), tuple(int(round(mlp_ratio * w)) for w in ws))
+            ]
+            if subnet_widths is not None:
+                subnet_widths = [_flat_dims(entry, len(depths), i) for i, entry in enumerate(subnet_widths)]
+        else:
+            stage_names = ("embed",) + group_names
+        stage_widths = [(full,) if idle_slicing else pre_widths, *block_widths]
         n_routed = len(choices)
         super().__init__(
             stage_names,
             stage_widths,
-            gate_stage,
+            1 + 3 * (gate_stage - 1) if separate_dims else gate_stage,
             in_chans,
             num_classes,
             (in_chans, img_size, img_size),
@@ -173,7 +209,7 @@ class DSViT(DynamicNet):
         if subnet_widths is not None:
             for net in self.subnets:
                 odd = [f"{n}={w}" for n, w in zip(stage_names[1:], net.widths[1:]) if w % head_dim]
-                if odd:
+                if odd and not separate_dims:
                     raise ValueError(f"subnet_widths: block widths must be multiples of head_dim={head_dim}: {odd}")
                 if idle_slicing and net.widths[0] != embed_dim:
                     raise ValueError(f"subnet_widths: with idle slicing the embed stage is always {embed_dim} wide")
@@ -185,6 +221,8 @@ class DSViT(DynamicNet):
         self.global_pool = global_pool
         self.idle_slicing = idle_slicing
         self.head_choices = choices
+        self.separate_dims = separate_dims
+        self.gate_group = gate_stage  # the block group the gate runs before (gate_stage counts groups)
 
         # timm parameter names, so timm/DeiT state dicts load (gate aside)
         self.patch_embed = nn.Module()
@@ -194,7 +232,8 @@ class DSViT(DynamicNet):
         self.blocks = nn.ModuleList(
             DSViTBlock(embed_dim, num_heads, head_dim, mlp_ratio, qkv_bias, norm_eps) for _ in range(bounds[-1])
         )
-        self._block_stage = [s for s in range(1, len(depths) + 1) for _ in range(depths[s - 1])]
+        self._block_stage = [s for s in range(1, len(depths) + 1) for _ in range(depths[s - 1])]  # group of block
+        self._dims = [self._dims_of(net.widths, len(depths)) for net in self.subnets]
         self.gate_block = bounds[gate_stage - 1]  # the gate runs before this block
         self._gate = TokenGate(
             embed_dim, len(self.routing_space), self.num_slots, se_ratio, gate_pool, num_prefix, gate_bn
@@ -206,8 +245,33 @@ class DSViT(DynamicNet):
         self._build_exit_head(gate_mode)
 
     def width_multiple(self, stage: int) -> int:
-        """Block widths are whole heads; the embedding (stage 0) slices in multiples of 8."""
+        """Tied block widths are whole heads; a separate heads stage counts heads (1); the rest: multiples of 8."""
+        if self.separate_dims:
+            return 1 if self.subnets[0].stage_names[stage].endswith(".heads") else 8
         return self.head_dim if stage > 0 else 8
+
+    def group_stages(self, group: int) -> tuple[int, int, int]:
+        """Indices into ``widths`` of block group ``group``'s (embed, heads, mlp) (one shared index when tied)."""
+        if not 0 < group <= len(self._dims[0]):
+            raise ValueError(f"block groups are 1..{len(self._dims[0])}, got {group}")
+        if self.separate_dims:
+            first = 1 + 3 * (group - 1)
+            return first, first + 1, first + 2
+        return group, group, group
+
+    def block_group(self, block: int) -> int:
+        """The block group (1-based, a stage of the tied layout) block ``block`` belongs to."""
+        return self._block_stage[block]
+
+    def block_dims(self, subnet: int) -> tuple[tuple[int, int, int], ...]:
+        """``(embedding width, heads, MLP hidden units)`` of every block group of ``subnet``, in either layout."""
+        return self._dims[self.check_subnet(subnet)]
+
+    def _dims_of(self, widths: Sequence[int], groups: int) -> tuple[tuple[int, int, int], ...]:
+        if self.separate_dims:
+            return tuple(tuple(widths[1 + 3 * g : 4 + 3 * g]) for g in range(groups))  # type: ignore[misc]
+        block = self.blocks[0]
+        return tuple((w, block.heads(w), block.hidden(w)) for w in widths[1:])
 
     def _init_weights(self) -> None:
         """timm's default ViT initialisation: truncated normal (0.02) weights, zero biases, tiny class token."""
@@ -225,10 +289,11 @@ class DSViT(DynamicNet):
         return self._gate
 
     # ------------------------------------------------------------- widths
-    def _stream_width(self, subnet: int, stage: int) -> int:
-        """Width of the token stream after ``stage``: always ``D`` under idle slicing."""
-        widths = self.subnets[subnet].widths
-        return widths[0] if self.idle_slicing else widths[stage]
+    def _stream_width(self, subnet: int, group: int) -> int:
+        """Width of the token stream after block group ``group`` (0: the embedding): always ``D`` under idle slicing."""
+        if self.idle_slicing or group == 0:
+            return self.subnets[subnet].widths[0]
+        return self._dims[subnet][group - 1][0]
 
     def _pos(self, grid: tuple[int, int]) -> Tensor:
         def make() -> Tensor:
@@ -248,9 +313,10 @@ class DSViT(DynamicNet):
         return x + self._pos(grid)[..., :width]
 
     def _run_blocks(self, x: Tensor, subnet: int, start: int, stop: int) -> Tensor:
-        widths = self.subnets[subnet].widths
+        dims = self._dims[subnet]
         for i in range(start, stop):
-            x = self.blocks[i](x, widths[self._block_stage[i]], self.idle_slicing)
+            width, heads, hidden = dims[self._block_stage[i] - 1]
+            x = self.blocks[i](x, width, self.idle_slicing, heads, hidden)
         return x
 
     def forward_pre(self, x: Tensor, subnet: int) -> tuple[Tensor, Tensor]:
@@ -273,12 +339,14 @@ class DSViT(DynamicNet):
                 self.patch_embed.proj.to_static(self.in_chans, w0), cls, self.pos_embed[..., :w0], self.grid
             )
         ]
+        dims = self._dims[subnet]
         for i, block in enumerate(self.blocks):
             if i == self.gate_block:
-                gate_width = self._stream_width(subnet, self.gate_stage - 1)
+                gate_width = self._stream_width(subnet, self.gate_group - 1)
                 layers.append(self._gate.to_static(gate_width, slots[self.gate_stage - 1]))
-            layers.append(block.to_static(widths[self._block_stage[i]], self.idle_slicing))
-        out = self._stream_width(subnet, len(widths) - 1)
+            width, heads, hidden = dims[self._block_stage[i] - 1]
+            layers.append(block.to_static(width, self.idle_slicing, heads, hidden))
+        out = self._stream_width(subnet, len(dims))
         layers.append(
             StaticViTHead(self.norm.to_static(out), self.head.to_static(out), self.global_pool, self.num_prefix_tokens)
         )
@@ -287,8 +355,23 @@ class DSViT(DynamicNet):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, embed_dim={self.embed_dim}, head_dim={self.head_dim}, "
-            f"idle_slicing={self.idle_slicing}"
+            f"idle_slicing={self.idle_slicing}, separate_dims={self.separate_dims}"
         )
+
+
+def _flat_dims(entry: Sequence, groups: int, index: int) -> list[int]:
+    """One ``subnet_widths`` entry of the separate layout, flat (``1 + 3 * groups`` ints) or nested, as flat ints."""
+    items = list(entry)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        return items  # flat; the length is checked with the other widths (explicit_subnets)
+    form = f"[embed, [e, h, m] x {groups}] or {1 + 3 * groups} ints"
+    if (
+        len(items) != 1 + groups
+        or isinstance(items[0], Sequence)
+        or any(not isinstance(t, Sequence) or isinstance(t, str) or len(t) != 3 for t in items[1:])
+    ):
+        raise ValueError(f"subnet_widths[{index}]: expected {form} (separate_dims), got {entry!r}")
+    return [items[0], *(v for t in items[1:] for v in t)]
 
 
 @register_model(input_size=224)

@@ -244,3 +244,76 @@ def test_bad_separate_dims_are_rejected():
         block(torch.randn(1, 3, 48), 48, True, heads=4)
     with pytest.raises(ValueError, match="hidden width must be an int in 1..96"):
         block(torch.randn(1, 3, 48), 48, True, hidden=0)
+
+
+# ------------------------------------------------------------------ progressive search over heads and MLP
+SYNTH = {
+    "dataset": "synthetic",
+    "synthetic": {"num_train": 256, "num_val": 64, "image_size": 16, "num_classes": 4},
+    "batch_size": 32,
+    "eval_batch_size": 64,
+    "workers": 0,
+    "holdout": 64,
+}
+START = [48, [16, 1, 32], [48, 3, 96]]  # the network the search starts from (trained alone)
+
+
+def _search_vit(**kwargs):
+    return _tiny(separate_dims=True, in_chans=1, **kwargs)
+
+
+def test_channel_map_of_separate_dims_permutes_heads_and_hidden_units_keeping_the_function():
+    from dsnet.search.channels import channel_map, permute_space_
+
+    model = _perturb_norms(perturb(_tiny(separate_dims=True)))
+    spaces = channel_map(model)
+    names = [model.subnets[0].stage_names[s.stages[0]] for s in spaces]
+    assert names == ["blocks0-0.heads", "blocks0-0.mlp", "blocks1-2.heads", "blocks1-2.mlp"]
+    assert [(s.units, s.group) for s in spaces] == [(3, 1), (96, None)] * 2
+    x = small_input(model, batch=3, size=16)
+    qkv = model.blocks[1].attn.qkv.weight.detach().clone()
+    with torch.no_grad():
+        before = model(x, subnet=model.largest)
+        g = torch.Generator().manual_seed(0)
+        for space in spaces:
+            permute_space_(model, space, torch.randperm(space.units, generator=g))
+        model.clear_inference_cache()
+        torch.testing.assert_close(model(x, subnet=model.largest), before, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(model.blocks[1].attn.qkv.weight, qkv)  # the heads did move
+    with pytest.raises(ValueError, match="separate_dims=True"):
+        channel_map(_tiny())  # tied: the embedding width (one stream order for every group) moves with the heads
+
+
+def test_search_removes_whole_heads_and_hidden_groups_after_the_gate():
+    from dsnet.data import build_loader
+    from dsnet.search.pss import ProgressiveSearch
+
+    torch.manual_seed(0)
+    model = _search_vit(subnet_widths=[START])
+    loader, _ = build_loader(SYNTH, "train", seed=0)
+    holdout, _ = build_loader(SYNTH, "holdout", seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    for x, y in loader:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x, subnet=0), y).backward()
+        opt.step()
+    settings = {"noise_steps": 3, "finetune_steps": 1, "threshold": 50.0, "calibration_batches": 1, "eval_batches": 1}
+    search = ProgressiveSearch(
+        model.eval(), {"name": "tiny", "kwargs": {}}, loader, holdout, settings, factory=_search_vit
+    )
+    assert search.group_sizes == [1, 8]  # heads one at a time, hidden units by pss.group_size
+    start = search.macs(search.widths())
+    floor = search.macs(search.smallest_widths())
+    assert search.smallest_widths() == (48, 16, 1, 32, 48, 1, 8)  # the embedding width is not searched
+    result = search.run([start, floor + 0.4 * (start - floor), floor])
+    chain = [c.widths for c in result.chain]
+    assert chain[0] == (48, 16, 1, 32, 48, 3, 96) and chain[-1] == (48, 16, 1, 32, 48, 1, 8)
+    steps = {tuple(a - b for a, b in zip(wider, slimmer)) for wider, slimmer in zip(chain, chain[1:])}
+    assert steps == {(0, 0, 0, 0, 0, 1, 0), (0, 0, 0, 0, 0, 0, 8)}  # one head, or eight hidden units, per step
+    final = search.final_model(result, 1)
+    assert [list(s.widths) for s in final.subnets] == result.subnet_widths and len(final.subnets) >= 2
+    x = small_input(final, batch=2, size=16)
+    with torch.no_grad():
+        for k in range(len(final.subnets)):
+            torch.testing.assert_close(final(x, subnet=k), final.extract(k)(x), rtol=0, atol=1e-5)

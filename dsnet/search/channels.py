@@ -17,7 +17,10 @@ bottleneck's residual stream has ``expansion`` channels per unit, so its axes
 carry ``scale=4`` and unit ``u`` covers channels ``[4u, 4u + 4)``, which keeps
 prefix slicing intact (``w`` units = the first ``4w`` channels).
 
-Only DS-ResNet has a channel map so far (see :func:`channel_map`).
+DS-ResNet has a channel map, and DS-ViT with ``separate_dims=True``: its heads
+(unit: one head, ``head_dim`` channels in each of the q, k and v row blocks of
+the fused ``qkv`` weight: ``segments=3``) and MLP hidden units (see
+:func:`channel_map`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,15 @@ class ChannelAxis:
     dim: int  # the axis
     scale: int  # channels per width unit (bottleneck residual: the expansion)
     producer: bool  # a weight whose rows *make* these channels (where the search injects noise)
+    segments: int = 1  # the axis is this many equal blocks, each indexed alike (fused q|k|v rows: 3)
+
+    def index(self, unit_order: Tensor, size: int) -> Tensor:
+        """Indices along an axis of length ``size`` that put unit ``unit_order[j]`` at position ``j``."""
+        idx = expand_units(unit_order, self.scale)
+        if self.segments == 1:
+            return idx
+        step = size // self.segments
+        return torch.cat([idx + s * step for s in range(self.segments)])
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,7 @@ class ChannelSpace:
     stages: tuple[int, ...]
     units: int  # full width in units
     axes: tuple[ChannelAxis, ...]
+    group: int | None = None  # width units per channel group fixed by the family (one head); None: the search's
 
     def producers(self) -> list[ChannelAxis]:
         return [a for a in self.axes if a.producer]
@@ -64,12 +77,53 @@ def expand_units(unit_index: Tensor, scale: int) -> Tensor:
 def channel_map(model: DynamicNet) -> list[ChannelSpace]:
     """The channel spaces of ``model``, in stage order. Raises ValueError for families without a map."""
     from dsnet.models.resnet import DSResNet
+    from dsnet.models.vit import DSViT
 
     if isinstance(model, DSResNet):
         return _resnet_spaces(model)
+    if isinstance(model, DSViT) and model.separate_dims:
+        return _vit_spaces(model)
+    hint = " and DS-ViT with separate_dims=True" if isinstance(model, DSViT) else ""
     raise ValueError(
-        f"no channel map for {type(model).__name__}: progressive sub-network search supports DS-ResNet models"
+        f"no channel map for {type(model).__name__}: progressive sub-network search supports DS-ResNet models{hint}"
     )
+
+
+def _vit_spaces(model) -> list[ChannelSpace]:
+    """DS-ViT, separate dimensions: per block group, one space of heads and one of MLP hidden units.
+
+    A group's blocks share one order of each (as a DS-ResNet stage's blocks
+    share one order of planes). Permuting heads reorders whole heads: their
+    rows in each of the q, k, v blocks of ``qkv`` and their columns of
+    ``proj``; permuting hidden units reorders ``fc1`` rows and ``fc2``
+    columns. Both leave the full network's function unchanged. The embedding
+    dims have no space: the residual stream is one order for every group,
+    the pre-gate ones included, so it cannot be re-ordered for the post-gate
+    groups alone (the search keeps each group's embedding width).
+    """
+    hd = model.head_dim
+    spaces = []
+    for group in range(1, len(model.block_dims(0)) + 1):
+        _, heads_stage, mlp_stage = model.group_stages(group)
+        heads: list[ChannelAxis] = []
+        mlp: list[ChannelAxis] = []
+        for i, block in enumerate(model.blocks):
+            if model.block_group(i) != group:
+                continue
+            p = f"blocks.{i}"
+            heads.append(ChannelAxis(f"{p}.attn.qkv.weight", 0, hd, True, segments=3))
+            if block.attn.qkv.bias is not None:
+                heads.append(ChannelAxis(f"{p}.attn.qkv.bias", 0, hd, False, segments=3))
+            heads.append(ChannelAxis(f"{p}.attn.proj.weight", 1, hd, False))
+            mlp += [
+                ChannelAxis(f"{p}.mlp.fc1.weight", 0, 1, True),
+                ChannelAxis(f"{p}.mlp.fc1.bias", 0, 1, False),
+                ChannelAxis(f"{p}.mlp.fc2.weight", 1, 1, False),
+            ]
+        block = model.blocks[0]
+        spaces.append(ChannelSpace((heads_stage,), block.num_heads, tuple(heads), group=1))
+        spaces.append(ChannelSpace((mlp_stage,), block.mlp_hidden, tuple(mlp)))
+    return spaces
 
 
 def _resnet_spaces(model) -> list[ChannelSpace]:
@@ -174,5 +228,5 @@ def permute_space_(model: DynamicNet, space: ChannelSpace, order: Tensor) -> Non
     tensors.update(dict(model.named_buffers()))
     for axis in space.axes:
         t = tensors[axis.name]
-        idx = expand_units(order, axis.scale).to(t.device)
+        idx = axis.index(order, t.shape[axis.dim]).to(t.device)
         t.copy_(t.index_select(axis.dim, idx))

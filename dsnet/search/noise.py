@@ -42,7 +42,7 @@ def learn_noise_scales(
     subnet: int,
     spaces: Sequence[ChannelSpace],
     kept_groups: Sequence[int],
-    group_size: int,
+    group_size: int | Sequence[int],
     batches: Iterator[tuple[Tensor, Tensor]],
     steps: int,
     *,
@@ -56,7 +56,8 @@ def learn_noise_scales(
     """Learned ``log alpha`` of the first ``kept_groups[i]`` groups of each space (the groups sub-network uses).
 
     ``subnet`` is run with its own widths and BatchNorm statistics (calibrate
-    them first). Returns one tensor per space, shape ``(kept_groups[i],)``:
+    them first). ``group_size``: width units per group, one for all spaces or one per space. Returns one
+    tensor per space, shape ``(kept_groups[i],)``:
     each scale averaged over the second half of the steps (less noisy than the
     last value, and scales that reach the cap early rank above those that
     reach it late, instead of tying).
@@ -65,6 +66,9 @@ def learn_noise_scales(
         raise ValueError(f"noise ranking needs at least one step, got {steps}")
     if len(spaces) != len(kept_groups):
         raise ValueError("one kept-group count per space is needed")
+    sizes = [group_size] * len(spaces) if isinstance(group_size, int) else list(group_size)
+    if len(sizes) != len(spaces):
+        raise ValueError("one group size per space is needed")
     device = torch.device(device)
     log_alpha = [torch.full((k,), float(init_log_alpha), device=device, requires_grad=True) for k in kept_groups]
     total = sum(kept_groups)
@@ -85,12 +89,14 @@ def learn_noise_scales(
                 noisy: dict[str, Tensor] = {}
                 for i, axis in producers:
                     weight = noisy.get(axis.name, params[axis.name])
-                    per_channel = log_alpha[i].exp().repeat_interleave(group_size * axis.scale)
-                    rows = per_channel.shape[0]  # only the used groups' rows get noise
-                    eps = torch.randn(weight[:rows].shape, generator=gen, device=device)
+                    per_channel = log_alpha[i].exp().repeat_interleave(sizes[i] * axis.scale)
+                    rows = per_channel.shape[0]  # only the used groups' rows get noise (in every segment)
                     shape = (rows,) + (1,) * (weight.dim() - 1)
-                    noise = per_channel.view(shape) * stds[axis.name] * eps
-                    noisy[axis.name] = torch.cat([weight[:rows] + noise, weight[rows:]])
+                    parts = []
+                    for seg in weight.chunk(axis.segments) if axis.segments > 1 else [weight]:
+                        eps = torch.randn(seg[:rows].shape, generator=gen, device=device)
+                        parts += [seg[:rows] + per_channel.view(shape) * stds[axis.name] * eps, seg[rows:]]
+                    noisy[axis.name] = torch.cat(parts)
                 logits = functional_call(model, noisy, (images,), {"subnet": subnet})
                 loss = total * F.cross_entropy(logits, labels) - reward * torch.cat(log_alpha).sum()
                 optimizer.zero_grad(set_to_none=True)

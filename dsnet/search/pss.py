@@ -9,7 +9,8 @@ authors' Parametric Noise Injection and from AutoSlim:
    widest routed sub-network of a family, trained alone).
 2. **Channel groups.** Each channel space after the gate (see
    :mod:`dsnet.search.channels`) is cut into groups of ``group_size`` width
-   units. Stages before the gate are not searched: they run once for every
+   units (a DS-ViT's heads: one head per group, whatever ``group_size``).
+   Stages before the gate are not searched: they run once for every
    sub-network, which is what lets the searched set serve as a DS-Net routing
    space [ours].
 3. **Trainable noise ranking** (:mod:`dsnet.search.noise`): a learned noise
@@ -186,12 +187,16 @@ def check_group_size(model: DynamicNet, widths: Sequence[int], group_size: int) 
 
     The searched stages are those of :func:`~dsnet.search.channels.channel_map`
     after the gate; a model without a channel map raises its own ``ValueError``.
+    A space whose family fixes its group (``ChannelSpace.group``: a ViT's
+    heads, one head a group) is not cut by ``group_size``.
     """
     spaces = [s for s in channel_map(model) if min(s.stages) >= model.gate_stage]
     if not spaces:
         raise ValueError("no channel space after the gate to search")
     for space in spaces:
         stage = space.stages[0]
+        if space.group is not None:
+            continue
         if space.units % group_size or widths[stage] % group_size:
             name = model.subnets[0].stage_names[stage]
             raise ValueError(
@@ -285,10 +290,11 @@ class ProgressiveSearch:
         if not self.spaces:
             raise ValueError("no channel space after the gate to search")
         check_group_size(model, start, g)
-        self.kept: list[int] = [start[space.stages[0]] // g for space in self.spaces]
+        self.group_sizes = [g if space.group is None else space.group for space in self.spaces]  # units per group
+        self.kept: list[int] = [start[space.stages[0]] // gs for space, gs in zip(self.spaces, self.group_sizes)]
         self.base_widths = start
         # group id (original order) at each position of each space
-        self.group_ids = [torch.arange(space.units // g) for space in self.spaces]
+        self.group_ids = [torch.arange(space.units // gs) for space, gs in zip(self.spaces, self.group_sizes)]
         self.log_alpha: list[Tensor] = []
         self.result_log: list[dict] = []
         self.finetunes = 0
@@ -297,9 +303,8 @@ class ProgressiveSearch:
 
     # ------------------------------------------------------------ networks
     def widths(self) -> tuple[int, ...]:
-        g = self.settings["group_size"]
         out = list(self.base_widths)
-        for space, k in zip(self.spaces, self.kept, strict=True):
+        for space, k, g in zip(self.spaces, self.kept, self.group_sizes, strict=True):
             for s in space.stages:
                 out[s] = k * g
         return tuple(out)
@@ -307,9 +312,9 @@ class ProgressiveSearch:
     def smallest_widths(self) -> tuple[int, ...]:
         """The widths with every searched space at one group: the slimmest the search can reach."""
         out = list(self.base_widths)
-        for space in self.spaces:
+        for space, g in zip(self.spaces, self.group_sizes, strict=True):
             for s in space.stages:
-                out[s] = self.settings["group_size"]
+                out[s] = g
         return tuple(out)
 
     def build(self, subnet_widths: Sequence[Sequence[int]], routing_space: Sequence[int] | None = None) -> DynamicNet:
@@ -356,7 +361,7 @@ class ProgressiveSearch:
             0,
             self.spaces,
             self.kept,
-            s["group_size"],
+            self.group_sizes,
             self.batches,
             s["noise_steps"],
             lr=s["noise_lr"],
@@ -366,9 +371,9 @@ class ProgressiveSearch:
         )
         self.rankings += 1
         self.counts["noise_passes"] += s["noise_steps"]
-        g = s["group_size"]
         self.log_alpha = []
         for i, (space, k, la) in enumerate(zip(self.spaces, self.kept, log_alpha, strict=True)):
+            g = self.group_sizes[i]
             order = importance_order(la)  # over the kept positions
             full = torch.cat([order, torch.arange(k, space.units // g)])  # removed groups stay at the tail
             unit_order = (full[:, None] * g + torch.arange(g)).flatten()
@@ -408,7 +413,7 @@ class ProgressiveSearch:
         if self.settings["across"] == "noise":
             offers = [self.next_removal()]
         elif self.settings["across"] == "uniform":  # the control: keep every space at the same fraction
-            groups = [space.units // self.settings["group_size"] for space in self.spaces]
+            groups = [space.units // g for space, g in zip(self.spaces, self.group_sizes)]
             offers = [max(offers, key=lambda i: (self.kept[i] / groups[i], groups[i]))]
         best = None
         for i in offers:

@@ -80,7 +80,8 @@ def test_small_greyscale_folder_gets_a_small_image_recipe(two_ways):
     ds, info = build_dataset(folder_cfg, "train")
     r = info.recipe
     assert (info.image_size, info.in_chans, r["native_size"]) == (28, 1, 28)
-    assert not r["random_resized_crop"] and r["crop_padding"] == 2 and r["hflip"] and r["eval_crop_fraction"] == 1.0
+    assert not r["random_resized_crop"] and r["crop_padding"] == 2 and r["eval_crop_fraction"] == 1.0
+    assert not r["hflip"]  # flips are opt-in for image folders (data.augment.hflip: true)
     # mean/std: those of a fixed sample of SAMPLE_SIZE training images (the same sample for val)
     sample = np.stack([np.asarray(Image.open(p)) for p, _ in ds.samples]).astype(np.float64) / 255
     sampled = min(SAMPLE_SIZE, len(ds))
@@ -91,6 +92,7 @@ def test_small_greyscale_folder_gets_a_small_image_recipe(two_ways):
     assert x.shape == (1, 28, 28)  # greyscale stays one channel
     line = describe_recipe(r)
     assert "28 px, 1 channel" in line and "2 px zero padding" in line and "eval: images as they are" in line
+    assert "no horizontal flip (image folder: flips are opt-in, data.augment.hflip=true)" in line
 
 
 def test_large_rgb_folder_gets_scaled_random_resized_crops(tmp_path):
@@ -123,8 +125,9 @@ def test_large_rgb_folder_gets_scaled_random_resized_crops(tmp_path):
 
 
 def test_image_folder_batches_equal_idx_batches(two_ways):
-    """The same images as PNG folders and as IDX files give the same batches (same normalisation pinned)."""
-    idx_cfg, folder_cfg = _cfgs(two_ways, **FMNIST_STATS)
+    """The same images as PNG folders and as IDX files give the same batches (same normalisation pinned, and
+    the folder opted in to Fashion-MNIST's flips)."""
+    idx_cfg, folder_cfg = _cfgs(two_ways, **FMNIST_STATS, augment={"hflip": True})
     for split in ("train", "val"):
         a, ia = build_loader(idx_cfg, split, seed=3)
         b, ib = build_loader(folder_cfg, split, seed=3)

@@ -85,7 +85,9 @@ DATA_SCHEMA: dict[str, Any] = with_stage(
                 "crop_padding": Int(
                     None, "[0, inf)", null=True, doc="null: 4 CIFAR, 2 (Fashion-)MNIST, ~side/12 small folders; 0: off"
                 ),
-                "hflip": Bool(None, null=True, doc="null: off for MNIST and synthetic, on otherwise"),
+                "hflip": Bool(
+                    None, null=True, doc="null: on for Fashion-MNIST and CIFAR; off for MNIST, synthetic, image folders"
+                ),
                 "randaugment_n": Int(0, "[0, inf)", doc="RandAugment operations per image (0: off)"),
                 "randaugment_m": Float(9.0, "[0, 30]", doc="RandAugment magnitude on timm's 0..10 scale"),
                 "random_erasing": Float(0.0, "[0, 1]", doc="random erasing probability"),

@@ -19,8 +19,15 @@ training seed, so training and evaluation agree):
   keeps at least ``MIN_CROP_SIDE`` x ``MIN_CROP_SIDE`` source pixels (8 % at
   224 px, as ImageNet training does, 25 % at 128 px), and the ImageNet eval
   (shorter side to size / 0.875, centre crop);
-* **horizontal flips** on (the data cannot say whether a mirrored image is
-  still its class: set ``data.augment.hflip: false`` for digits or text).
+* **horizontal flips** off: they are opt-in (``data.augment.hflip: true``),
+  since the data cannot say whether a mirrored image is still its class (a
+  mirrored digit, letter or sign is not; a mirrored cat is). Fashion-MNIST
+  and CIFAR keep their flips.
+
+Each default chosen from the data is recorded with its reason in
+``Recipe.why`` and said on the start-of-run recipe line
+(:func:`describe_recipe`), e.g. "no horizontal flip (image folder: flips are
+opt-in, data.augment.hflip=true)".
 
 Every explicit ``data:`` key (``image_size``, ``channels``, ``mean``, ``std``,
 ``eval_crop_fraction``, ``augment.*``) overrides its measured value. The
@@ -33,7 +40,7 @@ from __future__ import annotations
 
 import copy
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -80,6 +87,9 @@ class Recipe:
     eval_crop_fraction: float  # eval (image folders): shorter side -> image_size / f, centre crop; 1 = whole image
     native_size: int  # the data's own (median shorter) side
     source: str  # where size and statistics come from
+    # the defaults chosen from the data, each with its reason ("hflip": "image folder: flips are opt-in, ..."),
+    # keyed by what they decide: "size", "crop", "hflip", "eval"; explicit config keys have none
+    why: dict[str, str] = field(default_factory=dict, hash=False)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,12 +177,23 @@ def folder_recipe(cfg: dict, dataset: ImageFolderDataset) -> Recipe:
         measure_stats=given_mean is None or given_std is None,
     )
     channels = cfg["channels"] or stats.channels
-    size = cfg["image_size"] or min(stats.native_size, MAX_DEFAULT_SIZE)
-    small = stats.native_size < SMALL_IMAGE
+    native = stats.native_size
+    size = cfg["image_size"] or min(native, MAX_DEFAULT_SIZE)
+    small = native < SMALL_IMAGE
     aug = cfg["augment"]
     pick = lambda key, default: default if aug[key] is None else aug[key]  # noqa: E731
     rrc = bool(pick("random_resized_crop", not small))
-    scale = pick("scale", [_min_crop_scale(stats.native_size), 1.0])
+    scale = pick("scale", [_min_crop_scale(native), 1.0])
+    why = {}
+    if cfg["image_size"] is None and native > MAX_DEFAULT_SIZE:
+        why["size"] = f"native {native} px capped at {MAX_DEFAULT_SIZE}; data.image_size to change"
+    if aug["random_resized_crop"] is None:
+        side = f"native {native} px"
+        why["crop"] = f"{side} < {SMALL_IMAGE}: small-image crops" if small else f"{side} >= {SMALL_IMAGE}"
+    if aug["hflip"] is None:
+        why["hflip"] = "image folder: flips are opt-in, data.augment.hflip=true"
+    if cfg["eval_crop_fraction"] is None:
+        why["eval"] = f"native {native} px {'<' if small else '>='} {SMALL_IMAGE}"
     measured = given_mean is None or given_std is None
     source = f"measured on {stats.num_sampled} training images" if measured else "size measured, mean/std configured"
     recipe = Recipe(
@@ -184,12 +205,13 @@ def folder_recipe(cfg: dict, dataset: ImageFolderDataset) -> Recipe:
         scale=(float(scale[0]), float(scale[1])),
         ratio=(float(aug["ratio"][0]), float(aug["ratio"][1])),
         crop_padding=int(pick("crop_padding", 0 if rrc else _crop_padding_for(size))),
-        hflip=bool(pick("hflip", True)),
+        hflip=bool(pick("hflip", False)),  # opt-in: a mirrored digit or letter is not its class
         eval_crop_fraction=float(
             cfg["eval_crop_fraction"] if cfg["eval_crop_fraction"] is not None else (1.0 if small else 0.875)
         ),
-        native_size=stats.native_size,
+        native_size=native,
         source=source,
+        why=why,
     )
     _check(recipe)
     return recipe
@@ -292,21 +314,30 @@ def _numbers(values: tuple[float, ...]) -> str:
 
 
 def describe_recipe(recipe: Recipe | dict[str, Any], augment: dict[str, Any] | None = None) -> str:
-    """One line saying what the loader does (printed when training and evaluation start)."""
+    """One line saying what the loader does (printed when training and evaluation start).
+
+    A default chosen from the data (``Recipe.why``) is followed by its reason
+    in parentheses, e.g. "no horizontal flip (image folder: flips are opt-in,
+    data.augment.hflip=true)".
+    """
     r = recipe if isinstance(recipe, dict) else recipe.as_dict()
+    why = r.get("why") or {}  # recipes recorded before reasons were: none
+    because = lambda key: f" ({why[key]})" if why.get(key) else ""  # noqa: E731
     s = r["image_size"]
     if r["random_resized_crop"]:
         lo, hi = r["scale"]
-        train = f"random resized crop to {s} px (area {lo:.2g}-{hi:.2g})"
-    elif r["crop_padding"]:
-        train = f"random crop with {r['crop_padding']} px zero padding"
+        reason = f"; {why['crop']}" if why.get("crop") else ""
+        train = f"random resized crop to {s} px (area {lo:.2g}-{hi:.2g}{reason})"
     else:
-        train = "no crop"
+        train = f"random crop with {r['crop_padding']} px zero padding" if r["crop_padding"] else "no crop"
+        train += because("crop")
     if r["native_size"] != s and not r["random_resized_crop"]:
         train = f"resize to {s} px, " + train
     parts = [train]
     if r["hflip"]:
-        parts.append("horizontal flip")
+        parts.append("horizontal flip" + because("hflip"))
+    elif why.get("hflip"):  # said only when it was a choice: known datasets without flips (MNIST) stay quiet
+        parts.append("no horizontal flip" + because("hflip"))
     if augment:
         if augment.get("randaugment_n"):
             parts.append(f"RandAugment n={augment['randaugment_n']} m={augment['randaugment_m']:g}")
@@ -319,8 +350,9 @@ def describe_recipe(recipe: Recipe | dict[str, Any], augment: dict[str, Any] | N
         evaluation = "images as they are"
     else:
         evaluation = f"shorter side to {s} px, centre crop {s}"
+    evaluation += because("eval")
     channels = "1 channel" if r["channels"] == 1 else f"{r['channels']} channels"
     return (
-        f"data recipe ({r['source']}): {s} px, {channels}, mean {_numbers(r['mean'])}, std {_numbers(r['std'])}; "
-        f"train: {', '.join(parts)}; eval: {evaluation}"
+        f"data recipe ({r['source']}): {s} px{because('size')}, {channels}, mean {_numbers(r['mean'])}, "
+        f"std {_numbers(r['std'])}; train: {', '.join(parts)}; eval: {evaluation}"
     )

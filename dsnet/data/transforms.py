@@ -97,10 +97,11 @@ def augment_defaults(dataset: str) -> dict:
     they make sense). MNIST digits are not flipped (a flipped 2 is not a 2),
     nor are the synthetic templates (a flipped template is another pattern).
     Image folders get theirs from the data (``dsnet.data.recipe``); the entry
-    here is the large-image case.
+    here is the large-image case, without flips (opt-in for folders:
+    ``data.augment.hflip: true``).
     """
     if dataset == "imagefolder":
-        return {"random_resized_crop": True, "crop_padding": 0, "hflip": True}
+        return {"random_resized_crop": True, "crop_padding": 0, "hflip": False}
     if dataset in ("cifar10", "cifar100"):
         return {"random_resized_crop": False, "crop_padding": 4, "hflip": True}
     if dataset == "fashion_mnist":

@@ -17,7 +17,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--fast", action="store_true", help="the quickstart's --fast data and epochs (minutes)")
-    p.add_argument("--data", help="Fashion-MNIST folder (default: /usr/share/datasets/fashion-mnist)")
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="a Fashion-MNIST folder (default: /usr/share/datasets/fashion-mnist, else downloaded) or an image "
+        "folder: DIR/train/<class>/*.png|jpg and DIR/val/<class>/... (or DIR/test/), found by its layout; "
+        "10%% of the training images (at most 5,000; 2,500 with --fast) are held out for selection",
+    )
     p.add_argument("--out", default="runs/compare", help="run directory; a re-run continues where it stopped")
     p.add_argument(
         "--methods",

@@ -37,6 +37,8 @@ __all__ = [
     "static_points",
     "sweep_points",
     "time_points",
+    "near_chance_margin",
+    "near_chance_methods",
 ]
 
 
@@ -101,6 +103,41 @@ def register_method(cls: type[Method]) -> type[Method]:
         raise ValueError(f"compare method {cls.name!r} registered twice")
     METHODS[cls.name] = cls
     return cls
+
+
+def near_chance_margin(num_classes: int) -> float:
+    """Top-1 points above chance (``100 / num_classes``) within which a model has learnt too little for a
+    comparison with it to mean anything: chance itself (so below twice chance), at least 5 and at most 10 points
+    (10 classes: below 20%; 2 classes: below 60%; 100 classes: below 6%)."""
+    return max(5.0, min(100.0 / num_classes, 10.0))
+
+
+def near_chance_methods(points: list[dict[str, Any]], num_classes: int | None) -> dict[str, dict[str, Any]]:
+    """The methods whose *best* point (``compare.json`` points) is within :func:`near_chance_margin` of chance.
+
+    ``{method: {"best_top1", "chance_top1", "margin", "warning"}}``, in the points' order; the warning is the
+    one line that the report and the console print for the method.
+    """
+    if not num_classes:
+        return {}
+    chance, margin = 100.0 / num_classes, near_chance_margin(num_classes)
+    best: dict[str, float] = {}
+    for p in points:
+        best[p["method"]] = max(best.get(p["method"], float("-inf")), float(p["top1"]))
+    return {
+        m: {
+            "best_top1": top1,
+            "chance_top1": chance,
+            "margin": margin,
+            "warning": (
+                f"warning: {m} is near chance (best top-1 {top1:.1f}%, chance {chance:.1f}% for {num_classes} "
+                f"classes, within {margin:g} points): its numbers and every claim about it are not meaningful; "
+                "train longer or on more data"
+            ),
+        }
+        for m, top1 in best.items()
+        if top1 < chance + margin
+    }
 
 
 class CompareContext:

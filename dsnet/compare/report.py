@@ -77,6 +77,11 @@ def _claim_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _chance_lines(result: dict[str, Any]) -> list[str]:
+    """One warning line per method near chance (``result["near_chance"]``; results of an older dsnet have none)."""
+    return [w["warning"] for w in (result.get("near_chance") or {}).values()]
+
+
 def _compute_lines(result: dict[str, Any]) -> list[str]:
     """The training compute table (markdown): passes and seconds per method, and how each stage was counted."""
     compute = result.get("train_compute") or {}
@@ -121,6 +126,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         "|" + "---|" * len(_headers(result)),
     ]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(result)]
+    for warning in _chance_lines(result):
+        lines += ["", f"**{warning}**"]
     noise = result.get("timing_noise")
     if noise:
         lines += [
@@ -149,6 +156,7 @@ def render_screen(result: dict[str, Any]) -> str:
         f"images), total {result['total_seconds']:.0f} s",
         "",
         format_table(_headers(result), _rows(result), title="Points (test split)"),
+        *_chance_lines(result),
         "",
         "Claims at equal MACs (top-1 points):",
     ]

@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsnet.compare.core import METHODS, CompareContext, Point, time_points
+from dsnet.compare.core import (
+    METHODS,
+    CompareContext,
+    Point,
+    near_chance_margin,
+    near_chance_methods,
+    time_points,
+)
 from dsnet.search.pss import PSS_SCHEMA
 from dsnet.utils.io import atomic_write_json, atomic_write_text, check_output_dir
 from dsnet.utils.schema import Float, Int, Numbers, resolve_section, section_defaults, with_stage
@@ -57,7 +64,8 @@ COMPARE_SCHEMA: dict[str, Any] = {
 for _name in ("usnet", "eval", "timing"):
     COMPARE_SCHEMA[_name] = with_stage(COMPARE_SCHEMA[_name], "compare")
 COMPARE_DEFAULTS: dict[str, Any] = section_defaults(COMPARE_SCHEMA)
-HOLDOUT = {"full": 5000, "fast": 2500}  # training images held out for selection
+# training images held out for selection: 10% of them (the data.holdout: null rule), at most these
+HOLDOUT = {"full": 5000, "fast": 2500}
 FAST_SETTINGS = ["pss.noise_steps=40", "pss.finetune_steps=40", "timing.repeats=6"]
 _SETTING_SECTIONS = tuple(COMPARE_DEFAULTS)
 
@@ -65,14 +73,37 @@ _SETTING_SECTIONS = tuple(COMPARE_DEFAULTS)
 def compare_config(
     fast: bool = False, data: str | None = None, overrides: list[str] | None = None, model: str | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(training config, comparison settings) from the quickstart recipe, ``--fast`` and ``--set`` overrides."""
+    """(training config, comparison settings) from the quickstart recipe, ``--fast`` and ``--set`` overrides.
+
+    ``data`` may be a Fashion-MNIST folder or an image folder (``train/`` and
+    ``val/`` or ``test/`` class folders, :func:`dsnet.data.is_image_folder`),
+    unless ``--set data.dataset=...`` names the dataset. Unless set, the
+    held-out slice is 10% of the training images, at most :data:`HOLDOUT`
+    (5,000; 2,500 with ``--fast``), and ``--fast``'s training subset is
+    dropped when the data has fewer images than it.
+    """
+    from dsnet.data import holdout_size, is_image_folder, training_images
     from dsnet.quickstart import quickstart_config
     from dsnet.train.config import apply_overrides
 
     ours = [o for o in overrides or [] if o.split("=", 1)[0].split(".", 1)[0] in _SETTING_SECTIONS]
     training = [o for o in overrides or [] if o not in ours]
-    extra = [f"data.holdout={HOLDOUT['fast' if fast else 'full']}"] + ([f"model.name={model}"] if model else [])
+    given = {o.split("=", 1)[0].strip() for o in training}
+    cap = HOLDOUT["fast" if fast else "full"]
+    extra = [f"data.holdout={cap}"] + ([f"model.name={model}"] if model else [])
     cfg = quickstart_config(fast, data, extra + training)
+    if "data.dataset" not in given and is_image_folder(cfg["data"]["root"]):  # --data <image folder>
+        cfg = quickstart_config(fast, data, [*extra, "data.dataset=imagefolder", *training])
+    try:
+        num_train = training_images(cfg["data"])
+    except (OSError, ValueError):
+        num_train = None  # not readable here: run_compare says so, with instructions
+    if num_train is not None:
+        d = cfg["data"]
+        if "data.holdout" not in given:
+            d["holdout"] = holdout_size(None, num_train, cap)
+        if d["train_subset"] is not None and d["train_subset"] >= num_train - d["holdout"]:
+            d["train_subset"] = None  # --fast's subset is more than the data has: all of it
     raw = apply_overrides({}, (FAST_SETTINGS if fast else []) + ours)
     return cfg, resolve_section(COMPARE_SCHEMA, raw, "")
 
@@ -199,7 +230,6 @@ CLAIMS = (
         "architecture, training and routing; the same data and epochs",
     ),
 )
-NEAR_CHANCE = 5.0  # top-1 points above chance (100 / classes) below which a claim is not meaningful
 
 
 def _routed_only(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -210,7 +240,8 @@ def check_claims(
     points: list[dict[str, Any]], num_classes: int | None = None, cfg: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Each claim of :data:`CLAIMS` whose two methods ran: the gain at equal MACs, what differs, and a flag
-    when a compared model is within :data:`NEAR_CHANCE` points of chance (``100 / num_classes``)."""
+    when a compared model is within :func:`~dsnet.compare.core.near_chance_margin` points of chance
+    (``100 / num_classes``)."""
     by_method: dict[str, list[dict[str, Any]]] = {}
     for p in points:
         by_method.setdefault(p["method"], []).append(p)
@@ -223,15 +254,15 @@ def check_claims(
             if gain is not None:
                 claims[name] = {"method": a, "reference": b, "claim": what, "differs": differs.format(**fields), **gain}
                 if num_classes:
-                    chance = 100.0 / num_classes
+                    chance, margin = 100.0 / num_classes, near_chance_margin(num_classes)
                     compared = _routed_only(by_method[a]) + _routed_only(by_method[b])
-                    near = [p["name"] for p in compared if p["top1"] < chance + NEAR_CHANCE]
+                    near = [p["name"] for p in compared if p["top1"] < chance + margin]
                     claims[name]["chance_top1"] = chance
                     if near:
                         claims[name]["near_chance"] = near
                         claims[name]["warning"] = (
                             f"near chance: not meaningful ({len(near)} of {len(compared)} compared point(s) "
-                            f"within {NEAR_CHANCE:g} points of chance, {chance:.1f}%)"
+                            f"within {margin:g} points of chance, {chance:.1f}%)"
                         )
     return claims
 
@@ -416,7 +447,12 @@ def run_compare(
     result = {
         "schema_version": SCHEMA_VERSION,
         "model": cfg0["model"]["name"],
-        "dataset": {"name": info.name, "test_images": info.num_samples, "train_images": train_info.num_samples},
+        "dataset": {
+            "name": info.name,
+            "test_images": info.num_samples,
+            "train_images": train_info.num_samples,
+            "num_classes": info.num_classes,
+        },
         "fast": fast,
         "seeds": [cfg0["seed"] + s for s in range(seeds)],
         "methods": names,
@@ -439,6 +475,7 @@ def run_compare(
         "points": points,
         "per_seed_points": per_seed_points if seeds > 1 else None,
         "claims": check_claims(points, info.num_classes, cfg0),
+        "near_chance": near_chance_methods(points, info.num_classes),  # one warning line per method
         "timing_noise": timing_noise(points),
         "config": cfg0,
         "settings": settings,

@@ -9,9 +9,12 @@ Public API (other modules code against exactly this)::
     build_loader(cfg, split, *, seed=0, rank=0, world_size=1, device="cpu", views=1)
     dataset_class_names(cfg)          # the class names build_dataset would give, without loading images
     check_class_names(recorded, found, source)  # refuse data with other classes than a checkpoint's
+    is_image_folder(root)             # root laid out as train/ (+ val/ or test/) class folders?
+    training_images(cfg)              # images in the training split, before holdout and subset (none read)
+    holdout_size(n, num_train, cap)   # what data.holdout holds out (null: 10%, at most cap)
 
 Datasets: ``fashion_mnist`` (default), ``mnist``, ``cifar10``, ``cifar100``,
-``imagefolder`` (``root/train/<class>/...``, ``root/val/<class>/...``) and
+``imagefolder`` (``root/train/<class>/...``, ``root/val/<class>/...`` or ``root/test/...``) and
 ``synthetic``. Files are looked for in Debian's package folder and the user
 cache, and downloaded into the cache when missing (``data.download: auto``;
 ``dsnet.data.loader._locate``). What the loader does to the images, the data
@@ -27,6 +30,9 @@ from dsnet.data.loader import (
     build_loader,
     check_class_names,
     dataset_class_names,
+    holdout_size,
+    is_image_folder,
+    training_images,
 )
 
 __all__ = [
@@ -38,5 +44,8 @@ __all__ = [
     "build_loader",
     "check_class_names",
     "dataset_class_names",
+    "holdout_size",
+    "is_image_folder",
     "resolve_data_config",
+    "training_images",
 ]

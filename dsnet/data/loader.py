@@ -29,6 +29,7 @@ from dsnet.data.datasets import (
     load_cifar_class_names,
     load_idx_dataset,
     make_synthetic,
+    read_idx,
 )
 from dsnet.data.download import RESOURCES, DownloadError, default_data_dir, download_dataset
 from dsnet.data.recipe import Recipe, fixed_recipe, folder_recipe
@@ -43,6 +44,9 @@ __all__ = [
     "build_loader",
     "dataset_class_names",
     "check_class_names",
+    "holdout_size",
+    "is_image_folder",
+    "training_images",
 ]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -104,7 +108,10 @@ def _how_to_get(name: str, root: str | None, download: bool | str) -> str:
         else (f"the extracted {RESOURCES[name][2]}/ folder")
     )
     steps.append(f"point data.root (CLI: --data DIR) at a folder holding {kind}")
-    return "To get it: " + "; or ".join(steps) + "."
+    hint = ""
+    if is_image_folder(root):
+        hint = f" {root} is laid out as an image folder (train/, val/ class folders): set data.dataset=imagefolder."
+    return "To get it: " + "; or ".join(steps) + "." + hint
 
 
 def _locate(name: str, root: str | None, split: str, download: bool | str) -> Path:
@@ -159,11 +166,14 @@ def _subset(ds: InMemoryDataset | ImageFolderDataset, k: int | None, salt: int) 
 AUTO_HOLDOUT_FRACTION, AUTO_HOLDOUT_MAX = 0.1, 5000  # data.holdout: null
 
 
-def holdout_size(n: int | None, num_train: int) -> int:
-    """How many training images ``data.holdout`` holds out: ``n``, or with ``null`` 10% of them (at most 5,000)."""
+def holdout_size(n: int | None, num_train: int, cap: int = AUTO_HOLDOUT_MAX) -> int:
+    """How many training images ``data.holdout`` holds out: ``n``, or with ``null`` 10% of them (at most ``cap``).
+
+    ``cap`` is 5,000 for ``data.holdout: null``; ``dsnet compare --fast`` applies the same rule with a lower cap.
+    """
     if n is None:
         f = AUTO_HOLDOUT_FRACTION
-        return min(AUTO_HOLDOUT_MAX, max(1, round(f * num_train))) if f > 0 and num_train > 1 else 0
+        return min(cap, max(1, round(f * num_train))) if f > 0 and num_train > 1 else 0
     return n
 
 
@@ -274,8 +284,26 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+EVAL_FOLDERS = ("val", "validation", "test")  # an image folder's evaluation split: the first of these found
+_LAYOUT = "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg (or test/)"
+
+
+def is_image_folder(root: str | Path | None) -> bool:
+    """Whether ``root`` is laid out as an image folder: ``train/`` or ``val/`` (``validation/``, ``test/``)
+    holding class subfolders. What ``--data DIR`` of ``dsnet compare`` uses to tell one from a Fashion-MNIST
+    folder, and the missing-data error to suggest ``data.dataset=imagefolder``.
+    """
+    if root is None:
+        return False
+    r = Path(root).expanduser()
+    try:
+        return any((r / split).is_dir() and _class_dirs(r / split) for split in ("train", *EVAL_FOLDERS))
+    except OSError:  # unreadable: not something to detect a layout in
+        return False
+
+
 def _image_folder(root: str | None, split: str) -> ImageFolderDataset:
-    layout = "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg"
+    layout = _LAYOUT
     if root is None:
         raise FileNotFoundError(f"imagefolder needs data.root (CLI: --data DIR): a folder laid out as {layout}")
     r = Path(root).expanduser()
@@ -288,10 +316,36 @@ def _image_folder(root: str | None, split: str) -> ImageFolderDataset:
         classes = _class_dirs(train_dir)
         if split == "train":
             return ImageFolderDataset(train_dir, classes)
-    for name in ("val", "validation"):
+    for name in EVAL_FOLDERS:
         if (r / name).is_dir():
             return ImageFolderDataset(r / name, classes or _class_dirs(r / name), allow_empty_classes=True)
     raise FileNotFoundError(f"{r / 'val'} not found; data.root (--data DIR) must be laid out as {layout}")
+
+
+_TRAIN_IMAGES = {"fashion_mnist": 60000, "mnist": 60000, "cifar10": 50000, "cifar100": 50000}  # as published
+
+
+def training_images(cfg: dict | None) -> int:
+    """How many images the training split holds, before ``data.holdout`` and ``data.train_subset``.
+
+    Nothing is downloaded, decoded or measured: image folders are scanned
+    (``<root>/train``), (Fashion-)MNIST's label file is read where it is
+    found, synthetic data is ``synthetic.num_train``; CIFAR, and data not
+    downloaded yet, count as published (50,000 / 60,000).
+    """
+    cfg = resolve_data_config(cfg)
+    name = cfg["dataset"]
+    if name == "synthetic":
+        return int(cfg["synthetic"]["num_train"])
+    if name == "imagefolder":
+        return len(_image_folder(cfg["root"], "train"))
+    if name in ("fashion_mnist", "mnist"):
+        try:
+            folder = _locate(name, cfg["root"], "train", download=False)
+        except FileNotFoundError:
+            return _TRAIN_IMAGES[name]  # what a download will hold
+        return len(read_idx(_find_file(folder, "train-labels-idx1-ubyte.gz")))
+    return _TRAIN_IMAGES[name]
 
 
 # ---------------------------------------------------------------------------------------------------- class names

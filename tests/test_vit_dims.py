@@ -317,3 +317,32 @@ def test_search_removes_whole_heads_and_hidden_groups_after_the_gate():
     with torch.no_grad():
         for k in range(len(final.subnets)):
             torch.testing.assert_close(final(x, subnet=k), final.extract(k)(x), rtol=0, atol=1e-5)
+
+
+def test_search_cli_from_a_separate_dims_supernet(tmp_path, capsys):
+    """``dsnet search`` on a DS-ViT supernet with separate dimensions: heads and MLP searched, embedding kept."""
+    from dsnet.cli import main
+    from dsnet.train.checkpoint import load_model, save_checkpoint
+    from dsnet.train.config import resolve_config
+
+    kwargs = {**TINY, "num_classes": 4, "in_chans": 1, "separate_dims": True}
+    cfg = resolve_config({"model": {"name": "ds_vit_cifar", "kwargs": kwargs}, "data": SYNTH})
+    model = perturb(dsnet.create_model("ds_vit_cifar", **kwargs))
+    save_checkpoint(
+        tmp_path / "sup.ckpt",
+        {"model": {"name": "ds_vit_cifar", "kwargs": kwargs}, "state_dict": model.state_dict(), "config": cfg},
+    )
+    widest = model.subnets[model.routing_space[-1]].widths
+    assert widest == (48, 16, 1, 32, 48, 3, 96)
+    start = model.subnet_macs((1, 16, 16))[model.routing_space[-1]]
+    floor = dsnet.create_model("ds_vit_cifar", **kwargs, subnet_widths=[[48, 16, 1, 32, 48, 1, 8]]).subnet_macs()[0]
+    targets = f"{floor * 1.05 / 1e6},{(floor + start) / 2e6}"
+    out = tmp_path / "pss"
+    args = ["search", "--checkpoint", str(tmp_path / "sup.ckpt"), "--out", str(out), "--no-progress"]
+    tiny = ["pss.noise_steps=2", "pss.finetune_steps=1", "pss.calibration_batches=1", "pss.eval_batches=1"]
+    assert main(args + [a for kv in tiny for a in ("--set", kv)] + ["--targets-mmacs", targets]) == 0
+    assert "Searched sub-networks" in capsys.readouterr().out
+    searched, ckpt = load_model(out / "best.ckpt")
+    assert ckpt["model"]["kwargs"]["separate_dims"] is True and searched.separate_dims
+    assert all(w[:5] == widest[:5] for w in (s.widths for s in searched.subnets))  # trunk and embedding kept
+    assert max(searched.subnet_macs()) <= (floor + start) / 2

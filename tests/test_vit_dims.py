@@ -240,10 +240,14 @@ def test_bad_separate_dims_are_rejected():
     with pytest.raises(ValueError, match="block group 1..2"):
         _tiny(separate_dims=True, gate_stage=3)
     block = _tiny().blocks[0]
-    with pytest.raises(ValueError, match="heads must be an int in 1..3"):
+    with pytest.raises(ValueError, match="holds 3 heads, asked for 4"):
         block(torch.randn(1, 3, 48), 48, True, heads=4)
-    with pytest.raises(ValueError, match="hidden width must be an int in 1..96"):
+    with pytest.raises(ValueError, match="holds 96 output features, asked for 0"):
         block(torch.randn(1, 3, 48), 48, True, hidden=0)
+    with pytest.raises(ValueError, match="heads must be an int in 1..3"):
+        block.to_static(48, True, heads=4)
+    with pytest.raises(ValueError, match="hidden width must be an int in 1..96"):
+        block.to_static(48, True, hidden=0)  # (nn.Linear would otherwise take 0 as "all")
 
 
 # ------------------------------------------------------------------ progressive search over heads and MLP

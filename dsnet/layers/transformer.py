@@ -293,7 +293,10 @@ class DSViTBlock(nn.Module):
         return int(round(self.mlp_ratio * width))
 
     def dims(self, width: int, heads: int | None = None, hidden: int | None = None) -> tuple[int, int]:
-        """``(heads, hidden)`` for a call: the given ones (checked), or those tied to ``width``."""
+        """``(heads, hidden)`` for ``to_static``: the given ones (checked), or those tied to ``width``.
+
+        ``forward`` leaves the checks to the sliced layers (they check every call), so its hot path pays none.
+        """
         for name, value, top in (("width", width, self.dim), ("heads", heads, self.num_heads)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= top):
                 raise ValueError(f"block {name} must be an int in 1..{top}, got {value!r}")
@@ -307,7 +310,10 @@ class DSViTBlock(nn.Module):
         )
 
     def forward(self, x: Tensor, width: int, idle: bool, heads: int | None = None, hidden: int | None = None) -> Tensor:
-        heads, hidden = self.dims(width, heads, hidden)
+        if heads is None:
+            heads = self.heads(width)
+        if hidden is None:
+            hidden = self.hidden(width)
 
         def body(y: Tensor) -> Tensor:
             y = y + self.attn(self.norm1(y), heads)

@@ -237,6 +237,8 @@ def test_bad_separate_dims_are_rejected():
         _tiny(separate_dims=True, subnet_widths=[MIXED[0], [48, [16, 2, 32], [48, 3, 96]]])
     with pytest.raises(ValueError, match="one width per stage"):  # the tied layout has 3 stages, not 7
         _tiny(subnet_widths=[[48, 16, 1, 32, 16, 1, 32]])
+    with pytest.raises(ValueError, match="need separate_dims=True"):
+        _tiny(subnet_widths=MIXED)
     with pytest.raises(ValueError, match="block group 1..2"):
         _tiny(separate_dims=True, gate_stage=3)
     block = _tiny().blocks[0]

@@ -5,7 +5,7 @@ standard timm/DeiT ``VisionTransformer``: ``ds_vit_small`` is DeiT-S
 (patch 16, 224 px, dim 384, 6 heads of 64, depth 12, MLP ratio 4, qkv bias,
 class token, LayerNorm eps 1e-6; 22,050,664 parameters) plus the gate.
 
-**Widths.** Heads and embedding dims slice *together*: a width is a number of
+**Widths.** By default heads and embedding dims slice *together*: a width is a number of
 embedding dims ``w`` that is a multiple of the fixed ``head_dim`` (64 for
 ViT-S/Ti), and a block at width ``w`` runs ``w / head_dim`` heads, an MLP of
 ``mlp_ratio * w`` hidden units and LayerNorms over the first ``w`` dims. This
@@ -193,6 +193,8 @@ class DSViT(DynamicNet):
                 subnet_widths = [_flat_dims(entry, len(depths), i) for i, entry in enumerate(subnet_widths)]
         else:
             stage_names = ("embed",) + group_names
+            if subnet_widths is not None and any(isinstance(w, Sequence) for e in subnet_widths for w in e):
+                raise ValueError("subnet_widths: nested (embed, heads, mlp) entries need separate_dims=True")
         stage_widths = [(full,) if idle_slicing else pre_widths, *block_widths]
         n_routed = len(choices)
         super().__init__(

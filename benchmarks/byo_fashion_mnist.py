@@ -8,11 +8,18 @@ the test split read once at the end:
   trained alone for ``--epochs`` epochs (same optimiser, schedule, augmentation, label smoothing);
 * ``scratch``: ``ds_resnet8_tiny`` trained as a supernet from random weights for ``--epochs`` epochs;
 * ``import``: ``ds_resnet8_tiny`` initialised from ``alone`` (``model.checkpoint_path``, torchvision format,
-  L1 importance order) and trained as a supernet for ``--finetune-epochs``;
+  L1 importance order) and trained as a supernet for ``--finetune-epochs`` with stage I's fine-tuning defaults
+  (``dsnet.train.finetune``: the frozen source network teaches the narrower sub-networks, lr x0.1, no warm-up,
+  the stages before the gate at full width so the widest routed sub-network is the source network);
 * ``import-noorder``: the same without the importance order (the trained network's own channel order);
 * ``make_dynamic``: the plain network made dynamic by ``dsnet.make_dynamic`` through a ``module:factory``
   model name (the same architecture as ``ds_resnet8_tiny``), fine-tuned as ``import``;
-* ``converted`` / ``converted-noorder``: the conversions before any fine-tuning (BN statistics recalibrated).
+* ``converted`` / ``converted-noorder``: the conversions before any fine-tuning (BN statistics recalibrated),
+  with the paper's routed range (stages before the gate at the slimmest width);
+* ``converted-source-widths``: the conversion fine-tuning starts from (stages before the gate at full width).
+
+Fine-tuned runs also record the source's and the final largest sub-network's held-out top-1 and stage I's
+warning if the largest ended below the source.
 
 Every dynamic model's static sub-networks are evaluated on the test split. Results: a table and
 ``--json``. ``python benchmarks/byo_fashion_mnist.py --train-subset 20000 --epochs 6 --finetune-epochs 2``
@@ -87,15 +94,20 @@ class ResNet8(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def dynamic_resnet8(num_classes: int = 10, in_chans: int = 1) -> dsnet.DynamicNet:
-    """``model.name: "benchmarks.byo_fashion_mnist:dynamic_resnet8"``: ResNet-8 made dynamic like ds_resnet8_tiny."""
+def dynamic_resnet8(num_classes: int = 10, in_chans: int = 1, **options) -> dsnet.DynamicNet:
+    """``model.name: "benchmarks.byo_fashion_mnist:dynamic_resnet8"``: ResNet-8 made dynamic like ds_resnet8_tiny.
+
+    ``options`` reach ``make_dynamic`` (stage I's fine-tuning sets ``pre_gate_ratio``, ``gate.mode`` sets
+    ``gate_mode``).
+    """
+    options.setdefault("pre_gate_ratio", 0.5)
     return dsnet.make_dynamic(
         ResNet8(num_classes, in_chans),
         torch.zeros(2, in_chans, 28, 28),
         gate_after="layer1",
         width_ratios=(0.25, 0.5, 0.75, 1.0),
-        pre_gate_ratio=0.5,
         gate_se_ratio=1.0,
+        **options,
     )
 
 
@@ -168,9 +180,10 @@ def evaluate(model: dsnet.DynamicNet, cfg: dict) -> list[dict]:
     ]
 
 
-def converted_only(cfg: dict, alone: Path, importance: str | None) -> list[dict]:
+def converted_only(cfg: dict, alone: Path, importance: str | None, pre_gate_ratio: float | None = None) -> list[dict]:
     """The conversion before any training: import, recalibrate BN statistics, evaluate."""
-    model = dsnet.create_model("ds_resnet8_tiny", num_classes=10, in_chans=1)
+    extra = {} if pre_gate_ratio is None else {"pre_gate_ratio": pre_gate_ratio}
+    model = dsnet.create_model("ds_resnet8_tiny", num_classes=10, in_chans=1, **extra)
     load_pretrained(model, alone, importance=importance)
     loader, _ = build_loader(cfg["data"], "train", seed=cfg["seed"])
     calibrate_bn(model, loader, cfg["supernet"]["bn_calibration_batches"], progress=False)
@@ -179,10 +192,14 @@ def converted_only(cfg: dict, alone: Path, importance: str | None) -> list[dict]
 
 def supernet(cfg: dict, out: Path) -> dict:
     t0 = time.time()
-    train_supernet(cfg, out)
+    summary = train_supernet(cfg, out)
     seconds = time.time() - t0
     model, _ = load_model(out / "best.ckpt")
-    return {"seconds": round(seconds, 1), "subnets": evaluate(model, cfg)}
+    result = {"seconds": round(seconds, 1), "subnets": evaluate(model, cfg)}
+    for key in ("finetune", "source_holdout_top1", "largest_holdout_top1", "warnings"):
+        if key in summary:
+            result[key] = summary[key]
+    return result
 
 
 def step_cost(cfg: dict, rounds: int = 20) -> dict:
@@ -259,35 +276,49 @@ def main() -> None:
     part("alone", lambda: train_alone(_cfg(args), out))
     part("converted", lambda: converted_only(_cfg(args), alone, "l1"))
     part("converted-noorder", lambda: converted_only(_cfg(args), alone, None))
+    part("converted-source-widths", lambda: converted_only(_cfg(args), alone, "l1", pre_gate_ratio=1.0))
     part("scratch", lambda: supernet(_cfg(args), out / "scratch"))
     fine = f"supernet.epochs={args.finetune_epochs}"
     part("import", lambda: supernet(_cfg(args, fine, f"model.checkpoint_path={alone}"), out / "import"))
 
     def noorder() -> dict:
-        model = dsnet.create_model("ds_resnet8_tiny", num_classes=10, in_chans=1)
+        # at the routed range fine-tuning picks for a network trained alone (a dsnet-format file fixes it)
+        model = dsnet.create_model("ds_resnet8_tiny", num_classes=10, in_chans=1, pre_gate_ratio=1.0)
         load_pretrained(model, alone, importance=None)
         atomic_torch_save(model.state_dict(), out / "alone_noorder_dsnet.pth")  # dsnet format: loads as is
         ckpt = f"model.checkpoint_path={out / 'alone_noorder_dsnet.pth'}"
-        return supernet(_cfg(args, fine, ckpt), out / "import-noorder")
+        return supernet(_cfg(args, fine, ckpt, "model.kwargs.pre_gate_ratio=1.0"), out / "import-noorder")
 
     part("import-noorder", noorder)
     factory = "model.name=benchmarks.byo_fashion_mnist:dynamic_resnet8"
     part("make_dynamic", lambda: supernet(_cfg(args, fine, factory, f"model.checkpoint_path={alone}"), out / "md"))
 
     atomic_write_json(results, Path(args.json))
-    names = [
-        n
-        for n in ("converted-noorder", "converted", "scratch", "import-noorder", "import", "make_dynamic")
-        if n in results
-    ]
+    columns = ("converted-noorder", "converted", "converted-source-widths", "scratch", "import-noorder", "import")
+    names = [n for n in (*columns, "make_dynamic") if n in results]
+    # one row per sub-network shape, told by its MACs (the routed ranges differ: fine-tuning routes the
+    # source's widths; make_dynamic names its stages after the plain network's layers)
+    table: dict[float, dict] = {}
+    for n in names:
+        for sub in results[n]["subnets"] if isinstance(results[n], dict) else results[n]:
+            table.setdefault(sub["mmacs"], {"widths": sub["widths"].replace(" (training only)", "")})[n] = sub
     rows = []
-    for k, sub in enumerate(results["scratch"]["subnets"] if "scratch" in results else []):
-        row = [str(k), sub["widths"], f"{sub['mmacs']:.2f}"]
+    for mmacs, cells in sorted(table.items()):
+        row = [cells["widths"], f"{mmacs:.2f}"]
         for n in names:
-            subs = results[n]["subnets"] if isinstance(results[n], dict) else results[n]
-            row.append(f"{subs[k]['test_top1']:.2f}")
+            sub = cells.get(n)
+            row.append(
+                "-" if sub is None else f"{sub['test_top1']:.2f}" + ("*" if "training only" in sub["widths"] else "")
+            )
         rows.append(row)
-    print(format_table(["#", "widths", "MMACs", *names], rows))
+    print(format_table(["widths", "MMACs", *names], rows))
+    print("*: training only (not routed)")
+    for n in ("import", "import-noorder", "make_dynamic"):
+        if isinstance(results.get(n), dict) and "source_holdout_top1" in results[n]:
+            r = results[n]
+            print(f"{n}: held-out top-1 source {r['source_holdout_top1']:.2f}, largest {r['largest_holdout_top1']:.2f}")
+            for said in r.get("warnings", []):
+                print(f"  {said}")
     if "step_cost" in results:
         c = results["step_cost"]
         print(f"step cost (interleaved medians): alone {c['alone_s']}s, supernet {c['supernet_s']}s, x{c['ratio']}")

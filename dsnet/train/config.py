@@ -113,6 +113,28 @@ SCHEMA: dict[str, Any] = {
                 ("ib", "ieb", "inplace", "none"),
                 doc="teacher of the other sub-networks; none: labels (chosen by measurement); ib: the paper's",
             ),
+            "teacher": Choice(
+                "auto",
+                ("auto", "source", "distill"),
+                doc="source: the frozen trained network at full width teaches the others (KL, T=1); distill: "
+                "supernet.distill does; auto: source when starting from trained weights (model.checkpoint_path)",
+            ),
+            "finetune_lr_scale": Float(
+                0.1, "(0, inf)", doc="from trained weights: lr and min_lr times this (a recipe's lr is for scratch)"
+            ),
+            "finetune_warmup_epochs": Float(
+                0.0,
+                "[0, inf)",
+                null=True,
+                doc="from trained weights: warm-up epochs (0: no restart; null: the recipe's warmup_epochs)",
+            ),
+            "finetune_pre_gate_ratio": Float(
+                1.0,
+                "(0, 1]",
+                null=True,
+                doc="from trained weights: the model's pre_gate_ratio, so the widest routed sub-network is the "
+                "source network (null: the model's own; model.kwargs wins)",
+            ),
             "ema_decay": Float(0.997, "[0, 1)", doc="decay of the EMA teacher"),
             "ema_warmup": Bool(True, doc="decay min(ema_decay, (1+t)/(10+t)): a usable teacher from the start"),
             "ema_buffers": Choice(
@@ -216,6 +238,11 @@ def _cross_check(cfg: dict) -> None:
         if sc["warmup_epochs"] > sc["epochs"]:
             raise ConfigError(
                 f"{stage}.warmup_epochs: must be <= {stage}.epochs ({sc['epochs']}), got {sc['warmup_epochs']}"
+            )
+        if stage == "supernet" and (sc["finetune_warmup_epochs"] or 0) > sc["epochs"]:
+            raise ConfigError(
+                f"supernet.finetune_warmup_epochs: must be <= supernet.epochs ({sc['epochs']}), "
+                f"got {sc['finetune_warmup_epochs']}"
             )
         if sc["min_lr"] > sc["lr"]:
             raise ConfigError(f"{stage}.min_lr: must be <= {stage}.lr ({sc['lr']}), got {sc['min_lr']}")

@@ -28,6 +28,7 @@ from dsnet.models.base import DynamicNet
 from dsnet.train.bn_calibration import calibrate_bn
 from dsnet.train.checkpoint import (
     build_checkpoint_model,
+    load_model,
     load_state_into,
     nonfinite_tensors,
     read_checkpoint,
@@ -36,6 +37,14 @@ from dsnet.train.checkpoint import (
 from dsnet.train.config import load_config, model_config_error
 from dsnet.train.distributed import DistContext, init_distributed
 from dsnet.train.ema import ModelEma
+from dsnet.train.finetune import (
+    FinetunePlan,
+    build_start_model,
+    describe_plan,
+    frozen_teacher,
+    plan_finetune,
+    source_warning,
+)
 from dsnet.train.losses import soft_cross_entropy
 from dsnet.train.optim import MaskedSGD, cosine_lr
 from dsnet.train.run import (
@@ -107,7 +116,9 @@ def supernet_step(
 ) -> dict[str, float]:
     """Forward + backward of every sub-network in ``subnets`` (gradients accumulate; no optimiser step).
 
-    ``subnets[0]`` is trained on the labels, the rest on bootstrapped targets; with ``label_weight`` ``w``
+    ``subnets[0]`` is trained on the labels, the rest on bootstrapped targets (``distill="source"``: the
+    predictions of ``teacher`` at full width, as ``"ib"`` but from a frozen source network, see
+    :mod:`dsnet.train.finetune`); with ``label_weight`` ``w``
     [ours] the others' loss is ``(1 - w) * distillation + w * label cross-entropy``.
     ``views`` holds one batch of images, or two augmented views (MvCo). Under
     DDP, gradients are all-reduced once, on the last backward.
@@ -118,7 +129,7 @@ def supernet_step(
     student_view = views[-1]  # with MvCo, the view the largest did not see
     targets: dict[int, Tensor] = {}
     with torch.no_grad(), autocast(device, amp):
-        if distill in ("ib", "ieb"):
+        if distill in ("ib", "ieb", "source"):
             teacher_probs = torch.stack([F.softmax(teacher(v, subnet=core.largest).float(), -1) for v in views]).mean(0)
             targets[core.largest] = teacher_probs
             if distill == "ieb":
@@ -178,9 +189,13 @@ class SandwichStep:
         seed: int = 0,
         width_sampling: str = "discrete",
         label_weight: float = 0.0,
+        teacher: nn.Module | None = None,
     ) -> None:
         if distill in ("ib", "ieb") and ema is None:
             raise ValueError(f"distill={distill!r} learns from an EMA teacher: pass one (or distill='inplace')")
+        if distill == "source" and teacher is None:
+            raise ValueError("distill='source' learns from a frozen source network: pass it as teacher=")
+        self.teacher = teacher  # the frozen source network (distill="source"); never updated
         self.model, self.optimizer, self.ema, self.ddp = model, optimizer, ema, ddp or model
         self.num_random, self.distill, self.label_smoothing = num_random, distill, label_smoothing
         self.amp, self.grad_clip, self.channels_last, self.seed = amp, grad_clip, channels_last, seed
@@ -197,7 +212,7 @@ class SandwichStep:
         self.optimizer.zero_grad(set_to_none=True)
         losses = supernet_step(
             self.ddp,
-            None if self.ema is None else self.ema.module,
+            self.teacher if self.distill == "source" else None if self.ema is None else self.ema.module,
             views,
             labels.to(self.device, non_blocking=True),
             sample_subnets(self.model, self.count, self.seed, self.num_random, self.width_sampling),
@@ -285,27 +300,40 @@ def train_supernet(
             f"[supernet] {describe_recipe(info.recipe, cfg['data']['augment'])}; torch threads: {threads}", flush=True
         )
     val_loader, val_split = selection_loader(cfg["data"], cfg["seed"], device)
+    # from trained weights (model.checkpoint_path): the source loads (a resume loads it too: it is the teacher)
+    plan = plan_finetune(cfg)
+    start = build_start_model(cfg, lambda c: build_model(c, info.num_classes, info.in_chans), plan)
+    cfg = start.cfg  # model.kwargs.pre_gate_ratio when the routed range was widened to the source's widths
     run = RunDir(out, cfg, ctx, resume, "supernet")  # checks the folder and the resume state; writes nothing yet
-    model = build_model(cfg, info.num_classes, info.in_chans).to(device)
-    if cfg["model"]["checkpoint_path"] and not resume:  # fine-tune from pretrained weights (a resume has its own)
-        from dsnet.models.pretrained import load_pretrained
-
-        report = load_pretrained(model, cfg["model"]["checkpoint_path"])
-        if ctx.is_main:
-            print(f"[supernet] initialised: {report}", flush=True)
+    model = start.model.to(device)
+    if start.report is not None and ctx.is_main:
+        print(f"[supernet] {'source' if resume else 'initialised'}: {start.report}", flush=True)
     if sc["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    # the source network as loaded, before any step (a resume overwrites model's weights below)
+    source = frozen_teacher(model) if plan.teacher == "source" else None
+    source_top1 = None
+    if plan.from_trained and ctx.is_main:
+        source_top1 = top1_accuracy(model, val_loader, device, subnet=model.largest)
+        print(
+            f"[supernet] source network (largest sub-network as loaded): {source_top1:.2f}% top-1 on the "
+            f"{val_split} split",
+            flush=True,
+        )
     model.gate.slim_head.requires_grad_(False)  # the slimming head trains in stage II
     ema = ModelEma(model, sc["ema_decay"], warmup=sc["ema_warmup"], buffers=sc["ema_buffers"])
     params = [p for p in model.parameters() if p.requires_grad]
     global_batch = cfg["data"]["batch_size"] * ctx.world_size
-    base_lr = effective_lr("supernet", sc, global_batch, ctx.is_main)
+    base_lr = effective_lr("supernet", sc, global_batch, ctx.is_main) * plan.lr_scale
+    min_lr = sc["min_lr"] * plan.lr_scale
+    if ctx.is_main:
+        print(describe_plan(plan, start, base_lr, sc["warmup_epochs"]), flush=True)
     optimizer = build_optimizer(params, base_lr, sc)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ValueError("the training set is smaller than one batch: lower data.batch_size or raise data.train_subset")
     total_steps = sc["epochs"] * steps_per_epoch
-    warmup = round(sc["warmup_epochs"] * steps_per_epoch)
+    warmup = round(plan.warmup_epochs * steps_per_epoch)
     start_epoch, best_metric = 0, -1.0
     if resume:
         state = run.resume_state()
@@ -333,7 +361,7 @@ def train_supernet(
         ema,
         ddp=ddp,
         num_random=sc["num_random"],
-        distill=sc["distill"],
+        distill=plan.distill,
         label_smoothing=sc["label_smoothing"],
         amp=sc["amp"],
         grad_clip=sc["grad_clip"],
@@ -341,6 +369,7 @@ def train_supernet(
         seed=cfg["seed"],
         width_sampling=sc["width_sampling"],
         label_weight=sc["distill_label_weight"],
+        teacher=source,
     )
 
     for epoch in range(start_epoch, sc["epochs"]):
@@ -350,7 +379,7 @@ def train_supernet(
         sums, lr = train_epoch(
             train_loader,
             epoch,
-            lambda s: cosine_lr(s, total_steps, base_lr, warmup, sc["min_lr"]),
+            lambda s: cosine_lr(s, total_steps, base_lr, warmup, min_lr),
             optimizer,
             step,
             f"supernet {epoch + 1}/{sc['epochs']}",
@@ -413,10 +442,37 @@ def train_supernet(
             atomic_copy(run.best, run.last)  # same weights: no need to calibrate twice
         else:
             calibrate_checkpoint(run.last, run.last, cfg, device, progress=show)
+        if plan.from_trained:
+            result.update(_source_check(run.best, own, device, val_loader, val_split, source_top1, plan))
         atomic_write_json(result, run.out / "summary.json")
     run.close()
     ctx.barrier()
     return result
+
+
+def _source_check(
+    best: Path,
+    own: list[str],
+    device: torch.device,
+    loader: Any,
+    split: str,
+    source_top1: float | None,
+    plan: FinetunePlan,
+) -> dict[str, Any]:
+    """The summary's fine-tuning entries: the source's and the final largest's top-1, a warning if it fell."""
+    final, _ = load_model(best, map_location=device, trust_factories=own)  # calibrated EMA weights
+    largest_top1 = top1_accuracy(final, loader, device, subnet=final.largest)
+    out: dict[str, Any] = {
+        "finetune": plan.as_dict(),
+        "source_holdout_top1": source_top1,
+        "largest_holdout_top1": largest_top1,
+        "warnings": [],
+    }
+    said = None if source_top1 is None else source_warning(largest_top1, source_top1, split, plan.teacher)
+    if said:
+        out["warnings"].append(said)
+        print(f"[supernet] {said}", flush=True)
+    return out
 
 
 def _gather_checksums(model: nn.Module, ctx: DistContext, device: torch.device) -> list[float]:

@@ -170,3 +170,28 @@ def test_methods_near_chance_are_warned_once(compared):
     assert near_chance_methods(result["points"], None) == {}
     result["near_chance"] = {}  # a healthy run prints no warning
     assert "near chance (best" not in render_screen(result)
+
+
+# ---------------------------------------------------------------- 10. small things
+def test_eval_plot_of_a_supernet_says_its_gate_is_untrained(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    import dsnet
+    from dsnet.data import build_loader
+    from dsnet.evaluation import evaluate, plot_report
+
+    model = dsnet.create_model("ds_resnet8_tiny", num_classes=10, in_chans=1).eval()
+    data = {"dataset": "synthetic", "synthetic": {"num_val": 16}, "eval_batch_size": 16, "workers": 0}
+    report = evaluate(model, build_loader(data, "val")[0], sweep=3, cascade_points=3, progress=False)
+    labels: list[list[str]] = []
+    save = Figure.savefig
+
+    def spy(fig, *args, **kwargs):  # noqa: ANN001, ANN202 - the figure plot_report draws
+        labels.append([t.get_text() for t in fig.axes[0].get_legend().get_texts()])
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    for stage in ("supernet", "gate"):
+        plot_report({**report, "checkpoint_stage": stage}, tmp_path / f"{stage}.png")
+    supernet, gate = ([t for t in texts if "gate (b=0)" in t] for texts in labels)
+    assert supernet[0].startswith("dynamic, untrained gate") and gate[0].startswith("dynamic, trained gate")

@@ -91,6 +91,7 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike, dpi: int = 120)
             [rnd["mean_macs"] / 1e6], [rnd["top1"]], "x", color="black", markersize=8, label="random router, gate's mix"
         )
     dyn = report["dynamic"]
+    gate = "untrained gate" if report.get("checkpoint_stage") == "supernet" else "trained gate"  # stage I checkpoint
     ax.plot(
         [dyn["mean_macs"] / 1e6],
         [dyn["top1"]],
@@ -98,7 +99,7 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike, dpi: int = 120)
         color="tab:red",
         markersize=16,
         markeredgecolor="black",
-        label=f"dynamic, trained gate (b=0): {dyn['top1']:.2f}%",
+        label=f"dynamic, {gate} (b=0): {dyn['top1']:.2f}%",
         zorder=5,
     )
     size = "x".join(str(v) for v in report["input_size"][1:])

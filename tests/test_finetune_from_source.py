@@ -161,10 +161,11 @@ def test_source_teacher_and_schedule_only_when_starting_from_weights(tmp_path):
         load_config(None, [*TINY, "supernet.finetune_warmup_epochs=2"])
 
 
-def test_config_reference_lists_the_keys():
-    from dsnet.train.config import config_reference
+def test_config_reference_lists_the_keys(capsys):
+    from dsnet.cli import main
 
-    text = config_reference()
+    assert main(["config", "reference"]) == 0
+    text = capsys.readouterr().out
     for key in ("teacher", "finetune_lr_scale", "finetune_warmup_epochs", "finetune_pre_gate_ratio"):
         assert f"| `supernet.{key}` |" in text
 

@@ -272,3 +272,15 @@ def test_source_warning_threshold():
     said = source_warning(89.5, 90.0, "holdout", teacher="distill")
     assert said is not None and "89.50%" in said and "90.00%" in said and "supernet.teacher=source" in said
     assert "supernet.teacher=source" not in source_warning(80.0, 90.0)
+
+
+def test_a_resumed_fine_tune_keeps_its_teacher_and_schedule(tmp_path, trained_source, capsys):
+    """The source teacher is the checkpoint_path network, not the resumed weights: resumed == uninterrupted."""
+    cfg = load_config(None, [*TINY, f"model.checkpoint_path={trained_source}", "supernet.epochs=2"])
+    whole = train_supernet(cfg, tmp_path / "whole")
+    assert train_supernet(cfg, tmp_path / "cut", stop_after_epoch=0) == {"stopped_after_epoch": 0}
+    resumed = train_supernet(cfg, tmp_path / "cut", resume=True)
+    assert resumed["rank_param_checksums"] == whole["rank_param_checksums"]
+    assert resumed["source_holdout_top1"] == whole["source_holdout_top1"]
+    lines = [s for s in capsys.readouterr().out.splitlines() if s.startswith("[supernet] schedule:")]
+    assert len(lines) == 3 and len(set(lines)) == 1

@@ -40,18 +40,32 @@ __all__ = ["Subnet", "RoutingResult", "DynamicNet", "build_subnets", "explicit_s
 
 @dataclass(frozen=True)
 class Subnet:
-    """One sub-network: a width (channel count) per stage."""
+    """One sub-network: a width (channel count) per stage, and a kernel size per stage where the family slices kernels.
+
+    ``kernels`` is None for families without a kernel dimension (their
+    sub-networks are their widths); a family with kernel slicing gives one
+    kernel size per stage (the centre crop its sliceable convolutions use there;
+    stages without a kernel choice name their fixed size).
+    """
 
     index: int
     widths: tuple[int, ...]
     stage_names: tuple[str, ...]
     routed: bool  # False for the training-only largest network
+    kernels: tuple[int, ...] | None = None
 
     def as_dict(self) -> dict[str, int]:
         return dict(zip(self.stage_names, self.widths))
 
+    def kernel_dict(self) -> dict[str, int] | None:
+        """Kernel size per stage, or None when the family slices no kernels."""
+        return None if self.kernels is None else dict(zip(self.stage_names, self.kernels))
+
     def __str__(self) -> str:
-        stages = " ".join(f"{n}={w}" for n, w in zip(self.stage_names, self.widths))
+        if self.kernels is None:
+            stages = " ".join(f"{n}={w}" for n, w in zip(self.stage_names, self.widths))
+        else:
+            stages = " ".join(f"{n}={w}/{k}x{k}" for n, w, k in zip(self.stage_names, self.widths, self.kernels))
         return f"#{self.index} {stages}{'' if self.routed else ' (training only)'}"
 
 
@@ -105,6 +119,8 @@ def explicit_subnets(
     subnet_widths: Sequence[Sequence[int]],
     gate_stage: int,
     full_widths: Sequence[int],
+    subnet_kernels: Sequence[Sequence[int]] | None = None,
+    stage_kernel_choices: Sequence[Sequence[int]] | None = None,
 ) -> list[Subnet]:
     """Sub-networks from an explicit list of per-stage widths (non-uniform sets: US-Nets grids, searched sets).
 
@@ -114,7 +130,17 @@ def explicit_subnets(
     Every entry is routed, so all must agree on the stages before the gate
     (dynamic inference runs them once for the whole batch). No training-only
     largest is appended: channels beyond the widest entry are simply never used.
+
+    ``subnet_kernels`` (families with kernel slicing): one kernel size per
+    stage for each entry, each among that stage's ``stage_kernel_choices``.
+    Then a sub-network is its widths *and* kernels: entries must differ in one
+    or the other, agree on both before the gate, and the last must also have
+    the largest kernel of every stage, the first the smallest.
     """
+    if subnet_kernels is not None:
+        return _explicit_kernel_subnets(
+            stage_names, subnet_widths, gate_stage, full_widths, subnet_kernels, stage_kernel_choices
+        )
     n_stages = len(stage_names)
     nets = [tuple(int(w) for w in widths) for widths in subnet_widths]
     if not nets:
@@ -146,20 +172,79 @@ def explicit_subnets(
     return [Subnet(i, widths, names, routed=True) for i, widths in enumerate(nets)]
 
 
+def _explicit_kernel_subnets(
+    stage_names: Sequence[str],
+    subnet_widths: Sequence[Sequence[int]],
+    gate_stage: int,
+    full_widths: Sequence[int],
+    subnet_kernels: Sequence[Sequence[int]],
+    stage_kernel_choices: Sequence[Sequence[int]] | None,
+) -> list[Subnet]:
+    """:func:`explicit_subnets` for sub-networks that are per-stage widths and per-stage kernel sizes."""
+    n_stages = len(stage_names)
+    nets = [tuple(int(w) for w in widths) for widths in subnet_widths]
+    kernels = [tuple(int(k) for k in ks) for ks in subnet_kernels]
+    if not nets:
+        raise ValueError("subnet_widths: give at least one sub-network")
+    if len(kernels) != len(nets):
+        raise ValueError(f"subnet_kernels: one entry per sub-network ({len(nets)}) is needed, got {len(kernels)}")
+    choices = [tuple(c) for c in stage_kernel_choices] if stage_kernel_choices is not None else None
+    for i, (widths, ks) in enumerate(zip(nets, kernels)):
+        if len(widths) != n_stages:
+            raise ValueError(
+                f"subnet_widths[{i}]: one width per stage ({', '.join(stage_names)}) is needed, got {list(widths)}"
+            )
+        if len(ks) != n_stages:
+            raise ValueError(
+                f"subnet_kernels[{i}]: one kernel size per stage ({', '.join(stage_names)}) is needed, got {list(ks)}"
+            )
+        bad = [f"{n}={w} (max {f})" for n, w, f in zip(stage_names, widths, full_widths) if not 0 < w <= f]
+        if bad:
+            raise ValueError(f"subnet_widths[{i}]: widths outside 1..the layer's size: {', '.join(bad)}")
+        if choices is not None:
+            bad = [f"{n}={k} (choices {list(c)})" for n, k, c in zip(stage_names, ks, choices) if k not in c]
+            if bad:
+                raise ValueError(f"subnet_kernels[{i}]: kernel sizes the layers do not offer: {', '.join(bad)}")
+    pairs = list(zip(nets, kernels))
+    if len(set(pairs)) != len(pairs):
+        raise ValueError("subnet_widths/subnet_kernels: the sub-networks must be distinct (in widths or kernels)")
+    pre = {(w[:gate_stage], k[:gate_stage]) for w, k in pairs}
+    if len(pre) > 1:
+        raise ValueError(
+            f"subnet_widths/subnet_kernels: every sub-network must share the widths and kernels of the stages "
+            f"before the gate ({', '.join(stage_names[:gate_stage])}), got {sorted(pre)}"
+        )
+    widest, slimmest = tuple(max(c) for c in zip(*nets)), tuple(min(c) for c in zip(*nets))
+    largest_k, smallest_k = tuple(max(c) for c in zip(*kernels)), tuple(min(c) for c in zip(*kernels))
+    if pairs[-1] != (widest, largest_k) or pairs[0] != (slimmest, smallest_k):
+        raise ValueError(
+            "subnet_widths/subnet_kernels: list the sub-networks smallest first and largest last (the last must be "
+            "at least as wide as every other in every stage and have its largest kernels, the first at most as wide "
+            f"with the smallest kernels), got widths {[list(w) for w in nets]}, kernels {[list(k) for k in kernels]}"
+        )
+    names = tuple(stage_names)
+    return [Subnet(i, w, names, routed=True, kernels=k) for i, (w, k) in enumerate(pairs)]
+
+
 def _statistics_slots(subnets: Sequence[Subnet]) -> list[tuple[int, ...]]:
     """For each sub-network and stage, which BatchNorm statistics slot to use.
 
-    A layer's input distribution depends on the widths of its own stage and of
-    every stage before it. Sub-networks that agree on all of those see the same
-    features there, so they share a slot (the lowest such sub-network index);
-    any that differ get private statistics.
+    A layer's input distribution depends on the widths (and kernel sizes, where
+    the family slices kernels) of its own stage and of every stage before it.
+    Sub-networks that agree on all of those see the same features there, so
+    they share a slot (the lowest such sub-network index); any that differ get
+    private statistics.
     """
+
+    def prefix(net: Subnet, s: int) -> tuple:
+        return net.widths[: s + 1], None if net.kernels is None else net.kernels[: s + 1]
+
     table = []
     for net in subnets:
         row = []
         for s in range(len(net.widths)):
-            prefix = net.widths[: s + 1]
-            row.append(next(o.index for o in subnets if o.widths[: s + 1] == prefix))
+            own = prefix(net, s)
+            row.append(next(o.index for o in subnets if prefix(o, s) == own))
         table.append(tuple(row))
     return table
 
@@ -189,7 +274,11 @@ class DynamicNet(nn.Module):
     ``subnet_widths`` (a family constructor argument) replaces the index-aligned
     per-stage choices by an explicit list of sub-networks, one width per stage
     each (see :func:`explicit_subnets`): a US-Nets width grid, a searched
-    non-uniform set, or a single network trained alone.
+    non-uniform set, or a single network trained alone. Families that slice
+    kernel sizes too (``dsnet.models.mbv2``) pass ``subnet_kernels`` with it
+    (one kernel size per stage each) and ``stage_kernel_choices`` (what each
+    stage's layers offer): then a sub-network is its widths and its kernels
+    (``Subnet.kernels``), with private BatchNorm statistics per combination.
 
     ``router`` (a family constructor argument too) is the routing rule the
     head is read with (``dsnet.layers.gate.ROUTERS``): ``"logits"`` (the
@@ -214,8 +303,12 @@ class DynamicNet(nn.Module):
         routing_space: Sequence[int] | None,
         subnet_widths: Sequence[Sequence[int]] | None = None,
         router: str = "logits",
+        subnet_kernels: Sequence[Sequence[int]] | None = None,
+        stage_kernel_choices: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
+        if subnet_kernels is not None and subnet_widths is None:
+            raise ValueError("subnet_kernels needs subnet_widths: one kernel size per stage for each sub-network")
         if router not in ROUTERS:
             raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}")
         self.router = router
@@ -229,9 +322,17 @@ class DynamicNet(nn.Module):
             if not 0 < gate_stage < len(stage_widths):
                 raise ValueError(f"gate_stage must name a stage after the first, got {gate_stage}")
             full = [max(w) for w in stage_widths]
-            self.subnets = explicit_subnets(stage_names, subnet_widths, gate_stage, full)
+            self.subnets = explicit_subnets(
+                stage_names, subnet_widths, gate_stage, full, subnet_kernels, stage_kernel_choices
+            )
             stage_widths = [sorted({net.widths[s] for net in self.subnets}) for s in range(len(stage_names))]
         self.stage_widths = [list(w) for w in stage_widths]
+        # kernel sizes the sub-networks use per stage (families with kernel slicing), else None
+        self.stage_kernels: list[list[int]] | None = (
+            None
+            if subnet_kernels is None
+            else [sorted({net.kernels[s] for net in self.subnets}) for s in range(len(stage_names))]  # type: ignore[index]
+        )
         self._slots = _statistics_slots(self.subnets)
         routed = [s.index for s in self.subnets if s.routed]
         self.routing_space: list[int] = (

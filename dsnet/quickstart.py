@@ -167,7 +167,7 @@ def run_quickstart(
     speed_repeats: int = 15,
 ) -> dict[str, Any]:
     """Train, calibrate, train the gate, evaluate, time. Returns (and writes) ``quickstart.json``."""
-    from dsnet.baselines.alone import alone_config, alone_widths
+    from dsnet.baselines.alone import alone_config, alone_kernels, alone_widths
     from dsnet.data import build_dataset, build_loader
     from dsnet.evaluation import evaluate, plot_report
     from dsnet.train.checkpoint import load_model
@@ -196,8 +196,10 @@ def run_quickstart(
     )
     # the same widths trained alone, same data, epochs and optimiser: the baseline weight sharing must beat
     t_alone, how_alone = 0.0, []
-    for k, widths in enumerate(alone_widths(cfg, train_info.num_classes, train_info.in_chans)):
-        alone_cfg, alone_dir = alone_config(cfg, widths), out / "alone" / f"net{k}"
+    shape = (train_info.num_classes, train_info.in_chans)
+    routed = (alone_widths(cfg, *shape), alone_kernels(cfg, *shape))
+    for k, (widths, kernels) in enumerate(zip(*routed)):  # kernels: families that slice kernel sizes too
+        alone_cfg, alone_dir = alone_config(cfg, widths, kernels), out / "alone" / f"net{k}"
         t, how = _stage(
             f"routed width #{k} {widths} trained alone",
             alone_dir,

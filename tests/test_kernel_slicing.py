@@ -1,5 +1,7 @@
 """Kernel-size slicing: the centre-crop convolution, DS-MobileNetV2 (widths x kernels), MACs, training, routing."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -297,3 +299,55 @@ def test_end_to_end_supernet_and_gate_on_synthetic_data():
             assert set(routed.choice.tolist()) == {j} and set(routed.subnet.tolist()) == {k}
             torch.testing.assert_close(routed.logits, model(x, subnet=k))
         assert torch.isfinite(model(x, return_routing=True).gate_logits).all()
+
+
+SYNTHETIC = [
+    "data.dataset=synthetic",
+    "data.synthetic.num_train=128",
+    "data.synthetic.num_val=64",
+    "data.synthetic.channels=1",
+    "data.synthetic.image_size=28",
+    "data.batch_size=32",
+    "data.eval_batch_size=64",
+    "data.workers=0",
+    "supernet.epochs=1",
+    "supernet.warmup_epochs=0",
+    "supernet.bn_calibration_batches=2",
+    "gate.epochs=1",
+    "log.progress=false",
+    "log.tensorboard=false",
+]
+
+
+def test_cli_trains_gates_and_evaluates_the_kernel_family(tmp_path, capsys):
+    from dsnet.cli import main
+    from dsnet.train.checkpoint import load_model
+
+    sets = [a for kv in [f"model.name={TINY}", "model.kwargs.kernel_choices=[3,7]", *SYNTHETIC] for a in ("--set", kv)]
+    assert main(["train", "supernet", *sets, "--out", str(tmp_path / "sup")]) == 0
+    gate = tmp_path / "gate"
+    assert main(["train", "gate", *sets, "--supernet", str(tmp_path / "sup" / "best.ckpt"), "--out", str(gate)]) == 0
+    model, _ = load_model(gate / "best.ckpt")
+    assert [s.kernels[3] for s in model.subnets] == [3, 7, 3, 7, 3, 7] and len(model.routing_space) == 6
+    capsys.readouterr()
+    report = tmp_path / "report.json"
+    assert main(["eval", "--checkpoint", str(gate / "best.ckpt"), "--json", str(report), "--no-progress"]) == 0
+    static = json.loads(report.read_text())["static"]
+    assert [s["kernels"]["s3"] for s in static] == [3, 7, 3, 7, 3, 7]
+    assert static[0]["widths"] == static[1]["widths"] and static[0]["macs"] < static[1]["macs"]
+
+
+def test_networks_trained_alone_keep_their_kernels():
+    from dsnet.baselines.alone import alone_config, alone_kernels, alone_widths
+    from dsnet.train.supernet import build_model
+
+    cfg = {"model": {"name": TINY, "kwargs": {"routing_kernels": [3, 7]}, "checkpoint_path": None}, "supernet": {}}
+    widths, kernels = alone_widths(cfg, 10, 1), alone_kernels(cfg, 10, 1)
+    assert len(widths) == 6 and widths[0] == widths[1] and kernels[0] != kernels[1]
+    nets = [build_model(alone_config(cfg, w, k), 10, 1) for w, k in zip(widths, kernels)]
+    assert [n.subnets[0].kernels for n in nets] == [tuple(k) for k in kernels]
+    assert [list(n.subnets[0].widths) for n in nets] == widths
+    # the other families: no kernels, the config as before
+    plain = {"model": {"name": "ds_resnet8_tiny", "kwargs": {}, "checkpoint_path": None}, "supernet": {}}
+    assert alone_kernels(plain, 10, 1) == [None] * 4
+    assert "subnet_kernels" not in alone_config(plain, alone_widths(plain, 10, 1)[0])["model"]["kwargs"]

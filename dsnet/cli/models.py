@@ -195,7 +195,9 @@ def run(args: argparse.Namespace) -> int:
         rows = [
             [
                 s.index,
-                " ".join(f"{n}={w}" for n, w in s.as_dict().items()),
+                " ".join(f"{n}={w}" for n, w in s.as_dict().items())
+                if s.kernels is None
+                else " ".join(f"{n}={w}/{k}x{k}" for n, w, k in zip(s.stage_names, s.widths, s.kernels)),
                 round(m / 1e6, 1),
                 "gate" if s.index in model.routing_space else ("" if s.routed else "training only"),
             ]
@@ -204,7 +206,13 @@ def run(args: argparse.Namespace) -> int:
         size = "x".join(map(str, model.default_input_size))
         print(format_table(["#", "widths", "MMACs", "role"], rows, title=f"{args.subnets} sub-networks at {size}"))
         records = [
-            {"index": s.index, "widths": s.as_dict(), "macs": m, "routed": s.routed}
+            {
+                "index": s.index,
+                "widths": s.as_dict(),
+                **({} if s.kernels is None else {"kernels": s.kernel_dict()}),
+                "macs": m,
+                "routed": s.routed,
+            }
             for s, m in zip(model.subnets, macs)
         ]
     else:

@@ -43,7 +43,8 @@ histograms are indexed by routing choice (position in ``routing_space``).
     routing_choices [{choice: int, subnet: int, macs: int}] * R  (macs: what routing to the choice costs,
                      gate head included; in "exit" mode the slimmest plus the choice's post-gate part)
     static          [{index, widths: {stage: int}, macs: int, top1, top5, routed: bool,
-                      in_routing_space: bool}]  (every sub-network; routed=False: training-only largest)
+                      in_routing_space: bool}]  (every sub-network; routed=False: training-only largest;
+                      kernels: {stage: int} too for families that slice kernel sizes)
     dynamic         {bias: 0.0, top1, top5, mean_macs: float,
                      histogram: {counts: [int] * R, fractions: [float] * R},
                      per_class: [{class: int, name: str, count: int, histogram: {counts, fractions}}]}
@@ -391,6 +392,7 @@ def evaluate(
         {
             "index": s.index,
             "widths": s.as_dict(),
+            **({} if s.kernels is None else {"kernels": s.kernel_dict()}),  # families that slice kernel sizes
             "macs": int(macs[s.index]),
             "top1": 100.0 * int(rec["static1"][s.index]) / n,
             "top5": 100.0 * int(rec["static5"][s.index]) / n,

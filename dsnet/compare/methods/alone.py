@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dsnet.baselines.alone import alone_config, alone_widths
+from dsnet.baselines.alone import alone_config, alone_kernels, alone_widths
 from dsnet.compare.core import CompareContext, Method, Point, register_method, static_points, supernet_compute
 
 __all__ = ["routed_widths", "alone_checkpoint"]
@@ -21,7 +21,7 @@ def alone_checkpoint(ctx: CompareContext, k: int) -> Path:
     from dsnet.train.supernet import train_supernet
 
     widths = routed_widths(ctx)[k]
-    cfg = alone_config(ctx.cfg, widths)
+    cfg = alone_config(ctx.cfg, widths, alone_kernels(ctx.cfg, ctx.info.num_classes, ctx.info.in_chans)[k])
     key = f"alone/net{k}"
     ctx.stage(
         key,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The runs behind BENCHMARKS.md (2-core CPU; a few minutes each). Output: benchmarks/results/<model>.{txt,json}
+# The runs behind docs/benchmarks.md (2-core CPU; a few minutes each). Output: benchmarks/results/<model>.{txt,json}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p benchmarks/results

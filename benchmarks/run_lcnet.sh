@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The LC-Net runs behind the LC-Net sections of README.md and BENCHMARKS.md (measured on a shared 2-core CPU,
+# The LC-Net runs behind the LC-Net sections of docs/results.md and docs/benchmarks.md (measured on a shared 2-core CPU,
 # one thread per process). Output: benchmarks/results/lc_*.{txt,json}, lcnet_fmnist_*.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,4 +1,4 @@
-"""Three ways to compute a per-sample channel subset, against a prefix slice and full width (BENCHMARKS.md).
+"""Three ways to compute a per-sample channel subset, against a prefix slice and full width (docs/benchmarks.md).
 
 Two 3x3 convolutions C -> P -> C, each sample keeping its own k = P/2 inner channels: grouped convolution with
 per-sample gathered weights (what dsnet.layers.channel_subset uses), a per-sample loop of dense convolutions, and

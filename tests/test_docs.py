@@ -1,0 +1,126 @@
+"""The README and docs/ cite results that exist and link to files and headings that exist; the README stays short."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+README_MAX_LINES = 320
+
+# Cited before they exist, on purpose (the page says they are being produced). Drop an entry once its files land.
+PENDING = {"benchmarks/results/compare_full*.json"}
+
+_RESULT = re.compile(r"benchmarks/results/(?:[\w.*\-/]|\{[\w.,\-]*\})+")
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+_FENCE = re.compile(r"^\s*```.*?^\s*```", re.S | re.M)
+
+
+def _expand(pattern: str) -> list[str]:
+    """Brace expansion, as a shell does: a{b,c}d -> abd, acd (nested and repeated braces too)."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    head, tail = pattern[: m.start()], pattern[m.end() :]
+    return [p for part in m.group(1).split(",") for p in _expand(head + part + tail)]
+
+
+def cited_results(text: str) -> list[str]:
+    """Every ``benchmarks/results/...`` path or pattern the text cites (trailing sentence punctuation dropped)."""
+    return sorted({m.group(0).rstrip(".") for m in _RESULT.finditer(text)})
+
+
+def missing_results(cited: list[str], root: Path = ROOT) -> list[str]:
+    """The cited paths (globs and brace patterns allowed) that match no file under ``root``."""
+    missing = []
+    for path in cited:
+        if path in PENDING:
+            continue
+        for candidate in _expand(path):
+            if not [p for p in root.glob(candidate) if p.is_file()]:
+                missing.append(candidate)
+    return missing
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation but - and _ dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    """The anchors of a page's headings (outside code blocks), with GitHub's -1, -2 for repeats."""
+    seen: dict[str, int] = {}
+    for line in _FENCE.sub("", text).splitlines():
+        m = re.match(r"#{1,6}\s+(.*)", line)
+        if m:
+            s = slug(m.group(1))
+            seen[s] = seen.get(s, -1) + 1
+            if seen[s]:
+                seen[f"{s}-{seen[s]}"] = 0
+    return set(seen)
+
+
+def broken_links(text: str, page: Path) -> list[str]:
+    """Relative links (outside code blocks) whose file does not exist, or whose ``#anchor`` names no heading there."""
+    broken = []
+    for m in _LINK.finditer(_FENCE.sub("", text)):
+        target = m.group(1)
+        if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(target)
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file.read_text()):
+            broken.append(target)
+    return broken
+
+
+def test_every_cited_results_file_exists():
+    problems = {p.name: missing_results(cited_results(p.read_text())) for p in PAGES}
+    assert not {k: v for k, v in problems.items() if v}
+
+
+def test_every_relative_link_resolves():
+    problems = {p.name: broken_links(p.read_text(), p) for p in PAGES}
+    assert not {k: v for k, v in problems.items() if v}
+
+
+def test_readme_is_a_short_guide():
+    lines = len((ROOT / "README.md").read_text().splitlines())
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; the research record belongs in docs/"
+
+
+def test_the_checks_catch_what_they_should(tmp_path):
+    (tmp_path / "benchmarks/results").mkdir(parents=True)
+    (tmp_path / "benchmarks/results/run_seed0.json").write_text("{}")
+    (tmp_path / "benchmarks/results/run_seed1.json").write_text("{}")
+    text = (
+        "Seeds in `benchmarks/results/run_seed{0,1}.json`, all: benchmarks/results/run_*.json. "
+        "A made-up one: `benchmarks/results/no_such_result.json`, and a seed that was never run: "
+        "benchmarks/results/run_seed{1,2}.json.\n"
+    )
+    assert cited_results(text) == [
+        "benchmarks/results/no_such_result.json",
+        "benchmarks/results/run_*.json",
+        "benchmarks/results/run_seed{0,1}.json",
+        "benchmarks/results/run_seed{1,2}.json",
+    ]
+    assert missing_results(cited_results(text), tmp_path) == [
+        "benchmarks/results/no_such_result.json",
+        "benchmarks/results/run_seed2.json",
+    ]
+    page = tmp_path / "page.md"
+    other = tmp_path / "other.md"
+    other.write_text("# Other page\n\n## The `dsnet compare` part\n\n```\n# not a heading\n```\n")
+    page.write_text(
+        "# Page\n\n## Set-up\n\n[ok](#set-up) [ok](other.md#the-dsnet-compare-part) [ok](other.md) "
+        "[web](https://example.org/x.md) ![figure](missing.png) [bad anchor](#nowhere) "
+        "[bad file](docs/nothing.md) [bad anchor there](other.md#not-a-heading)\n"
+        "```\n[in code](not/checked.md)\n```\n"
+    )
+    assert broken_links(page.read_text(), page) == [
+        "missing.png",
+        "#nowhere",
+        "docs/nothing.md",
+        "other.md#not-a-heading",
+    ]

@@ -372,7 +372,7 @@ def render(report: dict[str, Any], result: dict[str, Any]) -> str:
         ]
         for p in report["sweep"]
     ]
-    from dsnet.cli.eval import format_summary
+    from dsnet.evaluation.text import format_summary
 
     ok = "yes" if c["matches_widest_at_fewer_macs"] else "no"
     lines = [

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from dsnet.cli import main
-from dsnet.train.config import SCHEMA, config_reference, load_config
+from dsnet.cli.config import config_reference
+from dsnet.train.config import SCHEMA, load_config
 from dsnet.utils.schema import reference_rows
 
 REPO = Path(__file__).resolve().parents[1]

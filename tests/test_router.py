@@ -259,7 +259,7 @@ def test_calibrate_budget_meets_a_budget_with_the_utility_router(gate_mode):
 
 
 def test_evaluation_reports_reachability_and_sweeps_along_the_direction(capsys):
-    from dsnet.cli.eval import format_summary
+    from dsnet.evaluation.text import format_summary
 
     model = _strong_head(_model())
     x, y = small_input(model, 48, size=28, seed=8), torch.arange(48) % 4

@@ -290,7 +290,8 @@ def test_summaries_count_epochs_from_one_and_name_the_selection_split(tiny_run):
 
 
 def test_eval_says_what_it_evaluates(tiny_run, capsys):
-    from dsnet.cli.eval import _gate_label, _say_what_no_ema_loads
+    from dsnet.cli.eval import _say_what_no_ema_loads
+    from dsnet.evaluation.text import _gate_label
     from dsnet.train.checkpoint import read_checkpoint
 
     assert _gate_label({"checkpoint_stage": "supernet"}).startswith("untrained gate")

@@ -4,14 +4,15 @@ A trained gate's decisions depend on the images; a benchmark wants a known
 mix (say 40/30/20/10 % over the routing space) on any weights. Rather than a
 special code path, the gate still computes its logits (so its cost is paid)
 and a per-sample one-hot bias far larger than any logit is added, which makes
-``argmax`` pick the forced choice. Everything after the gate, grouping and
-scatter included, is the model's own dynamic inference.
+``argmax`` pick the forced choice (the model's own
+:meth:`~dsnet.models.base.DynamicNet.forced_routing`). Everything after the
+gate, grouping and scatter included, is the model's own dynamic inference.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor
@@ -19,8 +20,6 @@ from torch import Tensor
 from dsnet.models.base import DynamicNet
 
 __all__ = ["mix_counts", "mix_choices", "forced_routing", "measured_mix"]
-
-_FORCE = 1e9
 
 
 def mix_counts(mix: Sequence[float], total: int) -> list[int]:
@@ -43,41 +42,13 @@ def mix_choices(mix: Sequence[float], total: int, seed: int = 0) -> Tensor:
     return choices[torch.randperm(total, generator=torch.Generator().manual_seed(seed))]
 
 
-@contextmanager
-def forced_routing(model: DynamicNet, choices: Tensor, batch_size: int | None = None) -> Iterator[None]:
-    """Inside the block, dynamic inference routes sample ``i`` of a batch to ``choices[i]``.
+def forced_routing(model: DynamicNet, choices: Tensor, batch_size: int | None = None) -> AbstractContextManager[None]:
+    """``model.forced_routing(choices, batch_size)``: inside the block, sample ``i`` is routed to ``choices[i]``.
 
-    ``choices`` index ``model.routing_space``. With ``batch_size`` smaller than
-    ``len(choices)`` (a multiple of it), successive calls consume successive
-    slices of ``choices``, cycling: batch-1 latency over a routing mix is a
-    cycle of single-image calls. The gate's real logits are still computed; a
-    huge one-hot bias decides.
+    See :meth:`dsnet.models.base.DynamicNet.forced_routing` (successive calls of ``batch_size`` samples take
+    successive slices of ``choices``, cycling).
     """
-    n_choices = len(model.routing_space)
-    if choices.dim() != 1 or not choices.numel() or int(choices.min()) < 0 or int(choices.max()) >= n_choices:
-        raise ValueError(f"choices must be a non-empty 1-D tensor of routing-choice indices 0..{n_choices - 1}")
-    batch = choices.numel() if batch_size is None else batch_size
-    if batch < 1 or choices.numel() % batch:
-        raise ValueError(f"{choices.numel()} choices do not split into batches of {batch}")
-    ref = next(model.gate.parameters())
-    force = torch.nn.functional.one_hot(choices, n_choices).to(ref.device, ref.dtype) * _FORCE
-    slices = list(force.split(batch))
-    gate_logits = type(model).gate_logits.__get__(model)
-    position = [0]
-
-    def forced_logits(h: Tensor, z: Tensor) -> tuple[Tensor, Tensor | None]:
-        bias = slices[position[0]]
-        if z.shape[0] != bias.shape[0]:
-            raise ValueError(f"forced routing was set up for batches of {batch}, got {z.shape[0]}")
-        position[0] = (position[0] + 1) % len(slices)
-        logits, slim_out = gate_logits(h, z)
-        return logits + bias, slim_out
-
-    model.gate_logits = forced_logits  # instance attribute shadows the method
-    try:
-        yield
-    finally:
-        del model.gate_logits
+    return model.forced_routing(choices, batch_size)
 
 
 def measured_mix(model: DynamicNet, batches: Iterable, limit: int | None = None) -> tuple[list[float], int]:

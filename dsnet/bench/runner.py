@@ -32,7 +32,7 @@ from torch import Tensor
 
 from dsnet.bench.masking import ZeroMaskBaseline
 from dsnet.bench.onnx_bundle import bench_onnx_dynamic, export_bench_bundle
-from dsnet.bench.routing import forced_routing, mix_choices, mix_counts
+from dsnet.bench.routing import mix_choices, mix_counts
 from dsnet.bench.timing import interleaved, speedup_claim, summarize
 from dsnet.models.base import DynamicNet
 from dsnet.utils.table import format_table
@@ -212,7 +212,7 @@ def _bench_batch(
 
         def pre() -> object:
             h, z = model.forward_pre(x, space[0])
-            return type(model).gate_logits(model, h, z)  # the real head (and, in exit mode, the slimmest)
+            return model.gate_logits(h, z)  # the real head (and, in exit mode, the slimmest): never forced
 
         def dyn() -> object:
             for _ in range(cycle):
@@ -226,7 +226,7 @@ def _bench_batch(
     log(f"batch {batch}: {len(fns)} methods x {repeats} interleaved rounds")
     with torch.inference_mode():
         if config.dynamic:
-            with forced_routing(model, choices, batch):
+            with model.forced_routing(choices, batch):
                 samples = interleaved(fns, repeats, config.warmup, device)
         else:
             samples = interleaved(fns, repeats, config.warmup, device)

@@ -14,8 +14,9 @@ import importlib
 import os
 import pkgutil
 import sys
+from collections.abc import Sequence
 
-from dsnet.cli._args import add_common_arguments, apply_common_arguments
+from dsnet.cli._args import add_common_arguments, apply_common_arguments, join_negative_values
 
 __all__ = ["EXPECTED_ERRORS", "build_parser", "main", "one_line"]
 
@@ -24,10 +25,22 @@ _MAX_MESSAGE = 1000  # characters: a message is a line, not a dump
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose usage errors are one line too (``--help`` shows the usage)."""
+    """An ``ArgumentParser`` whose usage errors are one line too (``--help`` shows the usage).
+
+    Options registered with :func:`~dsnet.cli._args.allow_negative_values` take a negative number (list) as
+    the next word: ``--biases -2,-1,0`` (argparse alone would read ``-2,-1,0`` as an option).
+    """
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        words = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(
+            join_negative_values(words, getattr(self, "negative_value_options", ())), namespace
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,10 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from dsnet.models.registry import trust_factories
+        if getattr(args, "trust_factory", []):  # (the registry imports every model family, and torch)
+            from dsnet.models.registry import trust_factories
 
-        trust_factories(getattr(args, "trust_factory", []))
-        apply_common_arguments(args)
+            trust_factories(args.trust_factory)
+        if not getattr(args, "defer_common_arguments", False):  # a command that may not need torch sets them
+            apply_common_arguments(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

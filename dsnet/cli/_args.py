@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Iterable
 
 from dsnet.utils.io import check_output_dir, check_output_file
 
 __all__ = [
     "add_common_arguments",
     "apply_common_arguments",
+    "allow_negative_values",
+    "join_negative_values",
     "positive_int",
     "nonnegative_int",
     "device_name",
@@ -25,6 +28,7 @@ __all__ = [
 
 _TIMING = frozenset({"bench", "compare", "quickstart"})  # commands whose output includes timings
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+_NEGATIVE_NUMBERS = re.compile(r"^-\.?\d[\d.,eE+\-]*$")  # "-2", "-.5", "-1e-3", "-2,-1,0"
 
 
 def _int(text: str) -> int:
@@ -57,6 +61,43 @@ def device_name(text: str, allow_auto: bool = False) -> str:
 
 def device_or_auto(text: str) -> str:
     return device_name(text, allow_auto=True)
+
+
+def allow_negative_values(parser: argparse.ArgumentParser, *options: str) -> None:
+    """Let ``OPTION -2,-1,0`` through for these options of ``parser`` (``OPTION=-2,-1,0`` always works).
+
+    argparse reads a word that starts with ``-`` and is not a plain number (``-2,-1,0``) as an option, so
+    ``--biases -2,-1,0`` would be "expected one argument". The dsnet parser (``dsnet.cli``) rewrites such a
+    pair as ``--biases=-2,-1,0`` before parsing (:func:`join_negative_values`), for the options named here.
+    """
+    parser.negative_value_options = (*getattr(parser, "negative_value_options", ()), *options)
+
+
+def join_negative_values(args: list[str], options: Iterable[str]) -> list[str]:
+    """``args`` with ``OPTION VALUE`` written ``OPTION=VALUE`` where VALUE is a negative number (list).
+
+    ``OPTION`` is one of ``options`` or an unambiguous-looking abbreviation of one (argparse accepts those and
+    reports an ambiguous one itself). Nothing after ``--`` changes.
+    """
+    options = tuple(options)
+    if not options:
+        return list(args)
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if word == "--":
+            out += args[i:]
+            break
+        takes_negative = word.startswith("--") and len(word) > 2 and "=" not in word
+        if takes_negative and any(o.startswith(word) for o in options) and i + 1 < len(args):
+            if _NEGATIVE_NUMBERS.match(args[i + 1]):
+                out.append(f"{word}={args[i + 1]}")
+                i += 2
+                continue
+        out.append(word)
+        i += 1
+    return out
 
 
 def _output(check, text: str) -> str:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import re
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from dsnet.cli._args import allow_negative_values, device_name, nonnegative_int, output_file, positive_int
 
-from dsnet.cli._args import device_name, nonnegative_int, output_file, positive_int
-from dsnet.utils.table import format_table
+if TYPE_CHECKING:
+    import torch
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,9 +28,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "over the validation data."
         ),
     )
-    # let "--biases -2,-1,0" through: argparse otherwise takes "-2,-1,0" for an option (it only knows "-2")
-    if hasattr(p, "_negative_number_matcher"):
-        p._negative_number_matcher = re.compile(r"^-\.?\d[\d.,eE+\-]*$")
     p.add_argument("--checkpoint", required=True, help="a dsnet checkpoint (e.g. runs/x/best.ckpt)")
     p.add_argument("--data", metavar="DIR", help="dataset root (overrides the checkpoint's data.root)")
     p.add_argument("--dataset", metavar="NAME", help="dataset (overrides the checkpoint's data.dataset)")
@@ -54,6 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", type=device_name, default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even if the checkpoint has EMA weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    allow_negative_values(p, "--biases")  # "--biases -2,-1,0": argparse alone takes "-2,-1,0" for an option
     p.set_defaults(func=run)
 
 
@@ -99,6 +96,8 @@ def _canonical(dataset: str) -> str:
 
 
 def _device(name: str) -> torch.device:
+    import torch
+
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -114,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")  # headless: the plot is only ever written to a file
 
     from dsnet.evaluation import evaluate, plot_report
+    from dsnet.evaluation.text import format_report
     from dsnet.models.base import DynamicNet
     from dsnet.train.checkpoint import load_model
     from dsnet.utils.io import atomic_write_json
@@ -164,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _say_what_no_ema_loads(path: str, ckpt: dict[str, Any]) -> None:
     """``--no-ema`` picks the raw weights; say so when that is no different from the default."""
+    import torch
+
     ema, raw = ckpt.get("ema_state_dict"), ckpt["state_dict"]
     if not ema:
         print(f"note: {path} has no separate EMA weights (a {ckpt.get('stage') or 'dsnet'} checkpoint): "
@@ -171,147 +173,3 @@ def _say_what_no_ema_loads(path: str, ckpt: dict[str, Any]) -> None:
     elif ema.keys() == raw.keys() and all(torch.equal(ema[k], raw[k]) for k in raw):
         print(f"note: {path}: its EMA weights equal its raw weights: --no-ema changes nothing",
               file=sys.stderr, flush=True)  # fmt: skip
-
-
-def _gate_label(report: dict[str, Any]) -> str:
-    """Dynamic inference's label: "trained gate", unless a stage I checkpoint (its gate head never trained)."""
-    if report.get("checkpoint_stage") == "supernet":
-        return "untrained gate: a supernet checkpoint, run `dsnet train gate`"
-    return "trained gate"
-
-
-def _pm(value: float, pm: float | None, signed: bool = False) -> str:
-    """``value ±pm`` (the 95% half-width; reports of an older dsnet have none: the value alone)."""
-    text = f"{value:+.2f}" if signed else f"{value:.2f}"
-    return text if pm is None else f"{text} ±{pm:.2f}"
-
-
-def _count_pm(top1: float, n: int) -> float:
-    """The 95% Wilson half-width of a top-1 (%) measured on ``n`` images."""
-    from dsnet.evaluation.stats import top1_interval
-
-    return top1_interval(round(top1 * n / 100.0), n).half_width
-
-
-def _pct(fractions: list[float]) -> str:
-    return " / ".join(f"{100 * f:.0f}" for f in fractions)
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The report as console tables: static sub-networks, dynamic routing (overall and per class), the sweep."""
-    k = report["top5_k"]
-    choices = report["routing_choices"]
-    size = "x".join(str(v) for v in report["input_size"])
-    ds = report["dataset"]
-    out = []
-    rows = [
-        [
-            s["index"],
-            " ".join(f"{n}={w}" for n, w in s["widths"].items()),
-            round(s["macs"] / 1e6, 2),
-            _pm(s["top1"], s.get("top1_pm95")),
-            round(s["top5"], 2),
-            "gate choice" if s["in_routing_space"] else ("routed" if s["routed"] else "training only"),
-        ]
-        for s in report["static"]
-    ]
-    title = f"{report['model']['name']} on {ds['name']} {ds['split']} ({ds['num_samples']} images, {size})"
-    title += "; ± = 95% interval"
-    out.append(format_table(["#", "widths", "MMACs", "top-1 %", f"top-{k} %", "role"], rows, title=title))
-
-    dyn = report["dynamic"]
-    rows = [
-        [c["choice"], c["subnet"], round(c["macs"] / 1e6, 2), n, round(100 * f, 1)]
-        for c, n, f in zip(choices, dyn["histogram"]["counts"], dyn["histogram"]["fractions"])
-    ]
-    title = (
-        f"dynamic ({_gate_label(report)}, b=0): "
-        f"top-1 {_pm(dyn['top1'], dyn.get('top1_pm95'))}%, top-{k} {dyn['top5']:.2f}%, "
-        f"mean {dyn['mean_macs'] / 1e6:.2f} MMACs per sample"
-    )
-    out.append(format_table(["choice", "subnet", "MMACs (+gate)", "samples", "%"], rows, title="\n" + title))
-
-    if len(dyn["per_class"]) <= 20:
-        rows = [[c["name"], c["count"], _pct(c["histogram"]["fractions"])] for c in dyn["per_class"]]
-        head = "% per choice (" + " / ".join(f"#{c['subnet']}" for c in choices) + ")"
-        out.append(format_table(["class", "samples", head], rows, title="\nrouting per class"))
-    else:
-        out.append(f"\n(routing per class for {len(dyn['per_class'])} classes: see the JSON report)")
-
-    rows = [
-        [
-            f"{p['bias']:+.4g}",
-            _pm(p["top1"], p.get("top1_pm95")),
-            round(p["top5"], 2),
-            round(p["mean_macs"] / 1e6, 2),
-            _pm(p["top1"] - p["static_top1_at_macs"], p.get("gain_over_static_pm95"), signed=True),
-            _pm(p["top1"] - p["cascade_top1_at_macs"], p.get("gain_over_cascade_pm95"), signed=True),
-            _pct(p["histogram"]["fractions"]),
-        ]
-        for p in report["sweep"]
-    ]
-    out.append(
-        format_table(
-            ["bias", "top-1 %", f"top-{k} %", "mean MMACs", "vs static", "vs cascade", "% per choice"],
-            rows,
-            title="\ngate-bias sweep (gate bias = b * " + str([round(r, 3) for r in report["bias_ramp"]]) + ")",
-        )
-    )
-    rows = [
-        [
-            f"{c['threshold']:.3f}",
-            _pm(c["top1"], _count_pm(c["top1"], ds["num_samples"])),
-            round(c["mean_macs"] / 1e6, 2),
-            round(100 * c["escalated"], 1),
-        ]
-        for c in report["baselines"]["cascade"]
-    ]
-    out.append(
-        format_table(
-            ["threshold", "top-1 %", "mean MMACs", "% escalated"],
-            rows,
-            title="\nconfidence cascade (no training): slimmest, then the widest when its max softmax < threshold",
-        )
-    )
-    out.append("\n" + format_summary(report))
-    return "\n".join(out)
-
-
-def format_summary(report: dict[str, Any]) -> str:
-    """The gate against every baseline at its own MACs, in a few lines (eval and the quickstart print it)."""
-    s = report["summary"]
-    w = s["widest_routed"]
-    rnd = s["random_router"]
-    bias = report["model"].get("budget_bias")
-    capture = s["oracle_capture"]
-    lines = [
-        f"gate mode {report.get('gate_mode', 'pre')!r}; stored budget bias "
-        + ("none" if bias is None else "[" + ", ".join(f"{b:+.3f}" for b in bias) + "]"),
-        f"widest routed #{w['index']}: top-1 {_pm(w['top1'], w.get('top1_pm95'))}% at {w['macs'] / 1e6:.2f} MMACs; "
-        f"dynamic ({_gate_label(report)}): {_pm(s['dynamic_top1'], s.get('dynamic_top1_pm95'))}% at "
-        f"{s['dynamic_mean_macs'] / 1e6:.2f} MMACs ({s['mac_reduction']:.2f}x fewer MACs); ± = 95% interval",
-        f"at {s['dynamic_mean_macs'] / 1e6:.2f} MMACs: gate {s['dynamic_top1']:.2f}% | static curve "
-        f"{s['static_top1_at_dynamic_macs']:.2f}% "
-        f"({_pm(s['top1_gain_at_equal_macs'], s.get('top1_gain_at_equal_macs_pm95'), signed=True)})"
-        + (" [outside the static range: clamped]" if s["interpolation_clamped"] else "")
-        + f" | cascade {s['cascade_top1_at_dynamic_macs']:.2f}% "
-        f"({_pm(s['gain_over_cascade'], s.get('gain_over_cascade_pm95'), signed=True)})"
-        f" | oracle {s['oracle_top1_at_dynamic_macs']:.2f}%"
-        + ("; margins: paired 95% intervals" if "top1_gain_at_equal_macs_pm95" in s else ""),
-        f"random router with the gate's mix: {rnd['top1']:.2f}% at {rnd['mean_macs'] / 1e6:.2f} MMACs; "
-        "share of the oracle's gain over the static curve the gate captures: "
-        + ("n/a" if capture is None else f"{100 * capture:.0f}%"),
-    ]
-    routing = report.get("routing")
-    if routing:  # which widths the knob can reach at all (dsnet.evaluation.reachability)
-        subnets = [c["subnet"] for c in report["routing_choices"]]
-        shares = " / ".join(f"#{k} {100 * f:.0f}%" for k, f in zip(subnets, routing["reachable_fraction"]))
-        lines.append(f"router {routing['router']!r}: images each choice wins at some bias b: {shares}")
-    worst_static, worst_cascade = s["sweep_min_gain_over_static"], s["sweep_min_gain_over_cascade"]
-    if worst_static is not None:
-        lines.append(
-            f"along the sweep (points inside the static range): worst margin over the static curve "
-            f"{_pm(worst_static, s.get('sweep_min_gain_over_static_pm95'), signed=True)}, over the cascade "
-            f"{_pm(worst_cascade, s.get('sweep_min_gain_over_cascade_pm95'), signed=True)} points"
-        )
-    return "\n".join(lines)

@@ -1,8 +1,12 @@
-"""Bring your own network: make a plain PyTorch CNN dynamic (``make_dynamic``), order channels by importance."""
+"""Bring your own network: make a plain PyTorch CNN dynamic (``make_dynamic``), order channels by importance.
 
-from dsnet.convert.channels import ChannelGroup, ChannelUse, Unsliceable
+The channel-group analysis and the importance order live in :mod:`dsnet.layers` (``channel_groups``,
+``channel_order``; pretrained imports order channels too); they are re-exported here.
+"""
+
 from dsnet.convert.network import FxDynamicNet, make_dynamic
-from dsnet.convert.order import l1_importance, reorder_channels
+from dsnet.layers.channel_groups import ChannelGroup, ChannelUse, Unsliceable
+from dsnet.layers.channel_order import l1_importance, reorder_channels
 
 __all__ = [
     "ChannelGroup",

@@ -1,7 +1,7 @@
 """``make_dynamic``: any traceable PyTorch CNN as a dsnet dynamic network.
 
 The network is traced with torch.fx and its channel groups are found
-(:mod:`dsnet.convert.channels`). Every ``Conv2d``, ``BatchNorm2d`` and
+(:mod:`dsnet.layers.channel_groups`). Every ``Conv2d``, ``BatchNorm2d`` and
 ``Linear`` is replaced by its sliced counterpart holding the same weights,
 the double-headed gate is inserted after the module ``gate_after`` names, and
 the traced graph is regenerated once per sub-network with that sub-network's
@@ -63,8 +63,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from dsnet.convert.channels import ChannelGraph, ChannelGroup, Unsliceable, analyse, trace
-from dsnet.convert.order import Importance, group_permutations, permute_channels
+from dsnet.layers.channel_groups import ChannelGraph, ChannelGroup, Unsliceable, analyse, trace
+from dsnet.layers.channel_order import Importance, group_permutations, permute_channels
 from dsnet.layers.gate import DynamicGate, make_divisible
 from dsnet.layers.sliced import SlicedBatchNorm2d, SlicedConv2d, SlicedLinear, conv_bn
 from dsnet.models.base import DynamicNet
@@ -654,7 +654,7 @@ def make_dynamic(
         width_ratios: the routed widths, as fractions of each channel group (must end with 1.0).
         pre_gate_ratio: width of the groups before the gate in routed sub-networks (default: the slimmest ratio).
         importance: channel ranking applied before slicing: ``"l1"``, ``None`` (keep the order), or a
-            callable ``(group, root) -> scores`` (see :mod:`dsnet.convert.order`).
+            callable ``(group, root) -> scores`` (see :mod:`dsnet.layers.channel_order`).
         routing_space: sub-networks the gate picks among (default: the first four).
         gate_se_ratio: width of the gate's shared encoder as a fraction of its input channels.
         strict: raise instead of warning when some layers cannot slice.

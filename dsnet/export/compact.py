@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from dsnet.layers.sliced import SlicedBatchNorm2d, SlicedConv2d, SlicedLayerNorm, SlicedLinear
+from dsnet.layers.sliced import SlicedBatchNorm2d, SlicedConv2d, SlicedLayerNorm, SlicedLinear, clear_caches
 from dsnet.models.base import DynamicNet
 
 __all__ = ["compact_copy"]
@@ -52,10 +52,8 @@ def _shrink(module: nn.Module, in_w: int, out_w: int) -> None:
         if t is None:
             return
         small = t.detach()[index].clone()
-        if name in module._parameters:
-            module._parameters[name] = nn.Parameter(small, requires_grad=False)
-        else:
-            module._buffers[name] = small
+        # nn.Module.__setattr__ keeps a parameter a parameter and a registered buffer a buffer
+        setattr(module, name, nn.Parameter(small, requires_grad=False) if isinstance(t, nn.Parameter) else small)
 
     if isinstance(module, SlicedConv2d):
         cut("weight", slice(0, out_w), slice(0, 1 if module.depthwise else in_w))
@@ -71,9 +69,7 @@ def _shrink(module: nn.Module, in_w: int, out_w: int) -> None:
     elif isinstance(module, SlicedLayerNorm):
         cut("weight", slice(0, out_w))
         cut("bias", slice(0, out_w))
-    for cache in ("_cache", "_args"):
-        if hasattr(module, cache):
-            getattr(module, cache).clear()
+    clear_caches(module)  # views of the old, full-size tensors
 
 
 def compact_copy(model: DynamicNet, run: Callable[[DynamicNet], object]) -> DynamicNet:

@@ -433,12 +433,10 @@ def check_dynamic(
     every routed graph is checked; the bundle's own (unforced) routing is
     compared with the eager gate's too. Returns the max abs differences.
     """
-    from dsnet.bench.routing import forced_routing
-
     bundle = OnnxDynamicModel(manifest, threads)
     n = images.shape[0]
     choices = torch.arange(n) % len(model.routing_space)
-    with torch.inference_mode(), forced_routing(model, choices):
+    with torch.inference_mode(), model.forced_routing(choices):
         ref = model(images, return_routing=True)
     out, _ = bundle(images.cpu().numpy(), choice=choices.numpy())
     with torch.inference_mode():

@@ -31,6 +31,7 @@ from dsnet.layers.sliced import SliceableModule, SlicedLinear
 
 __all__ = [
     "SqueezeExcite",
+    "StaticSqueezeExcite",
     "DynamicGate",
     "ExitHead",
     "GATE_MODES",
@@ -53,6 +54,28 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     if rounded < 0.9 * value:
         rounded += divisor
     return rounded
+
+
+class StaticSqueezeExcite(nn.Module):
+    """``x * gain * sigmoid(expand(relu(reduce(GAP(x)))))`` (gain 1: plain squeeze-excitation).
+
+    What a :class:`SqueezeExcite` (and the gate's attention head) becomes in an extracted sub-network: plain
+    ``nn.Linear`` layers, no slicing (also importable from :mod:`dsnet.models.static`, with the other static
+    building blocks).
+    """
+
+    def __init__(self, reduce: nn.Linear, expand: nn.Linear, gain: float = 1.0) -> None:
+        super().__init__()
+        self.reduce = reduce
+        self.expand = expand
+        self.gain = gain
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = F.relu(self.reduce(x.mean((2, 3))))
+        attn = torch.sigmoid(self.expand(z))
+        if self.gain != 1.0:
+            attn = attn * self.gain
+        return x * attn[:, :, None, None]
 
 
 class SqueezeExcite(SliceableModule):
@@ -84,8 +107,6 @@ class SqueezeExcite(SliceableModule):
         return self.attend(h, self.encode(h))
 
     def to_static(self, channels: int) -> nn.Module:
-        from dsnet.models.static import StaticSqueezeExcite
-
         return StaticSqueezeExcite(
             self.reduce.to_static(channels), self.expand.to_static(self.reduced, channels), self._static_gain()
         )
@@ -151,7 +172,8 @@ class DynamicGate(SqueezeExcite):
         super().__init__(channels, se_ratio)
         self.num_choices = num_choices
         # bias-free, as the official gate head; budget and run-time biases are added to the logits instead
-        self.slim_head = nn.Linear(self.reduced, num_choices, bias=False)  # FC_g
+        # a sliceable layer at its full size: at inference its weight cast to the autocast dtype is cached
+        self.slim_head = SlicedLinear(self.reduced, num_choices, bias=False)  # FC_g
         self.register_buffer("budget_bias", torch.zeros(num_choices))
         self.register_buffer("attention_gain", torch.ones(()))
 

@@ -459,6 +459,23 @@ class SlicedLinear(SliceableModule):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def _sync_batch_norm(
+    x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float, momentum: float
+) -> Tensor:
+    """Training-mode BatchNorm with batch statistics over every DDP rank (``nn.SyncBatchNorm``'s computation).
+
+    The one place dsnet uses a private torch API: ``torch.nn.modules._functions.SyncBatchNorm``, the autograd
+    function behind ``nn.SyncBatchNorm``. torch has no public functional form of it, and the module itself
+    owns one full-width set of running statistics, while a sliced BatchNorm updates a prefix of one slot's
+    (``running_mean[slot, :ch]``, in place). Writing the all-reduces by hand would change the numerics and
+    the backward pass of multi-GPU training. If torch moves it, this is the line to change.
+    """
+    from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm
+
+    group = dist.group.WORLD
+    return sync_batch_norm.apply(x, weight, bias, mean, var, eps, momentum, group, dist.get_world_size(group))
+
+
 class SlicedBatchNorm2d(SliceableModule):
     """BatchNorm with shared affine prefixes and private running statistics.
 
@@ -519,12 +536,7 @@ class SlicedBatchNorm2d(SliceableModule):
             factor = 1.0 / float(self.num_batches_tracked[slot]) if self.momentum is None else self.momentum
         if self.training and self.sync and x.is_cuda and dist.is_available() and dist.is_initialized():
             # synchronised statistics across DDP ranks, with torch's own SyncBatchNorm kernels (CUDA only)
-            from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm
-
-            group = dist.group.WORLD
-            return sync_batch_norm.apply(
-                x, self.weight[:ch], self.bias[:ch], mean, var, self.eps, factor, group, dist.get_world_size(group)
-            )
+            return _sync_batch_norm(x, self.weight[:ch], self.bias[:ch], mean, var, self.eps, factor)
         return F.batch_norm(x, mean, var, self.weight[:ch], self.bias[:ch], self.training, factor, self.eps)
 
     def to_static(self, num_features: int, slot: int) -> nn.BatchNorm2d:

@@ -16,7 +16,8 @@ same one (SPEC section 4).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -263,6 +264,25 @@ def check_input_dtype(model: nn.Module, x: Tensor) -> None:
     )
 
 
+_FORCE = 1e9  # forced_routing's bias: far above any gate score
+
+
+class _ForcedRouting:
+    """What :meth:`DynamicNet.forced_routing` adds to the gate scores: one batch's one-hot bias per call."""
+
+    def __init__(self, force: Tensor, batch: int) -> None:
+        self.slices = list(force.split(batch))
+        self.batch = batch
+        self.position = 0
+
+    def next_bias(self, n: int) -> Tensor:
+        bias = self.slices[self.position]
+        if n != bias.shape[0]:
+            raise ValueError(f"forced routing was set up for batches of {self.batch}, got {n}")
+        self.position = (self.position + 1) % len(self.slices)
+        return bias
+
+
 class DynamicNet(nn.Module):
     """Base class of dsnet's dynamic supernets. Subclasses set up the layers.
 
@@ -347,6 +367,7 @@ class DynamicNet(nn.Module):
         self.routing_space = sorted(self.routing_space)
         self._macs_cache: dict[tuple, list[int]] = {}
         self._space_cache: dict[tuple, Tensor] = {}  # routing_space as a tensor, per device (route)
+        self._forced: _ForcedRouting | None = None  # set inside forced_routing()
         self.exit_head: ExitHead | None = None  # set by _build_exit_head in "exit" mode
 
     # ----------------------------------------------------------- subclass API
@@ -435,6 +456,31 @@ class DynamicNet(nn.Module):
             raise ValueError(f"width must be a multiplier in (0, 1], got {width!r}")
         routed = [s.index for s in self.subnets if s.routed]
         return min(routed, key=lambda k: (abs(self.width_ratio(k) - width), -self.width_ratio(k)))
+
+    @property
+    def block_stages(self) -> tuple[int, ...]:
+        """The stage of each block of ``self.blocks``: an index into a sub-network's widths (the stem is stage 0).
+
+        For families built of blocks grouped into stages (DS-ResNet, DS-MobileNetV1): block ``i`` runs at
+        width ``subnets[k].widths[block_stages[i]]`` in sub-network ``k``. ``NotImplementedError`` for a family
+        that is not organised that way.
+        """
+        stages = getattr(self, "_block_stage", None)  # each such family records it while building its blocks
+        if stages is None:
+            raise NotImplementedError(f"{type(self).__name__} does not group its layers into blocks of stages")
+        return tuple(stages)
+
+    @property
+    def gate_state_prefix(self) -> str:
+        """Where the gate's tensors sit in ``state_dict()``: ``gate_state_prefix + "reduce.weight"`` names one.
+
+        (``"_gate."`` for DS-ResNet; in DS-MobileNetV1 the gate is the squeeze-excitation of its block.)
+        """
+        gate = self.gate
+        for name, module in self.named_modules():
+            if module is gate:
+                return f"{name}."
+        raise ValueError(f"{type(self).__name__}: its gate is not one of its submodules")
 
     def sliced_batchnorms(self) -> list[SlicedBatchNorm2d]:
         return [m for m in self.modules() if isinstance(m, SlicedBatchNorm2d)]
@@ -546,6 +592,9 @@ class DynamicNet(nn.Module):
             if not bool(torch.isfinite(bias).all()):
                 raise ValueError(f"gate_bias must be finite, got {bias.tolist()} (nan/inf would route every input)")
             gate_logits = gate_logits + bias
+        forced = getattr(self, "_forced", None)  # (a model pickled before forced_routing existed has none)
+        if forced is not None:
+            gate_logits = gate_logits + forced.next_bias(gate_logits.shape[0])
         if self.training and self.router == "logits":
             onehot = straight_through_gumbel(gate_logits, tau)
             choice = onehot.argmax(dim=1)
@@ -556,6 +605,32 @@ class DynamicNet(nn.Module):
                 onehot = torch.nn.functional.one_hot(choice, len(self.routing_space)).to(gate_logits.dtype)
         logits = self._run_groups(h, choice, onehot, slim_out)
         return RoutingResult(logits, self._routing_space_on(choice.device)[choice], choice, gate_logits, onehot)
+
+    @contextmanager
+    def forced_routing(self, choices: Tensor, batch_size: int | None = None) -> Iterator[None]:
+        """Inside the block, dynamic inference (``model(x)``, :meth:`route`) sends sample ``i`` to ``choices[i]``.
+
+        For benchmarks and export checks, which want a known routing mix on any weights. ``choices`` index
+        :attr:`routing_space`. With ``batch_size`` smaller than ``len(choices)`` (which it must divide),
+        successive calls consume successive slices of ``choices``, cycling: batch-1 latency over a routing mix
+        is a cycle of single-image calls. Nothing else changes: the gate's real scores are still computed (its
+        cost is paid) and a one-hot bias far larger than any score decides; grouping, scatter and everything
+        after the gate are the model's own dynamic inference. :meth:`gate_logits` itself is not forced. On
+        leaving the block the model routes by its gate again (an outer ``forced_routing`` resumes).
+        """
+        n_choices = len(self.routing_space)
+        if choices.dim() != 1 or not choices.numel() or int(choices.min()) < 0 or int(choices.max()) >= n_choices:
+            raise ValueError(f"choices must be a non-empty 1-D tensor of routing-choice indices 0..{n_choices - 1}")
+        batch = choices.numel() if batch_size is None else batch_size
+        if batch < 1 or choices.numel() % batch:
+            raise ValueError(f"{choices.numel()} choices do not split into batches of {batch}")
+        ref = next(self.gate.parameters())
+        force = torch.nn.functional.one_hot(choices, n_choices).to(ref.device, ref.dtype) * _FORCE
+        outer, self._forced = getattr(self, "_forced", None), _ForcedRouting(force, batch)
+        try:
+            yield
+        finally:
+            self._forced = outer
 
     def _routing_space_on(self, device: torch.device) -> Tensor:
         """``routing_space`` as a tensor on ``device``, built once per device (route runs every call)."""
@@ -673,16 +748,19 @@ class DynamicNet(nn.Module):
     # ----------------------------------------------------------------- MACs
     def subnet_macs(self, input_size: Sequence[int] | None = None) -> list[int]:
         """Multiply-adds per sample of every sub-network at ``input_size`` (C, H, W)."""
-        from dsnet.macs import count_macs
+        from dsnet.utils.flops import count_forward_macs
 
         size = tuple(input_size or self.default_input_size)
         if size not in self._macs_cache:
-            self._macs_cache[size] = [count_macs(self, (1, *size), subnet=k) for k in range(len(self.subnets))]
+            x = torch.zeros((1, *size), device=next(self.parameters()).device)
+            self._macs_cache[size] = [
+                count_forward_macs(self, lambda k=k: self(x, subnet=k), 1) for k in range(len(self.subnets))
+            ]
         return list(self._macs_cache[size])
 
     def pre_gate_macs(self, input_size: Sequence[int] | None = None) -> int:
         """Multiply-adds per sample of the shared pre-gate part (gate encoder and attention head included)."""
-        from dsnet.macs import count_forward_macs
+        from dsnet.utils.flops import count_forward_macs
 
         size = tuple(input_size or self.default_input_size)
         key = ("pre", *size)

@@ -29,7 +29,7 @@ is a timm ``CheckpointSaver`` file: ``state_dict``, ``state_dict_ema``,
 the full-width layers and their BatchNorm statistics into every statistics
 slot; the gate's attention head starts as the identity (it had none), so the
 largest sub-network computes the source network's function. ResNet imports
-are then importance-ordered (:func:`dsnet.convert.reorder_channels`, L1 by
+are then importance-ordered (:func:`dsnet.layers.channel_order.reorder_channels`, L1 by
 default; ``importance=None`` keeps the source order bit for bit), so narrow
 sub-networks start from the strongest channels; the full-width function is
 unchanged up to float summation order. The official DS-Net supernet is
@@ -96,10 +96,10 @@ def _torch_load(path: Path) -> object:
     except Exception as err:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
     # not plain tensors: only dsnet's own checkpoints (config, RNG states) are read in full, as --resume does
-    from dsnet.train.checkpoint import read_checkpoint
+    from dsnet.utils.checkpoint import read_checkpoint_file
 
     try:
-        return read_checkpoint(path, check_factories=False)  # weights only: the caller built the model
+        return read_checkpoint_file(path)  # weights only, no factory check: the caller built the model
     except ValueError:
         raise ValueError(
             f"{path} holds Python objects other than tensors and is not a dsnet checkpoint; "
@@ -328,7 +328,7 @@ def _load_resnet(model: nn.Module, state: dict, report: ImportReport, importance
     )
     model.gate.init_identity_attention()
     if importance is not None and importance != "none":
-        from dsnet.convert.order import reorder_channels
+        from dsnet.layers.channel_order import reorder_channels
 
         report.reordered_groups = reorder_channels(model, importance)
 

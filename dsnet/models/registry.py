@@ -13,6 +13,10 @@ given to a training command, ``--model`` -- or allows it explicitly
 a run folder's config) is checked with :func:`check_factory_trusted` before
 anything is imported, as ``torch.load(weights_only=True)`` refuses globals
 that ``torch.serialization.add_safe_globals`` did not allow.
+
+The families register their models (``@register_model``) when they are
+imported, which ``dsnet.models`` does: importing this module always imports
+that package first, so the registry is complete whenever it can be used.
 """
 
 from __future__ import annotations
@@ -84,14 +88,12 @@ def register_model(
 
 def list_models(kind: str | None = None) -> list[str]:
     """Registered model names, all of them or those of one ``kind`` ("supernet" or "lcnet")."""
-    _import_families()
     if kind is not None and kind not in KINDS:
         raise ValueError(f"model kind must be one of {', '.join(KINDS)}, got {kind!r}")
     return sorted(name for name, e in _REGISTRY.items() if kind is None or e.kind == kind)
 
 
 def model_info(name: str) -> ModelEntry:
-    _import_families()
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
@@ -195,22 +197,24 @@ def _signature_arguments(factory: Callable[..., nn.Module]) -> list[str]:
         return []
 
 
-def _accepted_arguments(message: str) -> list[str]:
-    """Constructor arguments of the model class a TypeError message names."""
-    from dsnet.models.base import DynamicNet
-    from dsnet.models.lcnet import LCResNet
-
-    pending, classes = [DynamicNet, LCResNet], []
+def _model_classes() -> list[type]:
+    """Every module class built on one defined in ``dsnet.models`` (DynamicNet's and the LC-Net's families)."""
+    pending, seen = list(nn.Module.__subclasses__()), {}
     while pending:
         cls = pending.pop()
-        classes.append(cls)
-        pending.extend(cls.__subclasses__())
-    named = [c for c in classes if f"{c.__name__}.__init__" in message]
+        if cls not in seen:
+            seen[cls] = None
+            pending.extend(cls.__subclasses__())
+    return [
+        c
+        for c in seen
+        if any(b.__module__.startswith("dsnet.models.") for b in c.__mro__ if b not in (nn.Module, object))
+    ]
+
+
+def _accepted_arguments(message: str) -> list[str]:
+    """Constructor arguments of the model class a TypeError message names."""
+    named = [c for c in _model_classes() if f"{c.__name__}.__init__" in message]
     if not named:
         return []
     return sorted(p for p in inspect.signature(named[0].__init__).parameters if p != "self")
-
-
-def _import_families() -> None:
-    # importing the family modules runs their @register_model decorators
-    import dsnet.models  # noqa: F401

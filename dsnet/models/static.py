@@ -13,6 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dsnet.layers.gate import StaticSqueezeExcite  # defined with the gate it is extracted from
 from dsnet.layers.sliced import fold_batchnorm
 
 __all__ = [
@@ -32,23 +33,6 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module | None) -> n
     if act is not None:
         layers.append(act)
     return nn.Sequential(*layers)
-
-
-class StaticSqueezeExcite(nn.Module):
-    """``x * gain * sigmoid(expand(relu(reduce(GAP(x)))))`` (gain 1: plain squeeze-excitation)."""
-
-    def __init__(self, reduce: nn.Linear, expand: nn.Linear, gain: float = 1.0) -> None:
-        super().__init__()
-        self.reduce = reduce
-        self.expand = expand
-        self.gain = gain
-
-    def forward(self, x: Tensor) -> Tensor:
-        z = F.relu(self.reduce(x.mean((2, 3))))
-        attn = torch.sigmoid(self.expand(z))
-        if self.gain != 1.0:
-            attn = attn * self.gain
-        return x * attn[:, :, None, None]
 
 
 class StaticDepthwiseSeparable(nn.Module):

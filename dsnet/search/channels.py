@@ -138,7 +138,7 @@ def _resnet_spaces(model) -> list[ChannelSpace]:
     """
     e = model.expansion
     blocks = model.blocks
-    stages = model._block_stage
+    stages = model.block_stages
     n_stages = len(model.subnets[0].widths)
     last = n_stages - 1
 
@@ -183,10 +183,11 @@ def _resnet_spaces(model) -> list[ChannelSpace]:
         if blk.shortcut is not None:
             per_stage[src] += conv(f"{p}.shortcut.conv", blk.shortcut.conv, None, out_scale[src])
     gate_src = model.gate_stage - 1
+    gate = model.gate_state_prefix
     per_stage[gate_src] += [
-        ChannelAxis("_gate.reduce.weight", 1, out_scale[gate_src], False),
-        ChannelAxis("_gate.expand.weight", 0, out_scale[gate_src], False),
-        ChannelAxis("_gate.expand.bias", 0, out_scale[gate_src], False),
+        ChannelAxis(f"{gate}reduce.weight", 1, out_scale[gate_src], False),
+        ChannelAxis(f"{gate}expand.weight", 0, out_scale[gate_src], False),
+        ChannelAxis(f"{gate}expand.bias", 0, out_scale[gate_src], False),
     ]
     per_stage[last] += [ChannelAxis("classifier.weight", 1, out_scale[last], False)]
 

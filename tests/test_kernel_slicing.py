@@ -351,3 +351,26 @@ def test_networks_trained_alone_keep_their_kernels():
     plain = {"model": {"name": "ds_resnet8_tiny", "kwargs": {}, "checkpoint_path": None}, "supernet": {}}
     assert alone_kernels(plain, 10, 1) == [None] * 4
     assert "subnet_kernels" not in alone_config(plain, alone_widths(plain, 10, 1)[0])["model"]["kwargs"]
+
+
+def test_inference_folds_every_batchnorm_of_every_kernel_choice():
+    from torch.overrides import TorchFunctionMode
+
+    class CountBatchNorm(TorchFunctionMode):
+        count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.batch_norm:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    model = perturb(_tiny())
+    x = small_input(model, batch=4, size=28)
+    for k in range(len(model.subnets)):
+        with torch.no_grad(), CountBatchNorm() as calls:
+            folded = model(x, subnet=k)
+        assert calls.count == 0  # every conv+BN pair, cropped depthwise ones included, ran as one convolution
+        model.set_inference_cache(enabled=False)
+        with torch.no_grad():
+            torch.testing.assert_close(folded, model(x, subnet=k), rtol=1e-5, atol=1e-5)
+        model.set_inference_cache()

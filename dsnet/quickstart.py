@@ -352,7 +352,10 @@ def render(report: dict[str, Any], result: dict[str, Any]) -> str:
     static_rows = [
         [
             s["index"],
-            " ".join(f"{k}={v}" for k, v in s["widths"].items()),
+            " ".join(
+                f"{k}={v}" + (f"/{s['kernels'][k]}x{s['kernels'][k]}" if "kernels" in s else "")
+                for k, v in s["widths"].items()
+            ),
             round(s["macs"] / 1e6, 2),
             s["top1"],
             "routed" if s["in_routing_space"] else ("training only" if not s["routed"] else ""),

@@ -20,6 +20,10 @@ any mix. The gate routes among ``routing_space``: by default the grid's
 sub-networks whose kernel is in ``routing_kernels`` (default the smallest
 and the largest kernel: 2 x the width choices, pairs that differ only in
 kernel). Every (width, kernel) combination has private BatchNorm statistics.
+``model(x, width=r)`` and ``supernet.width_sampling=continuous`` choose by
+width alone (``DynamicNet.subnet_for_width``: ties go to the lowest index, the
+cheapest kernel at that width), so train kernel choices with the default
+discrete sampling.
 
 The gate sits before the first block of ``gate_stage`` (as DS-ResNet's): its
 attention head reweights the last pre-gate feature map and its decision fixes

@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from dsnet.macs import count_macs
-from dsnet.models import create_model
-from dsnet.utils.table import format_table
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="route random images through an untrained model (smoke test)")
@@ -20,6 +14,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from dsnet.macs import count_macs
+    from dsnet.models import create_model
+    from dsnet.utils.table import format_table
+
     torch.manual_seed(args.seed)
     model = create_model(args.model).eval()
     # an untrained gate routes everything one way; spread its logits so the demo shows grouping

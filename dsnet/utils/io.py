@@ -16,8 +16,6 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-import torch
-
 __all__ = [
     "atomic_torch_save",
     "atomic_write_text",
@@ -60,6 +58,8 @@ def _atomic(path: str | os.PathLike, write) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    import torch  # here: the JSON and text writers (and the CLI, which uses them) do not need torch
+
     return _atomic(path, lambda f: torch.save(obj, f))
 
 

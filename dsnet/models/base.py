@@ -366,7 +366,7 @@ class DynamicNet(nn.Module):
             )
         self.routing_space = sorted(self.routing_space)
         self._macs_cache: dict[tuple, list[int]] = {}
-        self._space_cache: dict[tuple, Tensor] = {}  # routing_space as a tensor, per device (route)
+        self._space_cache: dict[tuple, Tensor] = {}  # routing_space, list gate biases: tensors per device (route)
         self._forced: _ForcedRouting | None = None  # set inside forced_routing()
         self.exit_head: ExitHead | None = None  # set by _build_exit_head in "exit" mode
 
@@ -583,15 +583,7 @@ class DynamicNet(nn.Module):
         h, z = self.forward_pre(x, self.routing_space[0])
         gate_logits, slim_out = self.gate_logits(h, z)
         if gate_bias is not None:
-            bias = torch.as_tensor(gate_bias, dtype=gate_logits.dtype, device=gate_logits.device)
-            if bias.shape != (len(self.routing_space),):
-                raise ValueError(
-                    f"gate_bias needs one value per routing choice ({len(self.routing_space)}), "
-                    f"got shape {tuple(bias.shape)}"
-                )
-            if not bool(torch.isfinite(bias).all()):
-                raise ValueError(f"gate_bias must be finite, got {bias.tolist()} (nan/inf would route every input)")
-            gate_logits = gate_logits + bias
+            gate_logits = gate_logits + self._gate_bias_on(gate_bias, gate_logits)
         forced = getattr(self, "_forced", None)  # (a model pickled before forced_routing existed has none)
         if forced is not None:
             gate_logits = gate_logits + forced.next_bias(gate_logits.shape[0])
@@ -640,6 +632,36 @@ class DynamicNet(nn.Module):
             with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
                 space = self._space_cache[key] = torch.tensor(self.routing_space, device=device)
         return space
+
+    def _gate_bias_on(self, gate_bias: Tensor | Sequence[float], like: Tensor) -> Tensor:
+        """``gate_bias`` checked, as a tensor of ``like``'s dtype and device.
+
+        A tensor is checked on every call; a list or tuple of numbers (the knob's usual form) is converted and
+        checked once per value, dtype and device and kept (a few entries), so a call copies nothing to the device.
+        """
+        key = None
+        if not isinstance(gate_bias, Tensor):
+            try:
+                key = ("gate_bias", tuple(float(v) for v in gate_bias), like.dtype, like.device)
+            except (TypeError, ValueError):
+                key = None  # not a flat sequence of numbers: the checks below say what is wrong
+            if key is not None and key in self._space_cache:
+                return self._space_cache[key]
+        # one to keep is made a normal tensor (usable in and out of inference mode); others as the caller's mode
+        with torch.inference_mode(key is None and torch.is_inference_mode_enabled()):
+            bias = torch.as_tensor(gate_bias, dtype=like.dtype, device=like.device)
+        if bias.shape != (len(self.routing_space),):
+            raise ValueError(
+                f"gate_bias needs one value per routing choice ({len(self.routing_space)}), "
+                f"got shape {tuple(bias.shape)}"
+            )
+        if not bool(torch.isfinite(bias).all()):
+            raise ValueError(f"gate_bias must be finite, got {bias.tolist()} (nan/inf would route every input)")
+        if key is not None:
+            if len(self._space_cache) > 64:  # a sweep over many knob values: start again, do not grow
+                self._space_cache.clear()
+            self._space_cache[key] = bias
+        return bias
 
     def gate_logits(self, h: Tensor, z: Tensor) -> tuple[Tensor, Tensor | None]:
         """Gate scores with the stored budget bias: what the argmax of dynamic inference reads.

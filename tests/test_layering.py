@@ -212,26 +212,18 @@ def test_lower_layers_never_import_higher_ones(graph):
 
 def test_root_package_imports_lazily():
     """``dsnet/__init__`` imports nothing of dsnet at module level: why its implicit edge is not counted."""
-    tree = ast.parse((PACKAGE / "__init__.py").read_text())
     eager = []
-    for node in tree.body:  # module-level statements only (imports inside functions run on attribute access)
-        for sub in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else ():
-            if isinstance(sub, ast.ImportFrom) and (sub.module or "").startswith("dsnet") and not _type_checking(
-                tree, sub
-            ):
+    for node in ast.parse((PACKAGE / "__init__.py").read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue  # runs on attribute access (PEP 562 __getattr__)
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            continue  # never runs
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.ImportFrom) and (sub.module or "").startswith("dsnet"):
                 eager.append(f"line {sub.lineno}: from {sub.module} import ...")
             elif isinstance(sub, ast.Import) and any(a.name.startswith("dsnet") for a in sub.names):
-                eager.append(f"line {sub.lineno}: import ...")
+                eager.append(f"line {sub.lineno}: import {', '.join(a.name for a in sub.names)}")
     assert not eager, "dsnet/__init__.py imports eagerly:\n" + "\n".join(eager)
-
-
-def _type_checking(tree: ast.Module, node: ast.AST) -> bool:
-    """Whether ``node`` sits in an ``if TYPE_CHECKING:`` block of the module (never runs)."""
-    for stmt in tree.body:
-        if isinstance(stmt, ast.If) and isinstance(stmt.test, ast.Name) and stmt.test.id == "TYPE_CHECKING":
-            if any(sub is node for sub in ast.walk(stmt)):
-                return True
-    return False
 
 
 # ------------------------------------------------------------------------------------------ self-checks

@@ -25,12 +25,14 @@ _EXPORTS = {
     "trusted_factories": "dsnet.models.registry",
     "load": "dsnet.train.load",
     "LoadedCheckpoint": "dsnet.train.load",
+    "serving_model": "dsnet.bench.serving",
 }
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors (the lazy import below is the same)
     from dsnet.convert import make_dynamic
     from dsnet.macs import count_macs
     from dsnet.models import DynamicNet, RoutingResult, Subnet, create_model, list_models
+    from dsnet.bench.serving import serving_model
     from dsnet.models.registry import trust_factories, trusted_factories
     from dsnet.train.load import LoadedCheckpoint, load
 
@@ -63,6 +65,7 @@ __all__ = [
     "list_models",
     "load",
     "make_dynamic",
+    "serving_model",
     "trust_factories",
     "trusted_factories",
     "__version__",

@@ -146,6 +146,10 @@ def test_onnx_runtime_routes_and_answers_as_eager(model):
     out = server.route(x.numpy())  # numpy in works too
     assert out.logits.shape == (40, model.num_classes) and out.choice.dtype == torch.int64
     assert "5 sessions, 1 threads" in server.describe()
+    widest = server.static_network(model.routing_space[-1])  # the same runtime's static network
+    with torch.inference_mode():
+        want = model(x, subnet=model.routing_space[-1])
+    assert abs(torch.from_numpy(widest(x)) - want).max() < 1e-4
 
 
 def test_serving_model_from_a_checkpoint_auto_and_bad_runtime(model, tmp_path, monkeypatch):
@@ -312,3 +316,32 @@ def test_one_real_inductor_compile_serves_as_eager(model):
 def test_dataclass_output(model, split):
     out = split.route(_images(3))
     assert dataclasses.fields(out)[0].name == "logits" and out.choice.shape == (3,)
+
+
+def test_bench_serving_paths_end_to_end_on_a_tiny_run():
+    """The benchmark behind AUTO_RUNTIME, one round (no timing claim): the report's rows and the markdown."""
+    from dsnet.bench.serving import bench_serving_paths
+
+    torch.manual_seed(0)
+    model = perturb(dsnet.create_model("ds_resnet8_tiny", routing_space=[0, 3]))  # two choices: fewer exports
+    x = _images(16)
+    runtimes = ("eager", "eager-split", "compile")
+    report = bench_serving_paths(
+        model, x, runtimes=runtimes, batch_sizes=(1, 8), batch1_images=4, repeats=1, warmup=0,
+        compile={"backend": "eager"},
+    )  # fmt: skip
+    assert report["schema"] == "dsnet-serving-paths-v1" and report["routing_space"] == model.routing_space
+    for name in runtimes:
+        assert report["build"][name]["check"]["routing_agrees"]
+    assert report["build"]["compile"]["compiled_graphs"] > 0
+    for res, batch in zip(report["results"], (1, 8)):
+        assert res["batch_size"] == batch and res["calls_per_round"] == (4 if batch == 1 else 1)
+        assert sum(res["counts"]) == (4 if batch == 1 else 8) and res["fastest"] in runtimes
+        rows = {r["runtime"]: r for r in res["runtimes"]}
+        assert set(rows) == set(runtimes)
+        for r in rows.values():
+            assert r["dynamic_ms"] > 0 and r["widest_ms"] > 0 and len(r["static_ms"]) == len(model.routing_space)
+            assert r["time_per_mac_ratio"] > 0 and not r["speedup_vs_widest"]["clear"]  # one round
+            assert r["speedup_vs_widest"]["speedup"] == pytest.approx(r["widest_ms"] / r["dynamic_ms"])
+    text = format_serving_report(report)
+    assert text.count("| eager-split |") == 2 and "graphs compiled in" in text

@@ -29,10 +29,10 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors (the lazy import below is the same)
+    from dsnet.bench.serving import serving_model
     from dsnet.convert import make_dynamic
     from dsnet.macs import count_macs
     from dsnet.models import DynamicNet, RoutingResult, Subnet, create_model, list_models
-    from dsnet.bench.serving import serving_model
     from dsnet.models.registry import trust_factories, trusted_factories
     from dsnet.train.load import LoadedCheckpoint, load
 

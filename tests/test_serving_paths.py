@@ -345,3 +345,20 @@ def test_bench_serving_paths_end_to_end_on_a_tiny_run():
             assert r["speedup_vs_widest"]["speedup"] == pytest.approx(r["widest_ms"] / r["dynamic_ms"])
     text = format_serving_report(report)
     assert text.count("| eager-split |") == 2 and "graphs compiled in" in text
+
+
+def test_inference_cache_of_the_routing_space_is_as_documented(model):
+    """set_inference_cache's docstring: serving the routing space holds at most ~1.8x the parameters again."""
+    model.clear_inference_cache()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    with torch.inference_mode():
+        for k in model.routing_space:
+            model(_images(2), subnet=k)
+    routed = model.inference_cache_bytes()
+    assert params < routed < 2 * params
+    model.set_inference_cache(max_bytes=routed // 2)
+    with torch.inference_mode():
+        for _ in range(2):
+            model(_images(16))
+            assert model.inference_cache_bytes() <= routed // 2
+    model.set_inference_cache()

@@ -136,11 +136,14 @@ def _group_run(
 ) -> Tensor:
     """Run ``post(group, j, rows)`` on each group of samples that chose ``j``; outputs back in input order.
 
-    One gather sorts the batch by choice (the groups are views of it), one ``index_copy`` scatters the outputs.
-    A channels-last feature map is gathered as NHWC, so the groups stay channels-last.
+    One gather sorts the batch by choice (the groups are views of it); each group's output is copied straight
+    to its rows of the result. A channels-last feature map is gathered as NHWC, so the groups stay
+    channels-last. One image: one read of its choice, no grouping at all.
     """
-    counts = torch.bincount(choice, minlength=num_choices).tolist()
     n = h.shape[0]
+    if n == 1:
+        return post(h, int(choice[0]), None)
+    counts = torch.bincount(choice, minlength=num_choices).tolist()
     if max(counts) == n:  # the whole batch agrees: no gather/scatter
         return post(h, counts.index(n), None)
     order = torch.argsort(choice, stable=True)
@@ -149,9 +152,15 @@ def _group_run(
     else:
         grouped = h.index_select(0, order)
     rows = order.split(counts)
-    outs = [post(part, j, rows[j]) for j, part in enumerate(grouped.split(counts)) if part.shape[0]]
-    sorted_out = torch.cat(outs)
-    return sorted_out.new_empty(sorted_out.shape).index_copy_(0, order, sorted_out)
+    out: Tensor | None = None
+    for j, part in enumerate(grouped.split(counts)):
+        if part.shape[0] == 0:
+            continue
+        part_out = post(part, j, rows[j])
+        if out is None:
+            out = part_out.new_empty((n, *part_out.shape[1:]))
+        out.index_copy_(0, rows[j], part_out)
+    return out  # type: ignore[return-value]
 
 
 class _TorchServing(ServingModel):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from dsnet.bench.onnx_bundle import bench_onnx_dynamic, export_bench_bundle
 from dsnet.bench.routing import mix_choices, mix_counts
 from dsnet.bench.timing import interleaved, speedup_claim, summarize
 from dsnet.models.base import DynamicNet
+from dsnet.utils.latency import cpu_name
 from dsnet.utils.table import format_table
 
 __all__ = ["SCHEMA", "BenchConfig", "default_mix", "run_benchmark", "format_report", "cpu_name"]
@@ -68,17 +68,6 @@ class BenchConfig:
 def default_mix(n: int) -> list[float]:
     """40/30/20/10 % for a four-way routing space, uniform otherwise."""
     return [0.4, 0.3, 0.2, 0.1] if n == 4 else [1.0 / n] * n
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _stats(samples: list[float]) -> dict[str, float | int]:

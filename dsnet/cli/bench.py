@@ -93,6 +93,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="LC-Net only: block-skip fractions (default 0.25,0.5,0.75)",
     )
     p.add_argument("--json", metavar="FILE", type=output_file, help="write the full report as JSON")
+    p.add_argument(
+        "--latency-table",
+        metavar="FILE",
+        type=output_file,
+        help="measure only the latency table: ms per image of each routing choice per batch size (and in ONNX "
+        "Runtime with --onnx), on this machine with these threads, written as JSON for gate.target_ms, "
+        "calibrate_budget(target_ms=) and dsnet eval --latency-table",
+    )
     p.set_defaults(func=run)
 
 
@@ -117,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(model, DynamicNet):
         raise ValueError(f"{name} is not a dynamic dsnet model")
     input_size = check_input_size(model, args.input_size) if args.input_size else None
+    if args.latency_table:
+        return _run_latency_table(model, name, input_size, args)
     mix, source = args.mix, "given (--mix)" if args.mix is not None else "synthetic default"
     if args.checkpoint and mix is None:
         mix, source = checkpoint_mix(model, ckpt, args.routing_images, args.data)
@@ -140,6 +150,34 @@ def run(args: argparse.Namespace) -> int:
     print(format_report(report))
     if args.json:
         atomic_write_json(report, args.json)
+    return 0
+
+
+def _run_latency_table(model, name: str, input_size: tuple[int, ...] | None, args: argparse.Namespace) -> int:  # noqa: ANN001
+    """``--latency-table FILE``: each routing choice timed here (eager, and ONNX Runtime with ``--onnx``)."""
+    from dsnet.bench.latency import format_latency_table, measure_latency_table
+
+    if args.subnets is not None or args.mix is not None or args.no_masked:
+        raise ValueError("--latency-table times every routing choice: --subnets, --mix and --no-masked do not apply")
+    table = measure_latency_table(
+        model,
+        batch_sizes=args.batch_sizes,
+        runtimes=("eager", "onnx") if args.onnx else ("eager",),
+        repeats=args.repeats,
+        warmup=args.warmup,
+        threads=args.threads,
+        device=args.device,
+        input_size=input_size,
+        channels_last=False if args.no_channels_last else None,
+        model_name=name,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    table.data["command"] = "dsnet " + " ".join(sys.argv[1:])
+    print(format_latency_table(table))
+    table.save(args.latency_table)
+    print(f"wrote {args.latency_table}")
+    if args.json:
+        atomic_write_json(table.data, args.json)
     return 0
 
 

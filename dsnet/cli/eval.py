@@ -45,6 +45,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="N biases chosen from the gate's logits (default 21)",
     )
+    p.add_argument(
+        "--latency-table",
+        metavar="FILE",
+        help="a latency table (dsnet bench --latency-table): report ms per image next to MACs, per routing choice, "
+        "for the dynamic point and the sweep (expected: sum of share x ms)",
+    )
+    p.add_argument(
+        "--latency-batch-size",
+        type=positive_int,
+        metavar="B",
+        help="the table's row: batch size (default: its only one)",
+    )
+    p.add_argument(
+        "--latency-runtime", choices=["eager", "onnx"], default=None, help="the table's row: runtime (default eager)"
+    )
+    p.add_argument(
+        "--latency-foreign",
+        action="store_true",
+        help="use a table measured on another machine, thread count, runtime or model (warns instead of an error)",
+    )
     p.add_argument("--json", metavar="FILE", type=output_file, help="write the report as JSON")
     p.add_argument("--plot", metavar="FILE", type=output_file, help="write a top-1 vs MMACs plot (PNG)")
     p.add_argument("--device", type=device_name, default="cpu", help="cpu | cuda | cuda:N (default cpu)")
@@ -140,6 +160,19 @@ def run(args: argparse.Namespace) -> int:
     from dsnet.data import check_class_names
 
     check_class_names(ckpt.get("dataset"), info.class_names, args.checkpoint, f"{info.name} ({cfg.get('root')})")
+    latency = None
+    if args.latency_table:  # checked before the evaluation: a table for another setting fails at once
+        from dsnet.utils.latency import LatencyTable
+
+        table = LatencyTable.load(args.latency_table)
+        row = table.resolve(
+            model,
+            (info.in_chans, info.image_size, info.image_size),
+            batch_size=args.latency_batch_size,
+            runtime=args.latency_runtime,
+            allow_foreign=args.latency_foreign,
+        )
+        latency = (table, row)
     report = evaluate(
         model,
         loader,
@@ -153,6 +186,12 @@ def run(args: argparse.Namespace) -> int:
     )
     report["checkpoint_stage"] = ckpt.get("stage")  # "supernet": the gate was never trained
     print(format_report(report))
+    if latency is not None:
+        from dsnet.evaluation.latency import format_latency_report, latency_entry
+
+        report["latency"] = latency_entry(report, *latency)
+        print()
+        print(format_latency_report(report["latency"]))
     if args.json:
         atomic_write_json(report, args.json)
         print(f"wrote {args.json}")

@@ -23,10 +23,18 @@ from typing import Any
 
 from dsnet.models.base import DynamicNet
 from dsnet.train.ema import ModelEma
-from dsnet.train.gate import GateObjective, freeze_backbone, gate_step, target_macs_of, widest_routed_macs
+from dsnet.train.gate import (
+    GateObjective,
+    freeze_backbone,
+    gate_step,
+    latency_cost_table,
+    target_macs_of,
+    widest_routed_macs,
+)
 from dsnet.train.optim import MaskedSGD, cosine_lr
 from dsnet.train.run import train_epoch
 from dsnet.train.supernet import SandwichStep, build_optimizer
+from dsnet.utils.latency import choice_latencies
 
 __all__ = ["fit_supernet", "fit_gate"]
 
@@ -121,6 +129,11 @@ def fit_gate(
     objective: GateObjective | None = None,
     target_fraction: float | None = None,
     target_mmacs: float | None = None,
+    target_ms: float | None = None,
+    latency_table: Any = None,
+    latency_batch_size: int | None = None,
+    latency_runtime: str | None = None,
+    allow_foreign: bool = False,
     macs_unit: str = "relative",
     progress: bool = True,
 ) -> list[dict[str, float]]:
@@ -132,7 +145,12 @@ def fit_gate(
     ``target_mmacs``) the complexity loss steers toward it; then call
     :func:`~dsnet.train.gate.calibrate_budget` on held-out images so the gate
     meets it. ``macs_unit``: ``"relative"`` (MACs as a fraction of the widest
-    routed) or ``"gmacs"`` (the official ``(mean GMACs)^2``). Returns each
+    routed) or ``"gmacs"`` (the official ``(mean GMACs)^2``). A latency budget,
+    ``target_ms`` per image with a ``latency_table`` (a path, a
+    :class:`~dsnet.utils.latency.LatencyTable`, or one ms per routing choice;
+    its row ``latency_batch_size``/``latency_runtime``, checked as
+    :func:`~dsnet.train.gate.calibrate_budget` does), steers the complexity
+    loss by the table's costs instead; calibrate with the same arguments. Returns each
     epoch's mean losses and routing mix. The model is left in eval mode with
     its parameters' ``requires_grad`` as they were.
     """
@@ -145,6 +163,21 @@ def fit_gate(
     table = model.routing_macs(size).to(device)
     unit = 1e9 if macs_unit == "gmacs" else widest_routed_macs(model, size)
     target = target_macs_of(target_fraction, target_mmacs, model, size)
+    cost_table = None
+    if target_ms is not None:
+        if target is not None:
+            raise ValueError("fit_gate: target_ms and target_fraction/target_mmacs are alternatives: set one")
+        if latency_table is None:
+            raise ValueError("fit_gate(target_ms=...) needs latency_table= (dsnet bench --latency-table FILE)")
+        ms = choice_latencies(
+            latency_table,
+            model,
+            size,
+            batch_size=latency_batch_size,
+            runtime=latency_runtime,
+            allow_foreign=allow_foreign,
+        )
+        cost_table, target = latency_cost_table(table, ms, target_ms)
     trainable = {p: p.requires_grad for p in model.parameters()}
     model.train()
     head = freeze_backbone(model)
@@ -153,7 +186,9 @@ def fit_gate(
 
     def step(batch: Any) -> dict[str, float]:
         opt.zero_grad(set_to_none=True)
-        stats = gate_step(model, batch[0].to(device), batch[1].to(device), table, objective, unit, target)
+        stats = gate_step(
+            model, batch[0].to(device), batch[1].to(device), table, objective, unit, target, cost_table=cost_table
+        )
         opt.step()
         return stats
 

@@ -182,6 +182,25 @@ SCHEMA: dict[str, Any] = {
             "target_fraction": Float(
                 None, "(0, 1]", null=True, doc="budget as a fraction of the widest routed sub-network's MACs"
             ),
+            "target_ms": Float(
+                None,
+                "(0, inf)",
+                null=True,
+                doc="budget in milliseconds per image from gate.latency_table (not with target_mmacs/target_fraction)",
+            ),
+            "latency_table": PathKey(
+                None,
+                null=True,
+                doc="latency table (`dsnet bench --checkpoint CKPT --latency-table FILE`): target_ms routes against "
+                "its ms per routing choice; each epoch logs the expected ms (holdout_ms)",
+            ),
+            "latency_batch_size": Int(
+                None, "[1, inf)", null=True, doc="the table's row: this batch size (null: the table's only one)"
+            ),
+            "latency_runtime": Choice("eager", ("eager", "onnx"), doc="the table's row: this runtime"),
+            "latency_table_foreign": Bool(
+                False, doc="use a table measured on another machine, thread count, runtime or model (warns)"
+            ),
             "amp": Bool(True, doc="bfloat16 autocast of the frozen backbone's forwards on CUDA; ignored on CPU"),
         },
         S2,
@@ -247,6 +266,13 @@ def _cross_check(cfg: dict) -> None:
     gc = cfg["gate"]
     if gc["target_mmacs"] is not None and gc["target_fraction"] is not None:
         raise ConfigError("gate.target_fraction: gate.target_mmacs is set too; they are alternatives, set one")
+    for other in ("target_mmacs", "target_fraction"):
+        if gc["target_ms"] is not None and gc[other] is not None:
+            raise ConfigError(f"gate.target_ms: gate.{other} is set too; they are alternatives, set one")
+    if gc["target_ms"] is not None and gc["latency_table"] is None:
+        raise ConfigError(
+            "gate.target_ms: needs gate.latency_table (measure one: dsnet bench --checkpoint CKPT --latency-table FILE)"
+        )
 
 
 def _set_dotted(cfg: dict, dotted: str, value: Any) -> None:

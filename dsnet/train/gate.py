@@ -61,10 +61,19 @@ from dsnet.train.run import (
     set_rng_state,
     train_epoch,
 )
+from dsnet.utils.latency import LatencyTable, choice_latencies
 from dsnet.utils.modes import temporary_mode
 from dsnet.utils.threads import set_threads
 
-__all__ = ["GateObjective", "gate_step", "train_gate", "freeze_backbone", "evaluate_dynamic", "calibrate_budget"]
+__all__ = [
+    "GateObjective",
+    "gate_step",
+    "train_gate",
+    "freeze_backbone",
+    "evaluate_dynamic",
+    "calibrate_budget",
+    "latency_cost_table",
+]
 
 
 def freeze_backbone(model: DynamicNet) -> list[torch.nn.Parameter]:
@@ -159,6 +168,7 @@ def gate_step(
     unit_macs: float,
     target_macs: float | None = None,
     amp: bool = False,
+    cost_table: Tensor | None = None,
 ) -> dict[str, float]:
     """Losses of one stage II step, backward included (no optimiser step).
 
@@ -166,7 +176,9 @@ def gate_step(
     post-gate part on the whole batch, without gradient: they give the SGS
     targets and the outputs the task loss compares. ``macs_table`` is
     ``model.routing_macs``; ``target_macs`` the budget the complexity loss
-    steers toward (None: plain ``(MACs / unit)^2``).
+    steers toward (None: plain ``(MACs / unit)^2``). ``cost_table`` (one value
+    per routing choice, in MAC units) replaces ``macs_table`` in the complexity
+    loss only: a latency budget's costs (:func:`latency_cost_table`).
     """
     space = model.routing_space
     with torch.no_grad(), autocast(images.device, amp):
@@ -194,7 +206,8 @@ def gate_step(
         task = (F.softmax(gate_logits / objective.tau, dim=1) * per_choice.view(-1, len(space))).sum(1).mean()
     sgs = F.cross_entropy(gate_logits, target)
     expected_macs = onehot @ macs_table.to(onehot.dtype)
-    cost = complexity_loss(expected_macs, objective.macs_weight, unit_macs, target_macs)
+    expected_cost = expected_macs if cost_table is None else onehot @ cost_table.to(onehot.device, onehot.dtype)
+    cost = complexity_loss(expected_cost, objective.macs_weight, unit_macs, target_macs)
     loss = objective.sgs_weight * sgs + objective.task_weight * task + cost
     if not torch.isfinite(loss):
         raise FloatingPointError(f"stage II loss is not finite ({float(loss)}): sgs={float(sgs)} task={float(task)}")
@@ -267,6 +280,20 @@ def widest_routed_macs(model: DynamicNet, input_size: Sequence[int]) -> float:
     return float(model.subnet_macs(input_size)[model.routing_space[-1]] + model.gate_head_macs())
 
 
+def latency_cost_table(macs_table: Tensor, choice_ms: Sequence[float], target_ms: float) -> tuple[Tensor, float]:
+    """A latency budget in the complexity loss's units: each choice's ms scaled so the widest costs its MACs.
+
+    Returns ``(cost_table, target)``: ``cost_j = ms_j * macs_widest / ms_widest`` and ``target_ms`` on the same
+    scale, so ``gate.macs_weight`` and ``gate.macs_unit`` keep their meaning (the widest routed choice costs
+    what it does in MACs; the others cost in proportion to their milliseconds).
+    """
+    ms = torch.as_tensor([float(v) for v in choice_ms], dtype=torch.float64)
+    if ms.numel() != macs_table.numel():
+        raise ValueError(f"need one ms per routing choice ({macs_table.numel()}), got {ms.numel()}")
+    scale = float(macs_table[-1]) / float(ms[-1])
+    return (ms * scale).to(torch.float32), float(target_ms) * scale
+
+
 @torch.no_grad()
 def calibrate_budget(
     model: DynamicNet,
@@ -274,21 +301,43 @@ def calibrate_budget(
     *,
     target_macs: float | None = None,
     target_fraction: float | None = None,
+    target_ms: float | None = None,
+    latency_table: LatencyTable | str | Path | Sequence[float] | None = None,
+    batch_size: int | None = None,
+    runtime: str | None = None,
+    allow_foreign: bool = False,
     max_batches: int = 50,
 ) -> float:
-    """Set the gate's stored budget bias so that dynamic inference averages a MAC budget on ``batches``.
+    """Set the gate's stored budget bias so that dynamic inference averages a budget on ``batches``.
 
-    The budget is ``target_macs`` per sample, or ``target_fraction`` of the
-    widest routed sub-network's MACs. Use held-out training images (not the
-    split you report on). The bias is ``b * model.bias_direction()`` (the
-    ramp of the logits router, the relative-cost vector of the utility router,
-    where ``b`` is ``lam``; both favour slim choices for ``b > 0``); the mean
-    routed MACs fall monotonically with ``b``, so bisection finds the smallest
-    ``b`` that meets the budget, which is stored in ``model.gate.budget_bias``
+    The budget is ``target_macs`` per sample, ``target_fraction`` of the
+    widest routed sub-network's MACs, or ``target_ms`` milliseconds per image
+    of a ``latency_table`` (``dsnet bench --latency-table``; the row measured
+    at ``batch_size`` in ``runtime``, see :meth:`dsnet.utils.latency.LatencyTable.row`;
+    or one ms per routing choice as plain numbers), whose expected latency for
+    a routing is ``sum_j share_j * ms_j``. A table measured on another machine,
+    thread count, runtime or model is a ValueError naming the difference,
+    unless ``allow_foreign`` (then one warning line). Use held-out training
+    images (not the split you report on). The bias is ``b * model.bias_direction()``
+    (the ramp of the logits router, the relative-cost vector of the utility
+    router, where ``b`` is ``lam``; both favour slim choices for ``b > 0``) --
+    the same knob whatever the budget's unit, only the cost that picks ``b``
+    differs; the mean routed cost falls monotonically with ``b`` (for costs
+    that grow along the routing space), so bisection finds the smallest ``b``
+    that meets the budget, which is stored in ``model.gate.budget_bias``
     (saved with the weights). Returns ``b``.
     """
-    if (target_macs is None) == (target_fraction is None):
-        raise ValueError("calibrate_budget needs exactly one of target_macs and target_fraction")
+    given = [n for n, v in (("target_macs", target_macs), ("target_fraction", target_fraction),
+                            ("target_ms", target_ms)) if v is not None]  # fmt: skip
+    if len(given) != 1:
+        raise ValueError(
+            "calibrate_budget needs exactly one of target_macs, target_fraction and target_ms"
+            + (f" (got {', '.join(given)})" if given else "")
+        )
+    if target_ms is not None and latency_table is None:
+        raise ValueError("calibrate_budget(target_ms=...) needs latency_table= (dsnet bench --latency-table FILE)")
+    if target_ms is not None and not target_ms > 0:
+        raise ValueError(f"target_ms must be positive, got {target_ms}")
     device = next(model.parameters()).device
     logits, input_size = [], None
     with temporary_mode(model, False):
@@ -301,24 +350,31 @@ def calibrate_budget(
             logits.append(model.gate_scores(h, z)[0].float())
     if not logits:
         raise ValueError("calibrate_budget: the batches yielded no images")
-    table = model.routing_macs(input_size).to(device)
-    if target_fraction is not None:
-        target_macs = target_macs_of(target_fraction, None, model, input_size)
-    target = float(target_macs)
+    if target_ms is not None:
+        ms = choice_latencies(
+            latency_table, model, input_size, batch_size=batch_size, runtime=runtime, allow_foreign=allow_foreign
+        )
+        table = torch.tensor(ms, dtype=torch.float64, device=device)
+        target = float(target_ms)
+    else:
+        table = model.routing_macs(input_size).to(device)
+        if target_fraction is not None:
+            target_macs = target_macs_of(target_fraction, None, model, input_size)
+        target = float(target_macs)
     g = torch.cat(logits)
     ramp = model.bias_direction(input_size).to(device)
 
-    def mean_macs(b: float) -> float:
+    def mean_cost(b: float) -> float:
         return float(table[(g + b * ramp).argmax(1)].mean())
 
     lo, hi = -1.0, 1.0
-    while mean_macs(lo) < target and lo > -1e6:
+    while mean_cost(lo) < target and lo > -1e6:
         lo *= 2
-    while mean_macs(hi) > target and hi < 1e6:
+    while mean_cost(hi) > target and hi < 1e6:
         hi *= 2
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if mean_macs(mid) > target:
+        if mean_cost(mid) > target:
             lo = mid
         else:
             hi = mid
@@ -417,11 +473,29 @@ def train_gate(
     macs_table = model.routing_macs(input_size).to(device)
     unit = 1e9 if gc["macs_unit"] == "gmacs" else widest_routed_macs(model, input_size)
     target = target_macs_of(gc["target_fraction"], gc["target_mmacs"], model, input_size)
+    choice_ms, cost_table, loss_target = None, None, target
+    if gc["latency_table"] is not None:  # ms per routing choice, checked to have been measured for this setting
+        choice_ms = choice_latencies(
+            gc["latency_table"],
+            model,
+            input_size,
+            batch_size=gc["latency_batch_size"],
+            runtime=gc["latency_runtime"],
+            allow_foreign=gc["latency_table_foreign"],
+        )
+        if ctx.is_main:
+            print(f"[gate] latency table {gc['latency_table']}: ms/image per routing choice "
+                  + " ".join(f"{v:.4g}" for v in choice_ms), flush=True)  # fmt: skip
+    if gc["target_ms"] is not None:
+        if choice_ms is None:
+            raise ValueError("gate.target_ms needs gate.latency_table (dsnet bench --latency-table FILE)")
+        cost_table, loss_target = latency_cost_table(macs_table, choice_ms, gc["target_ms"])
+    budgeted = target is not None or gc["target_ms"] is not None
     objective = GateObjective.from_config(gc)
     budget_loader = None
-    if target is not None and val_split == "holdout":  # calibrate the budget bias on held-out training images
+    if budgeted and val_split == "holdout":  # calibrate the budget bias on held-out training images
         budget_loader = val_loader
-    elif target is not None:  # no holdout: a separate, fixed pass over (augmented) training images
+    elif budgeted:  # no holdout: a separate, fixed pass over (augmented) training images
         budget_loader, _ = build_loader(cfg["data"], "train", seed=cfg["seed"] + 7, device=device)
         budget_loader.sampler.set_epoch(0)
     global_batch = cfg["data"]["batch_size"] * ctx.world_size
@@ -443,7 +517,15 @@ def train_gate(
         images, labels = batch
         optimizer.zero_grad(set_to_none=True)
         stats = gate_step(
-            model, images.to(device), labels.to(device), macs_table, objective, unit, target, amp=gc["amp"]
+            model,
+            images.to(device),
+            labels.to(device),
+            macs_table,
+            objective,
+            unit,
+            loss_target,
+            amp=gc["amp"],
+            cost_table=cost_table,
         )
         if ctx.enabled:  # only the head trains: average its gradient by hand
             for p in head:
@@ -467,11 +549,18 @@ def train_gate(
             cfg["log"]["print_every"],
         )
         record = epoch_record(epoch, lr, time.time() - t0, sums, steps_per_epoch, ctx, device)
-        if budget_loader is not None:
+        if budget_loader is not None and gc["target_ms"] is not None:
+            record["budget_bias"] = calibrate_budget(
+                model, budget_loader, target_ms=gc["target_ms"], latency_table=choice_ms
+            )
+            record["target_ms"] = gc["target_ms"]
+        elif budget_loader is not None:
             record["budget_bias"] = calibrate_budget(model, budget_loader, target_macs=target)
             record["target_mmacs"] = target / 1e6
         if ctx.is_main:
             val = evaluate_dynamic(model, val_loader, device, macs_table)
+            if choice_ms is not None:  # the expected ms per image of the gate's mix, from the table
+                val["ms"] = sum(val[f"route_{k}"] * m for k, m in zip(model.routing_space, choice_ms))
             record.update(
                 {f"{val_split}_{k}": v for k, v in val.items()}, selection_split=val_split
             )  # holdout_top1, ...
@@ -504,7 +593,8 @@ def train_gate(
                     else f"sgs={record['loss_sgs']:.3f} task={record['loss_task']:.3f} "
                 )
                 + f"{val_split}_top1={record.get(f'{val_split}_top1', float('nan')):.2f} "
-                f"{val_split}_mmacs={record.get(f'{val_split}_mmacs', float('nan')):.2f}",
+                f"{val_split}_mmacs={record.get(f'{val_split}_mmacs', float('nan')):.2f}"
+                + (f" {val_split}_ms={record[f'{val_split}_ms']:.4g}" if f"{val_split}_ms" in record else ""),
                 flush=True,
             )
         ctx.barrier()

@@ -36,6 +36,7 @@ from dsnet.bench.timing import interleaved, speedup_claim, summarize
 from dsnet.export.serving import (
     RUNTIMES,
     ServingModel,
+    SplitServing,
     build_serving,
     check_serving,
 )
@@ -218,7 +219,10 @@ def bench_serving_paths(
         server = build_serving(model, name, threads=threads, compile=compile if name == "compile" else None)
         built = time.perf_counter() - t0
         t0 = time.perf_counter()
-        statics[name] = {j: server.static_network(k) for j, k in enumerate(space)}
+        if isinstance(server, SplitServing):  # compiled: only the graphs these batch sizes use
+            statics[name] = {j: server.static_network(k, warmup=batch_sizes) for j, k in enumerate(space)}
+        else:
+            statics[name] = {j: server.static_network(k) for j, k in enumerate(space)}
         static_seconds = time.perf_counter() - t0
         servers[name] = server
         check = check_serving(server, model, check_images, biases=(0.0, 0.5, -0.5))

@@ -325,12 +325,13 @@ class SplitServing(_TorchServing):
             out = _group_run(h, choice, len(self.post), post)
         return ServingOutput(out, choice)
 
-    def static_network(self, subnet: int) -> Callable[[Tensor], Any]:
+    def static_network(self, subnet: int, warmup: Sequence[int] = WARMUP_BATCHES) -> Callable[[Tensor], Any]:
+        """Sub-network ``subnet`` as one plain folded graph, compiled like the split (warmed up on ``warmup``)."""
         static = self._static_module(subnet)
         x = self._prepare(torch.randn(2, *self.input_size))
         network = self._compiled(plain_graph(static, x))
         if self.compile_options is not None:
-            for n in WARMUP_BATCHES:
+            for n in warmup:
                 with torch.inference_mode():
                     network(self._prepare(torch.randn(n, *self.input_size)))
 

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from dsnet.export.compact import compact_copy
+from dsnet.export.split import PostGate, PreGate
 from dsnet.models.base import DynamicNet
 from dsnet.utils.io import atomic_write_json
 
@@ -206,31 +207,6 @@ def export_static(
     return _export(static, x, Path(out), "input", ["logits"], meta)
 
 
-class _PreGate(nn.Module):
-    """Shared part of dynamic inference: features for the routed part, and the gate's scores (budget bias included)."""
-
-    def __init__(self, model: DynamicNet) -> None:
-        super().__init__()
-        self.model = model
-        self.subnet = model.routing_space[0]  # every routed sub-network shares the pre-gate widths
-
-    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        h, z = self.model.forward_pre(x, self.subnet)
-        logits, slim_out = self.model.gate_logits(h, z)
-        # exit mode: the slimmest's answer is computed here (the gate reads it) and is routing choice 0's output
-        return (h, logits) if slim_out is None else (h, logits, slim_out)
-
-
-class _PostGate(nn.Module):
-    def __init__(self, model: DynamicNet, subnet: int) -> None:
-        super().__init__()
-        self.model = model
-        self.subnet = subnet
-
-    def forward(self, h: Tensor) -> Tensor:
-        return self.model.forward_post(h, self.subnet)
-
-
 def _bundle_paths(out: Path) -> tuple[Path, Path, list[Path]]:
     base = out.with_suffix("") if out.suffix == ".onnx" else out
     return base.with_suffix(".onnx"), base.with_suffix(".manifest.json"), []
@@ -257,9 +233,9 @@ def export_dynamic(
     preprocessing, class_names = preprocessing_spec(x.shape[1:], dataset)
     meta = _metadata(preprocessing, class_names)
     k0 = model.routing_space[0]
-    pre_model = compact_copy(model, lambda m: _PreGate(m)(x))
+    pre_model = compact_copy(model, lambda m: PreGate(m)(x))
     pre_outputs = ["features", "gate_logits"] + (["slim_logits"] if exit_mode else [])
-    _export(_PreGate(pre_model), x, pre_path, "input", pre_outputs, meta)
+    _export(PreGate(pre_model), x, pre_path, "input", pre_outputs, meta)
     with torch.no_grad():
         h, _ = model.forward_pre(x, k0)
     posts = []
@@ -270,7 +246,7 @@ def export_dynamic(
             continue
         post_model = compact_copy(model, lambda m, k=k: m.forward_post(h, k))
         path = pre_path.with_name(f"{pre_path.stem}.post{j}.onnx")
-        _export(_PostGate(post_model, k), h, path, "features", ["logits"], meta)
+        _export(PostGate(post_model, k), h, path, "features", ["logits"], meta)
         posts.append({"choice": j, "subnet": k, "file": path.name, "macs": macs[k]})
     manifest = {
         "format": MANIFEST_FORMAT,

@@ -3,8 +3,9 @@
 Dynamic inference runs the pre-gate part once for the batch, takes the gate's
 decision per sample and runs each routed sub-network's post-gate part on the
 samples that chose it (``DynamicNet.route``). :func:`split_dynamic` builds that
-split as plain ``torch.fx`` graph modules of ATen operations, the same split the
-ONNX bundle exports (``dsnet.export.onnx``):
+split as plain ``torch.fx`` graph modules of ATen operations, the same split (the
+same :class:`PreGate` and :class:`PostGate`) the ONNX bundle exports
+(``dsnet.export.onnx``):
 
 * ``pre``: ``images -> (features, gate_logits)`` (and, in ``"exit"`` gate mode,
   the slimmest's logits: routing choice 0's answer), ``gate_logits`` being the

@@ -216,10 +216,9 @@ def _one_budget_check(batch: int) -> tuple[float, float, str | None]:
     calibrate_budget(model, [(images, None)], target_ms=target, latency_table=table, batch_size=batch)
     result = measure_routed_latency(model, images, table, batch_size=batch, repeats=9, warmup=1)
     assert result["table_ms"] == pytest.approx(target, rel=0.10)  # the table's prediction for the gate's mix
-    assert 0 < result["shares"][-1] < 1  # a real mix: some images go wide, some do not
-    ordering = table.row(batch)["ordering"]
-    if not all(o["clear"] for o in ordering if o["speedup"] > 1.2):  # (the rule of dsnet.bench.timing)
-        return result["routed_ms"], target, f"the table's choices are not clearly ordered: {ordering}"
+    assert max(result["shares"]) < 1  # a real mix: the images do not all take one choice
+    if ms[-1] < 1.3 * ms[0]:
+        return result["routed_ms"], target, f"the widest choice is not much slower than the slimmest here ({ms})"
     drift = statistics.median(result["drift"])
     if not 0.9 <= drift <= 1.1:
         return result["routed_ms"], target, f"the machine's speed changed: its choices now take {drift:.2f}x the table"
@@ -331,3 +330,64 @@ def test_choice_latencies_from_a_path(tmp_path):
     path = _fabricated(model, [1, 2, 4, 8]).save(tmp_path / "t.json")
     assert choice_latencies(path, model, SIZE) == [1.0, 2.0, 4.0, 8.0]
     assert choice_latencies(path, model, SIZE, batch_size=64, runtime="eager") == [1.0, 2.0, 4.0, 8.0]
+
+
+def test_onnx_rows_time_the_exported_bundle():
+    pytest.importorskip("onnxruntime")
+    model = _model()
+    table = measure_latency_table(model, batch_sizes=[2], runtimes=("eager", "onnx"), repeats=1, warmup=1)
+    assert table.settings() == [("eager", 2), ("onnx", 2)]
+    assert "onnxruntime" in table.data["versions"]
+    eager, onnx = table.choice_ms(2, "eager"), table.choice_ms(2, "onnx")
+    assert len(onnx) == len(model.routing_space) and all(v > 0 for v in onnx) and onnx != eager
+    assert table.resolve(model, SIZE, batch_size=2, runtime="onnx")["runtime"] == "onnx"
+    with pytest.raises(ValueError, match="runtimes must be among eager, onnx"):
+        measure_latency_table(model, batch_sizes=[2], runtimes=("tensorrt",))
+
+
+def test_stage_two_with_a_latency_budget(tmp_path):
+    """``dsnet train gate`` with gate.target_ms: the budget bias is calibrated to the table's ms each epoch."""
+    pytest.importorskip("dsnet.data")
+    from dsnet.train.checkpoint import save_checkpoint
+    from dsnet.train.gate import train_gate
+
+    overrides = [
+        f"model.name={NAME}",
+        "data.dataset=synthetic",
+        "data.synthetic.num_train=160",
+        "data.synthetic.num_val=32",
+        "data.synthetic.num_classes=4",
+        "data.synthetic.image_size=28",
+        "data.synthetic.channels=3",
+        "data.holdout=64",
+        "data.batch_size=32",
+        "data.eval_batch_size=64",
+        "data.workers=0",
+        "gate.epochs=1",
+        "log.progress=false",
+        "log.tensorboard=false",
+    ]
+    cfg0 = load_config(None, overrides)
+    model = _spread_head(_model(), scale=3.0)
+    sup = tmp_path / "supernet.ckpt"
+    spec = {"name": NAME, "kwargs": {"num_classes": 4}}
+    save_checkpoint(
+        sup,
+        {"model": spec, "state_dict": model.state_dict(), "config": cfg0, "stage": "supernet", "bn_calibrated": True},
+    )
+    ms = [1.0, 2.0, 4.0, 8.0]
+    table = _fabricated(model, ms, batch_size=32).save(tmp_path / "latency.json")
+    cfg = load_config(None, [*overrides, "gate.target_ms=3.5", f"gate.latency_table={table}"])
+    train_gate(cfg, sup, tmp_path / "gate")
+    record = json.loads((tmp_path / "gate" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["target_ms"] == 3.5 and "target_mmacs" not in record
+    assert record["holdout_ms"] <= 3.5 and record["holdout_ms"] == pytest.approx(3.5, rel=0.10)
+    shares = [record[f"holdout_route_{k}"] for k in model.routing_space]
+    assert record["holdout_ms"] == pytest.approx(sum(s * m for s, m in zip(shares, ms)))
+    # another machine's table stops stage II before it trains, in one line
+    foreign = LatencyTable.load(table)
+    foreign.data["machine"]["device_name"] = "Elsewhere CPU"
+    foreign.save(tmp_path / "foreign.json")
+    bad = load_config(None, [*overrides, "gate.target_ms=3.5", f"gate.latency_table={tmp_path / 'foreign.json'}"])
+    with pytest.raises(ValueError, match="'Elsewhere CPU' in the table"):
+        train_gate(bad, sup, tmp_path / "gate2")

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from dsnet.bench.onnx_bundle import export_bench_bundle
-from dsnet.bench.runner import BenchConfig
+from dsnet.bench.runner import BATCH1_CYCLE, BenchConfig
 from dsnet.bench.timing import interleaved, speedup_claim, summarize
 from dsnet.models.base import DynamicNet
 from dsnet.utils.latency import RUNTIMES, LatencyTable, load_latency_table
@@ -46,6 +46,11 @@ def _input(batch: int, input_size: Sequence[int], device: torch.device, channels
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def _calls(fn: Callable[..., object], inputs: Sequence[object], **kwargs: object) -> Callable[[], object]:
+    """One timing: ``fn(x, **kwargs)`` for every ``x`` of ``inputs``, in order."""
+    return lambda: [fn(x, **kwargs) for x in inputs]
 
 
 def _set_threads(threads: int | None) -> int:
@@ -104,21 +109,22 @@ def measure_latency_table(
         rows = []
         for batch in batch_sizes:
             x = _input(batch, size, dev, channels_last, gen)
+            cycle = BATCH1_CYCLE if batch == 1 else 1  # batch 1: a cycle of calls per timing, as dsnet bench
             fns: dict[str, Callable[[], object]] = {}
-            forces = [_force(model, j) for j in range(len(model.routing_space))]
+            x_np = x.detach().cpu().contiguous().numpy()
             for j in range(len(model.routing_space)):
                 if "eager" in runtimes:
-                    fns[f"eager/{j}"] = lambda x=x, bias=forces[j]: model(x, gate_bias=bias)
+                    fns[f"eager/{j}"] = _calls(model, [x] * cycle, gate_bias=_force(model, j))
                 if bundle is not None:
-                    x_np = x.detach().cpu().contiguous().numpy()
                     forced = torch.full((batch,), j, dtype=torch.long).numpy()
-                    fns[f"onnx/{j}"] = lambda x_np=x_np, forced=forced: bundle(x_np, choice=forced)
+                    fns[f"onnx/{j}"] = _calls(bundle, [x_np] * cycle, choice=forced)
             rounds = plan.repeats_for(batch)
             log(f"batch {batch}: {len(fns)} routing choice x runtime timings x {rounds} interleaved rounds")
             with torch.inference_mode():
                 samples = interleaved(fns, rounds, warmup, dev)
+            samples = {k: [v / cycle for v in vs] for k, vs in samples.items()}
             for runtime in runtimes:
-                rows.append(_row(runtime, batch, rounds, warmup, samples, len(model.routing_space)))
+                rows.append(_row(runtime, batch, rounds, warmup, samples, len(model.routing_space), cycle))
     finally:
         torch.set_num_threads(old_threads)
         if tmp is not None:
@@ -134,7 +140,9 @@ def measure_latency_table(
     )
 
 
-def _row(runtime: str, batch: int, rounds: int, warmup: int, samples: dict[str, list[float]], n: int) -> dict:
+def _row(
+    runtime: str, batch: int, rounds: int, warmup: int, samples: dict[str, list[float]], n: int, cycle: int
+) -> dict:
     choices = []
     for j in range(n):
         s = summarize(samples[f"{runtime}/{j}"])
@@ -157,6 +165,7 @@ def _row(runtime: str, batch: int, rounds: int, warmup: int, samples: dict[str, 
         "batch_size": batch,
         "repeats": rounds,
         "warmup": warmup,
+        "calls_per_timing": cycle,
         "choices": choices,
         "ordering": ordering,
     }
@@ -224,8 +233,9 @@ def measure_routed_latency(
 ) -> dict[str, Any]:
     """The model routed by its own gate (its stored budget bias) on ``images``, timed per image at ``batch_size``.
 
-    ``images`` are split into batches of ``batch_size`` (the tail dropped); a round runs them all, and also
-    every routing choice forced on the first batch (as the table measured it), interleaved. Returns:
+    ``images`` are split into batches of ``batch_size`` (the tail dropped); a round runs them all routed, and
+    them all with every image forced to each routing choice in turn (as the table measured it), interleaved:
+    every timing covers the same calls, so a busy machine's pre-emptions fall on all of them alike. Returns:
 
     * ``routed_ms`` (median ms per image, ``routed_iqr_ms``), ``shares`` (the gate's mix on the images);
     * ``table_ms``: ``sum_j shares_j * ms_j`` from ``table``; ``fresh_ms``: the same from the choices timed now;
@@ -252,18 +262,16 @@ def measure_routed_latency(
     try:
         fns: dict[str, Callable[[], object]] = {}
         if runtime == "eager":
-            fns["routed"] = lambda: [model(b) for b in batches]
-            forces = [_force(model, j) for j in range(len(model.routing_space))]
+            fns["routed"] = _calls(model, batches)
             for j in range(len(model.routing_space)):
-                fns[f"choice/{j}"] = lambda bias=forces[j]: model(batches[0], gate_bias=bias)
+                fns[f"choice/{j}"] = _calls(model, batches, gate_bias=_force(model, j))
         elif runtime == "onnx":
             tmp = tempfile.TemporaryDirectory(prefix="dsnet-latency-")
             bundle = export_bench_bundle(model, tmp.name, size, torch.get_num_threads())
             arrays = [b.detach().cpu().contiguous().numpy() for b in batches]
-            fns["routed"] = lambda: [bundle(a) for a in arrays]
+            fns["routed"] = _calls(bundle, arrays)
             for j in range(len(model.routing_space)):
-                forced = torch.full((batch_size,), j, dtype=torch.long).numpy()
-                fns[f"choice/{j}"] = lambda forced=forced: bundle(arrays[0], choice=forced)
+                fns[f"choice/{j}"] = _calls(bundle, arrays, choice=torch.full((batch_size,), j).numpy())
         else:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         samples = interleaved(fns, repeats, warmup, dev)
@@ -272,7 +280,7 @@ def measure_routed_latency(
         if tmp is not None:
             tmp.cleanup()
     routed = [v / n_images for v in samples["routed"]]
-    per_choice = [[v / batch_size for v in samples[f"choice/{j}"]] for j in range(len(model.routing_space))]
+    per_choice = [[v / n_images for v in samples[f"choice/{j}"]] for j in range(len(model.routing_space))]
     predicted_rounds = [sum(s * c[r] for s, c in zip(shares, per_choice)) for r in range(repeats)]
     ratios = summarize([a / p for a, p in zip(routed, predicted_rounds)])
     fresh = [statistics.median(c) for c in per_choice]

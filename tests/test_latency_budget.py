@@ -107,7 +107,7 @@ def _foreign(kind: str, table: LatencyTable):
     if kind == "runtime":
         return _model(), SIZE, "onnx", "runtime onnx not measured"
     if kind == "model":
-        return _model(routing_space=[0, 1, 2]), SIZE, None, "routing choices' widths"
+        return _model(pre_gate_ratio=1.0), SIZE, None, "routing choices' widths"
     if kind == "gate_mode":
         return _model(gate_mode="exit"), SIZE, None, "gate mode pre vs exit"
     return _model(), (3, 32, 32), None, "input size 3x28x28 vs 3x32x32"
@@ -127,6 +127,14 @@ def test_a_table_for_another_setting_is_one_clear_error_unless_allowed(kind):
         row = table.resolve(model, size, runtime=runtime, allow_foreign=True)
     assert len(caught) == 1 and "\n" not in str(caught[0].message) and words in str(caught[0].message)
     assert [c["ms"] for c in row["choices"]] == [1.0, 2.0, 4.0, 8.0]
+
+
+def test_a_table_with_another_number_of_choices_cannot_stand_in_even_allowed():
+    table = _fabricated(_model(), [1, 2, 4, 8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="has 4 routing choices, the model 3"):
+            table.resolve(_model(routing_space=[0, 1, 2]), SIZE, allow_foreign=True)
 
 
 def test_calibrate_budget_refuses_a_foreign_table(tmp_path):

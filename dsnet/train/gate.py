@@ -27,6 +27,13 @@ c_j``), and a budget is met by :func:`calibrate_budget` as for the logits.
 The backbone runs once per batch up to the gate, then each choice's post-gate
 part once on the whole batch. With a budget, the stored budget bias is then
 calibrated on held-out training images (``data.holdout``) to meet it.
+
+A budget in milliseconds (``gate.target_ms`` with ``gate.latency_table``, a
+table ``dsnet bench --latency-table`` measured on the deployment machine; see
+:mod:`dsnet.utils.latency`) is met by the same knob: the calibration prices a
+routing at ``sum_j share_j * ms_j`` instead of its MACs, and the complexity
+loss sees the table's costs scaled so the widest routed choice costs its MACs
+(:func:`latency_cost_table`).
 """
 
 from __future__ import annotations

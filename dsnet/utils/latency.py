@@ -337,9 +337,9 @@ class LatencyTable:
 
     def _model_differences(self, model: Any, input_size: Sequence[int] | None) -> list[str]:
         t = self.data["model"]
-        here = model_identity(model, input_size)
-        if t.get("fingerprint") == here["fingerprint"]:
+        if t.get("fingerprint") == model_fingerprint(model, input_size):
             return []
+        here = model_identity(model, input_size)
         name = f"{t.get('name')}" if t.get("name") else "the table's model"
         what = []
         for key, label in (("class", "class"), ("gate_mode", "gate mode"), ("input_size", "input size")):
@@ -389,7 +389,13 @@ class LatencyTable:
         diffs = self.check(model, input_size, runtime=runtime, allow_foreign=allow_foreign)
         if runtime is not None and any(d.startswith(f"runtime {runtime} ") for d in diffs):
             runtime = None  # allowed: the table's only runtime (row() says so if there are several)
-        return self.row(batch_size, runtime)
+        row = self.row(batch_size, runtime)
+        if len(row["choices"]) != len(model.routing_space):
+            raise ValueError(
+                f"{self.label} has {len(row['choices'])} routing choices, the model {len(model.routing_space)}: "
+                "it cannot stand for this model, even allowed"
+            )
+        return row
 
     def describe(self, batch_size: int | None = None, runtime: str | None = None) -> str:
         """``eager, batch 64, on cpu 'Intel ...' (x86_64), 4 threads``: the row and where it was measured."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,22 +42,12 @@ from tqdm.auto import tqdm
 from dsnet.models import create_model
 from dsnet.models.lcnet import LCMacs, LCResNet, LCResult
 from dsnet.models.registry import list_models
-from dsnet.train.checkpoint import load_model
+from dsnet.train.checkpoint import load_model, load_state_into
 from dsnet.train.config import load_config
 from dsnet.train.distributed import init_distributed
-from dsnet.train.optim import cosine_lr
-from dsnet.train.run import (
-    RunDir,
-    epoch_record,
-    rng_state,
-    seed_everything,
-    selection_loader,
-    set_rng_state,
-    train_epoch,
-    unwrap,
-)
-from dsnet.train.supernet import _gather_checksums, build_optimizer
-from dsnet.utils.io import atomic_write_json
+from dsnet.train.loop import TrainLoop, ddp_wrap, rank_checksums, stop_after
+from dsnet.train.run import RunDir, rng_state, seed_everything, selection_loader, unwrap
+from dsnet.train.supernet import build_optimizer
 from dsnet.utils.modes import temporary_mode
 from dsnet.utils.table import format_table
 from dsnet.utils.threads import set_threads
@@ -313,21 +302,7 @@ def train_lcnet(
     base_lr = lc["lr"] * cfg["data"]["batch_size"] * ctx.world_size / lc["lr_reference_batch"]
     # [ours] plain SGD semantics: zero gradient rows come from per-sample channel choices, not from nested slices
     optimizer = build_optimizer(params, base_lr, {**lc, "mask_untouched": False})
-    steps_per_epoch = len(train_loader)
-    total_steps = lc["epochs"] * steps_per_epoch
-    warmup = lc["warmup_epochs"] * steps_per_epoch
-    start_epoch, best_metric = 0, -1.0
-    if resume:
-        state = run.resume_state()
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best_metric = state["epoch"] + 1, state["best_metric"]
-        set_rng_state(state["rng"])
-    ddp = (
-        nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        if ctx.enabled
-        else model
-    )
+    ddp = ddp_wrap(model, ctx, device)
 
     def step(batch) -> dict[str, float]:
         images, labels = batch
@@ -338,59 +313,64 @@ def train_lcnet(
         optimizer.step()
         return stats
 
-    for epoch in range(start_epoch, lc["epochs"]):
-        model.train()
-        t0 = time.time()
-        sums, lr = train_epoch(
-            train_loader,
-            epoch,
-            lambda s: cosine_lr(s, total_steps, base_lr, warmup, lc["min_lr"]),
-            optimizer,
-            step,
-            f"lcnet {epoch + 1}/{lc['epochs']}",
-            ctx.is_main and cfg["log"]["progress"],
-            cfg["log"]["print_every"],
-        )
-        record = epoch_record(epoch, lr, time.time() - t0, sums, steps_per_epoch, ctx, device)
+    def evaluate(epoch: int, record: dict[str, Any]) -> None:
         if ctx.is_main:
             if lc["calibrate_thresholds"]:
                 thresholds = calibrate_thresholds(model, cal_loader, device, lc["calibration_batches"])
                 record["thresholds"] = [None if math.isnan(t) else t for t in thresholds]
             record.update(_selection_record(model, sel_loader, device), selection_split=sel_split)
-        best_metric = run.end_epoch(
-            record,
-            record.get("sel_top1", -1.0),
-            best_metric,
-            {
-                "model": spec,
-                "state_dict": model.state_dict(),
-                "ema_state_dict": None,
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "config": cfg,
-                "stage": "lcnet",
-                "dataset": dataclasses.asdict(info),
-                "rng": rng_state(),
-            },
+
+    def payload(epoch: int) -> dict[str, Any]:
+        return {
+            "model": spec,
+            "state_dict": model.state_dict(),
+            "ema_state_dict": None,
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "config": cfg,
+            "stage": "lcnet",
+            "dataset": dataclasses.asdict(info),
+            "rng": rng_state(),
+        }
+
+    def epoch_line(epoch: int, record: dict[str, Any]) -> str:
+        return (
+            f"lr={record['lr']:.4f} loss={record['loss']:.3f} ce={record['loss_ce']:.3f} "
+            f"train_exec={record['train_exec_rate']:.3f} train_mmacs={record['train_mmacs']:.3f} "
+            f"{sel_split}: top1={record['sel_top1']:.2f} mmacs={record['sel_mmacs']:.3f} "
+            f"exec={record['sel_exec_rate']:.3f}"
         )
-        if ctx.is_main:
-            print(
-                f"[lcnet] epoch {epoch + 1}/{lc['epochs']} {record['epoch_time_s']:.1f}s lr={lr:.4f} "
-                f"loss={record['loss']:.3f} ce={record['loss_ce']:.3f} train_exec={record['train_exec_rate']:.3f} "
-                f"train_mmacs={record['train_mmacs']:.3f} {sel_split}: top1={record['sel_top1']:.2f} "
-                f"mmacs={record['sel_mmacs']:.3f} exec={record['sel_exec_rate']:.3f}",
-                flush=True,
-            )
-        ctx.barrier()
-        if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch + 1 < lc["epochs"]:
-            run.close()
-            return {"stopped_after_epoch": epoch}
-    checksums = _gather_checksums(model, ctx, device)
-    if ctx.enabled and len(set(checksums)) != 1:
-        raise RuntimeError(f"DDP ranks diverged: parameter checksums {checksums}")
+
+    loop = TrainLoop(
+        "lcnet",
+        model,
+        train_loader,
+        optimizer,
+        step,
+        epochs=lc["epochs"],
+        lr=base_lr,
+        warmup_steps=lc["warmup_epochs"] * len(train_loader),
+        min_lr=lc["min_lr"],
+        device=device,
+        ctx=ctx,
+        run=run,
+        selection_key="sel_top1",
+        selection_split=sel_split,
+        evaluate=evaluate,
+        payload=payload,
+        epoch_line=epoch_line,
+        progress=cfg["log"]["progress"],
+        print_every=cfg["log"]["print_every"],
+        callbacks=[] if stop_after_epoch is None else [stop_after(stop_after_epoch)],
+    )
+    loop.start(lambda state: load_state_into(model, state["state_dict"], run.last, state))
+    fitted = loop.fit()
+    if fitted.stopped_after_epoch is not None:
+        return {"stopped_after_epoch": fitted.stopped_after_epoch}
+    checksums = rank_checksums(model, ctx, device)
     result: dict[str, Any] = {
         "epochs": lc["epochs"],
-        "best_metric": best_metric,
+        "best_metric": fitted.best_metric,
         "selection_split": sel_split,
         "density": model.density,
         "keep_counts": model.keep_counts(),
@@ -400,8 +380,7 @@ def train_lcnet(
     }
     if ctx.is_main and lc["final_eval"]:
         result["final_eval"] = _final_eval(run.best, cfg, device)
-    if ctx.is_main:
-        atomic_write_json(result, run.out / "summary.json")
+    run.write_summary(result)
     run.close()
     ctx.barrier()
     return result

@@ -21,7 +21,13 @@ from tqdm.auto import tqdm
 
 from dsnet.train.checkpoint import nonfinite_tensors, read_checkpoint, save_checkpoint
 from dsnet.train.distributed import DistContext, all_reduce_sum
-from dsnet.utils.io import atomic_copy, atomic_write_text, check_output_dir, remove_stale_temporaries
+from dsnet.utils.io import (
+    atomic_copy,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    remove_stale_temporaries,
+)
 from dsnet.utils.modes import temporary_mode
 
 __all__ = [
@@ -275,6 +281,11 @@ class RunDir:
         save_checkpoint(self.last, payload)
         if best:
             save_checkpoint(self.best, payload)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """The run's ``summary.json`` (main process), written atomically."""
+        if self.ctx.is_main:
+            atomic_write_json(summary, self.out / "summary.json")
 
     def end_epoch(self, record: dict, metric: float, best_so_far: float, payload: dict) -> float:
         """Track the best ``metric``, log the epoch, write ``last`` (and ``best``). Returns the best metric."""

@@ -15,11 +15,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -35,7 +35,7 @@ from dsnet.train.checkpoint import (
     save_checkpoint,
 )
 from dsnet.train.config import load_config, model_config_error
-from dsnet.train.distributed import DistContext, init_distributed
+from dsnet.train.distributed import init_distributed
 from dsnet.train.ema import ModelEma
 from dsnet.train.finetune import (
     FinetunePlan,
@@ -45,22 +45,20 @@ from dsnet.train.finetune import (
     plan_finetune,
     source_warning,
 )
+from dsnet.train.loop import TrainLoop, ddp_wrap, rank_checksums, stop_after
 from dsnet.train.losses import soft_cross_entropy
-from dsnet.train.optim import MaskedSGD, cosine_lr
+from dsnet.train.optim import MaskedSGD
 from dsnet.train.run import (
     RunDir,
     autocast,
     effective_lr,
-    epoch_record,
     rng_state,
     seed_everything,
     selection_loader,
-    set_rng_state,
     top1_accuracy,
-    train_epoch,
     unwrap,
 )
-from dsnet.utils.io import atomic_copy, atomic_write_json, check_output_file
+from dsnet.utils.io import atomic_copy, check_output_file
 from dsnet.utils.threads import set_threads
 
 __all__ = [
@@ -71,6 +69,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "calibrate_checkpoint",
+    "selection_top1",
 ]
 
 
@@ -230,6 +229,28 @@ class SandwichStep:
         return losses
 
 
+def selection_top1(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    routed: Sequence[int],
+    largest: int,
+    prefix: str = "ema_top1",
+) -> dict[str, float]:
+    """Top-1 (%) of the slimmest and widest routed and of the largest sub-network: what selects stage I's best epoch.
+
+    Keys ``{prefix}_slimmest``, ``{prefix}_widest``, ``{prefix}_largest``; a
+    sub-network that is two of them (a network trained alone) is measured once.
+    """
+    measured: dict[int, float] = {}
+    out = {}
+    for name, k in (("slimmest", routed[0]), ("widest", routed[-1]), ("largest", largest)):
+        if k not in measured:
+            measured[k] = top1_accuracy(model, loader, device, subnet=k)
+        out[f"{prefix}_{name}"] = measured[k]
+    return out
+
+
 def build_optimizer(params: list[nn.Parameter], lr: float, sc: dict[str, Any]) -> torch.optim.Optimizer:
     """Masked SGD (the official recipe) or AdamW (transformers).
 
@@ -264,10 +285,6 @@ def build_model(cfg: dict, num_classes: int, in_chans: int) -> DynamicNet:
     if not isinstance(model, DynamicNet):
         raise ValueError(f"{spec['name']} is not a dynamic dsnet model")
     return model
-
-
-def _param_checksum(model: nn.Module) -> float:
-    return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
 
 
 def train_supernet(
@@ -325,41 +342,20 @@ def train_supernet(
     params = [p for p in model.parameters() if p.requires_grad]
     global_batch = cfg["data"]["batch_size"] * ctx.world_size
     base_lr = effective_lr("supernet", sc, global_batch, ctx.is_main) * plan.lr_scale
-    min_lr = sc["min_lr"] * plan.lr_scale
     if ctx.is_main:
         print(describe_plan(plan, start, base_lr, sc["warmup_epochs"]), flush=True)
     optimizer = build_optimizer(params, base_lr, sc)
     steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ValueError("the training set is smaller than one batch: lower data.batch_size or raise data.train_subset")
-    total_steps = sc["epochs"] * steps_per_epoch
-    warmup = round(plan.warmup_epochs * steps_per_epoch)
-    start_epoch, best_metric = 0, -1.0
-    if resume:
-        state = run.resume_state()
-        load_state_into(model, state["state_dict"], run.last, state)
-        load_state_into(ema.module, state["ema_state_dict"], run.last, state, what="EMA weights")
-        ema.updates = state["step"]
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best_metric = state["epoch"] + 1, state["best_metric"]
-        set_rng_state(state["rng"])
-    run.start()
     if ctx.enabled and device.type == "cuda":  # SyncBatchNorm: GPU only (gloo has no sync-BN kernels)
         for bn in model.sliced_batchnorms():
             bn.sync = True
-    ddp = (
-        nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        if ctx.enabled
-        else model
-    )
     routed = [s.index for s in model.subnets if s.routed]
     spec = _model_spec(cfg, info.num_classes, info.in_chans)
-
     step = SandwichStep(
         model,
         optimizer,
         ema,
-        ddp=ddp,
+        ddp=ddp_wrap(model, ctx, device),
         num_random=sc["num_random"],
         distill=plan.distill,
         label_smoothing=sc["label_smoothing"],
@@ -372,65 +368,72 @@ def train_supernet(
         teacher=source,
     )
 
-    for epoch in range(start_epoch, sc["epochs"]):
-        model.train()
-        t0 = time.time()
+    def begin_epoch(epoch: int) -> None:
         step.count = epoch * steps_per_epoch  # global step: seeds the sandwich sampling
-        sums, lr = train_epoch(
-            train_loader,
-            epoch,
-            lambda s: cosine_lr(s, total_steps, base_lr, warmup, min_lr),
-            optimizer,
-            step,
-            f"supernet {epoch + 1}/{sc['epochs']}",
-            ctx.is_main and cfg["log"]["progress"],
-            cfg["log"]["print_every"],
-        )
-        epoch_time = time.time() - t0
-        record = epoch_record(epoch, lr, epoch_time, sums, steps_per_epoch, ctx, device)
+
+    def evaluate(epoch: int, record: dict[str, Any]) -> None:
         if ctx.is_main:  # the EMA teacher on the selection split (BN statistics not yet recalibrated)
             record["selection_split"] = val_split
-            measured: dict[int, float] = {}  # a network trained alone is its own slimmest, widest and largest
-            for name, k in (("slimmest", routed[0]), ("widest", routed[-1]), ("largest", model.largest)):
-                if k not in measured:
-                    measured[k] = top1_accuracy(ema.module, val_loader, device, subnet=k)
-                record[f"ema_top1_{name}"] = measured[k]
-        metric = record.get("ema_top1_widest", -1.0)
-        best_metric = run.end_epoch(
-            record,
-            metric,
-            best_metric,
-            {
-                "model": spec,
-                "state_dict": model.state_dict(),
-                "ema_state_dict": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "step": (epoch + 1) * steps_per_epoch,
-                "config": cfg,
-                "stage": "supernet",
-                "dataset": dataclasses.asdict(info),
-                "rng": rng_state(),
-                "bn_calibrated": False,
-            },
-        )
-        if ctx.is_main:
-            summary = ", ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith(("loss", "ema")))
-            print(f"[supernet] epoch {epoch + 1}/{sc['epochs']} {epoch_time:.1f}s lr={lr:.4f} {summary}", flush=True)
-        ctx.barrier()
-        if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch + 1 < sc["epochs"]:
-            run.close()
-            return {"stopped_after_epoch": epoch}
-    checksums = _gather_checksums(model, ctx, device)
+            record.update(selection_top1(ema.module, val_loader, device, routed, model.largest))
+
+    def payload(epoch: int) -> dict[str, Any]:
+        return {
+            "model": spec,
+            "state_dict": model.state_dict(),
+            "ema_state_dict": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "step": (epoch + 1) * steps_per_epoch,
+            "config": cfg,
+            "stage": "supernet",
+            "dataset": dataclasses.asdict(info),
+            "rng": rng_state(),
+            "bn_calibrated": False,
+        }
+
+    def epoch_line(epoch: int, record: dict[str, Any]) -> str:
+        shown = ", ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith(("loss", "ema")))
+        return f"lr={record['lr']:.4f} {shown}"
+
+    def load_weights(state: dict[str, Any]) -> None:
+        load_state_into(model, state["state_dict"], run.last, state)
+        load_state_into(ema.module, state["ema_state_dict"], run.last, state, what="EMA weights")
+        ema.updates = state["step"]
+
+    loop = TrainLoop(
+        "supernet",
+        model,
+        train_loader,
+        optimizer,
+        step,
+        epochs=sc["epochs"],
+        lr=base_lr,
+        warmup_steps=round(plan.warmup_epochs * steps_per_epoch),
+        min_lr=sc["min_lr"] * plan.lr_scale,
+        device=device,
+        ctx=ctx,
+        run=run,
+        selection_key="ema_top1_widest",
+        selection_split=val_split,
+        begin_epoch=begin_epoch,
+        evaluate=evaluate,
+        payload=payload,
+        epoch_line=epoch_line,
+        progress=cfg["log"]["progress"],
+        print_every=cfg["log"]["print_every"],
+        callbacks=[] if stop_after_epoch is None else [stop_after(stop_after_epoch)],
+    )
+    loop.start(load_weights)
+    fitted = loop.fit()
+    if fitted.stopped_after_epoch is not None:
+        return {"stopped_after_epoch": fitted.stopped_after_epoch}
     result: dict[str, Any] = {
         "epochs": sc["epochs"],
-        "best_metric": best_metric,
-        "best_epoch": None if run.best_epoch is None else run.best_epoch + 1,  # 1-based, as the logs count
+        "best_metric": fitted.best_metric,
+        "best_epoch": fitted.best_epoch,  # 1-based, as the logs count
         "selection_split": val_split,
-        "rank_param_checksums": checksums,
+        "rank_param_checksums": rank_checksums(model, ctx, device),
     }
-    if ctx.enabled and len(set(checksums)) != 1:
-        raise RuntimeError(f"DDP ranks diverged: parameter checksums {checksums}")
     if ctx.is_main:
         show = cfg["log"]["progress"]
         result["calibration"] = calibrate_checkpoint(run.best, run.best, cfg, device, progress=show)
@@ -444,7 +447,7 @@ def train_supernet(
             calibrate_checkpoint(run.last, run.last, cfg, device, progress=show)
         if plan.from_trained:
             result.update(_source_check(run.best, own, device, val_loader, val_split, source_top1, plan))
-        atomic_write_json(result, run.out / "summary.json")
+    run.write_summary(result)
     run.close()
     ctx.barrier()
     return result
@@ -473,15 +476,6 @@ def _source_check(
         out["warnings"].append(said)
         print(f"[supernet] {said}", flush=True)
     return out
-
-
-def _gather_checksums(model: nn.Module, ctx: DistContext, device: torch.device) -> list[float]:
-    value = _param_checksum(model)
-    if not ctx.enabled:
-        return [value]
-    out = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(ctx.world_size)]
-    dist.all_gather(out, torch.tensor([value], dtype=torch.float64, device=device))
-    return [float(t) for t in out]
 
 
 def calibrate_checkpoint(

@@ -39,7 +39,6 @@ loss sees the table's costs scaled so the widest routed choice costs its MACs
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,20 +53,11 @@ from dsnet.layers.gate import straight_through_gumbel
 from dsnet.models.base import DynamicNet
 from dsnet.train.checkpoint import load_model, load_state_into
 from dsnet.train.config import load_config
-from dsnet.train.distributed import init_distributed
+from dsnet.train.distributed import DistContext, init_distributed
+from dsnet.train.loop import TrainLoop, stop_after
 from dsnet.train.losses import cheapest_correct_targets, complexity_loss, sgs_targets
-from dsnet.train.optim import MaskedSGD, cosine_lr
-from dsnet.train.run import (
-    RunDir,
-    autocast,
-    effective_lr,
-    epoch_record,
-    rng_state,
-    seed_everything,
-    selection_loader,
-    set_rng_state,
-    train_epoch,
-)
+from dsnet.train.optim import MaskedSGD
+from dsnet.train.run import RunDir, autocast, effective_lr, rng_state, seed_everything, selection_loader
 from dsnet.utils.latency import LatencyTable, choice_latencies
 from dsnet.utils.modes import temporary_mode
 from dsnet.utils.threads import set_threads
@@ -80,6 +70,8 @@ __all__ = [
     "evaluate_dynamic",
     "calibrate_budget",
     "latency_cost_table",
+    "GateStep",
+    "gate_selection",
 ]
 
 
@@ -407,6 +399,105 @@ def evaluate_dynamic(model: DynamicNet, loader, device: torch.device, macs_table
     return out
 
 
+class GateStep:
+    """One stage II optimiser step: :func:`gate_step` (losses, backward), the head's gradient averaged over DDP ranks
+    (only the head trains, so no DistributedDataParallel wrapper), the optimiser step.
+
+    Call it on a batch ``(images, labels)``; returns the step's statistics.
+    """
+
+    def __init__(
+        self,
+        model: DynamicNet,
+        optimizer: torch.optim.Optimizer,
+        macs_table: Tensor,
+        objective: GateObjective,
+        unit_macs: float,
+        target_macs: float | None = None,
+        *,
+        amp: bool = False,
+        cost_table: Tensor | None = None,
+        ctx: DistContext | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.macs_table, self.objective = model, optimizer, macs_table, objective
+        self.unit_macs, self.target_macs, self.amp, self.cost_table = unit_macs, target_macs, amp, cost_table
+        self.ctx = ctx or DistContext()
+        self.head = list(model.routing_head().parameters())
+        self.device = next(model.parameters()).device
+
+    def __call__(self, batch: tuple[Tensor, Tensor]) -> dict[str, float]:
+        images, labels = batch
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = gate_step(
+            self.model,
+            images.to(self.device),
+            labels.to(self.device),
+            self.macs_table,
+            self.objective,
+            self.unit_macs,
+            self.target_macs,
+            amp=self.amp,
+            cost_table=self.cost_table,
+        )
+        if self.ctx.enabled:  # only the head trains: average its gradient by hand
+            for p in self.head:
+                dist.all_reduce(p.grad)
+                p.grad /= self.ctx.world_size
+        self.optimizer.step()
+        return stats
+
+
+def gate_selection(
+    model: DynamicNet,
+    record: dict[str, Any],
+    *,
+    loader: Iterable | None,
+    split: str,
+    macs_table: Tensor,
+    budget_loader: Iterable | None = None,
+    target_macs: float | None = None,
+    target_ms: float | None = None,
+    choice_ms: Sequence[float] | None = None,
+    evaluate: bool = True,
+) -> None:
+    """What an epoch of stage II adds to its record: the budget calibrated, the gate on the selection split.
+
+    With a ``budget_loader`` the stored budget bias is calibrated on it first
+    (``target_ms`` against ``choice_ms``, else ``target_macs``), as inference
+    will use it; then (``evaluate``: the main rank) dynamic top-1, MACs and
+    routing mix on ``loader``, the keys named after ``split``
+    (``holdout_top1``, ...), with the expected ms per image when ``choice_ms``
+    is known.
+    """
+    if budget_loader is not None and target_ms is not None:
+        record["budget_bias"] = calibrate_budget(model, budget_loader, target_ms=target_ms, latency_table=choice_ms)
+        record["target_ms"] = target_ms
+    elif budget_loader is not None and target_macs is not None:
+        record["budget_bias"] = calibrate_budget(model, budget_loader, target_macs=target_macs)
+        record["target_mmacs"] = target_macs / 1e6
+    if evaluate and loader is not None:
+        device = next(model.parameters()).device
+        val = evaluate_dynamic(model, loader, device, macs_table)
+        if choice_ms is not None:  # the expected ms per image of the gate's mix, from the table
+            val["ms"] = sum(val[f"route_{k}"] * m for k, m in zip(model.routing_space, choice_ms))
+        record.update({f"{split}_{k}": v for k, v in val.items()}, selection_split=split)  # holdout_top1, ...
+
+
+def gate_epoch_line(record: dict[str, Any], split: str) -> str:
+    """The epoch's log line after ``[gate] epoch e/E Ns``: losses, the selection split's top-1, MMACs (and ms)."""
+    return (
+        f"loss={record['loss']:.3f} "
+        + (
+            f"utility={record['loss_utility']:.3f} "
+            if "loss_utility" in record
+            else f"sgs={record['loss_sgs']:.3f} task={record['loss_task']:.3f} "
+        )
+        + f"{split}_top1={record.get(f'{split}_top1', float('nan')):.2f} "
+        f"{split}_mmacs={record.get(f'{split}_mmacs', float('nan')):.2f}"
+        + (f" {split}_ms={record[f'{split}_ms']:.4g}" if f"{split}_ms" in record else "")
+    )
+
+
 def with_gate_mode(model: DynamicNet, spec: dict[str, Any], device: torch.device) -> DynamicNet:
     """``model``'s weights in a model built from ``spec`` (another ``gate_mode`` or ``router``).
 
@@ -508,115 +599,72 @@ def train_gate(
     global_batch = cfg["data"]["batch_size"] * ctx.world_size
     base_lr = effective_lr("gate", gc, global_batch, ctx.is_main)
     optimizer = MaskedSGD(head, base_lr, gc["momentum"], gc["weight_decay"], mask_untouched=False)
-    steps_per_epoch = len(train_loader)
-    total_steps = gc["epochs"] * steps_per_epoch
-    warmup = round(gc["warmup_epochs"] * steps_per_epoch)
-    start_epoch, best_metric = 0, -1.0
-    if resume:
-        state = run.resume_state()
-        load_state_into(model, state["state_dict"], run.last, state)
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best_metric = state["epoch"] + 1, state["best_metric"]
-        set_rng_state(state["rng"])
-    run.start()
+    step = GateStep(
+        model, optimizer, macs_table, objective, unit, loss_target, amp=gc["amp"], cost_table=cost_table, ctx=ctx
+    )
 
-    def step(batch) -> dict[str, float]:
-        images, labels = batch
-        optimizer.zero_grad(set_to_none=True)
-        stats = gate_step(
+    def evaluate(epoch: int, record: dict[str, Any]) -> None:
+        gate_selection(
             model,
-            images.to(device),
-            labels.to(device),
-            macs_table,
-            objective,
-            unit,
-            loss_target,
-            amp=gc["amp"],
-            cost_table=cost_table,
-        )
-        if ctx.enabled:  # only the head trains: average its gradient by hand
-            for p in head:
-                dist.all_reduce(p.grad)
-                p.grad /= ctx.world_size
-        optimizer.step()
-        return stats
-
-    for epoch in range(start_epoch, gc["epochs"]):
-        model.train()
-        freeze_backbone(model)
-        t0 = time.time()
-        sums, lr = train_epoch(
-            train_loader,
-            epoch,
-            lambda s: cosine_lr(s, total_steps, base_lr, warmup, gc["min_lr"]),
-            optimizer,
-            step,
-            f"gate {epoch + 1}/{gc['epochs']}",
-            ctx.is_main and cfg["log"]["progress"],
-            cfg["log"]["print_every"],
-        )
-        record = epoch_record(epoch, lr, time.time() - t0, sums, steps_per_epoch, ctx, device)
-        if budget_loader is not None and gc["target_ms"] is not None:
-            record["budget_bias"] = calibrate_budget(
-                model, budget_loader, target_ms=gc["target_ms"], latency_table=choice_ms
-            )
-            record["target_ms"] = gc["target_ms"]
-        elif budget_loader is not None:
-            record["budget_bias"] = calibrate_budget(model, budget_loader, target_macs=target)
-            record["target_mmacs"] = target / 1e6
-        if ctx.is_main:
-            val = evaluate_dynamic(model, val_loader, device, macs_table)
-            if choice_ms is not None:  # the expected ms per image of the gate's mix, from the table
-                val["ms"] = sum(val[f"route_{k}"] * m for k, m in zip(model.routing_space, choice_ms))
-            record.update(
-                {f"{val_split}_{k}": v for k, v in val.items()}, selection_split=val_split
-            )  # holdout_top1, ...
-        metric = record.get(f"{val_split}_top1", -1.0)
-        best_metric = run.end_epoch(
             record,
-            metric,
-            best_metric,
-            {
-                "model": spec,
-                "state_dict": model.state_dict(),
-                "ema_state_dict": None,
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "config": cfg,
-                "stage": "gate",
-                "supernet": str(supernet),
-                "dataset": dataclasses.asdict(info),
-                "rng": rng_state(),
-                "bn_calibrated": sup.get("bn_calibrated", False),
-            },
+            loader=val_loader,
+            split=val_split,
+            macs_table=macs_table,
+            budget_loader=budget_loader,
+            target_macs=target,
+            target_ms=gc["target_ms"],
+            choice_ms=choice_ms,
+            evaluate=ctx.is_main,
         )
-        if ctx.is_main:
-            print(
-                f"[gate] epoch {epoch + 1}/{gc['epochs']} {record['epoch_time_s']:.1f}s "
-                f"loss={record['loss']:.3f} "
-                + (
-                    f"utility={record['loss_utility']:.3f} "
-                    if "loss_utility" in record
-                    else f"sgs={record['loss_sgs']:.3f} task={record['loss_task']:.3f} "
-                )
-                + f"{val_split}_top1={record.get(f'{val_split}_top1', float('nan')):.2f} "
-                f"{val_split}_mmacs={record.get(f'{val_split}_mmacs', float('nan')):.2f}"
-                + (f" {val_split}_ms={record[f'{val_split}_ms']:.4g}" if f"{val_split}_ms" in record else ""),
-                flush=True,
-            )
-        ctx.barrier()
-        if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch + 1 < gc["epochs"]:
-            run.close()
-            return {"stopped_after_epoch": epoch}
+
+    def payload(epoch: int) -> dict[str, Any]:
+        return {
+            "model": spec,
+            "state_dict": model.state_dict(),
+            "ema_state_dict": None,
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "config": cfg,
+            "stage": "gate",
+            "supernet": str(supernet),
+            "dataset": dataclasses.asdict(info),
+            "rng": rng_state(),
+            "bn_calibrated": sup.get("bn_calibrated", False),
+        }
+
+    loop = TrainLoop(
+        "gate",
+        model,
+        train_loader,
+        optimizer,
+        step,
+        epochs=gc["epochs"],
+        lr=base_lr,
+        warmup_steps=round(gc["warmup_epochs"] * len(train_loader)),
+        min_lr=gc["min_lr"],
+        device=device,
+        ctx=ctx,
+        run=run,
+        selection_key=f"{val_split}_top1",
+        selection_split=val_split,
+        begin_epoch=lambda epoch: freeze_backbone(model),
+        evaluate=evaluate,
+        payload=payload,
+        epoch_line=lambda epoch, record: gate_epoch_line(record, val_split),
+        progress=cfg["log"]["progress"],
+        print_every=cfg["log"]["print_every"],
+        callbacks=[] if stop_after_epoch is None else [stop_after(stop_after_epoch)],
+    )
+    loop.start(lambda state: load_state_into(model, state["state_dict"], run.last, state))
+    fitted = loop.fit()
+    if fitted.stopped_after_epoch is not None:
+        return {"stopped_after_epoch": fitted.stopped_after_epoch}
     result = {
         "epochs": gc["epochs"],
-        "best_metric": best_metric,
-        "best_epoch": None if run.best_epoch is None else run.best_epoch + 1,  # 1-based, as the logs count
+        "best_metric": fitted.best_metric,
+        "best_epoch": fitted.best_epoch,  # 1-based, as the logs count
         "selection_split": val_split,
     }
-    if ctx.is_main:
-        from dsnet.utils.io import atomic_write_json
-
-        atomic_write_json(result, run.out / "summary.json")
+    run.write_summary(result)
     run.close()
     return result

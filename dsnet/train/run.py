@@ -1,4 +1,4 @@
-"""What both training stages share: the run directory, logs, checkpoints, resume, accuracy."""
+"""What the training stages share: the run folder, logs, checkpoints, resume, accuracy (the loop: dsnet.train.loop)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsnet.train.checkpoint import nonfinite_tensors, read_checkpoint, save_checkpoint
+from dsnet.train.checkpoint import read_checkpoint, save_checkpoint
 from dsnet.train.distributed import DistContext, all_reduce_sum
 from dsnet.utils.io import (
     atomic_copy,
@@ -286,26 +286,6 @@ class RunDir:
         """The run's ``summary.json`` (main process), written atomically."""
         if self.ctx.is_main:
             atomic_write_json(summary, self.out / "summary.json")
-
-    def end_epoch(self, record: dict, metric: float, best_so_far: float, payload: dict) -> float:
-        """Track the best ``metric``, log the epoch, write ``last`` (and ``best``). Returns the best metric."""
-        epoch = payload["epoch"]
-        is_best = metric > best_so_far or not self.best.is_file()
-        best = metric if is_best else best_so_far
-        if is_best or self.best_epoch is None:
-            self.best_epoch = epoch
-        record["best_metric"] = best
-        for key in ("state_dict", "ema_state_dict"):  # a diverged run saves nothing, even if its loss stayed finite
-            bad = nonfinite_tensors(payload.get(key) or {})
-            if bad:
-                shown = ", ".join(bad[:3]) + (f", ... ({len(bad)} in all)" if len(bad) > 3 else "")
-                raise FloatingPointError(
-                    f"{self.stage} training diverged at epoch {epoch + 1}: its weights are not finite ({shown}); "
-                    f"stopped without saving epoch {epoch + 1}. Lower {self.stage}.lr or check the data"
-                )
-        self.log(record)
-        self.save({**payload, "best_metric": best, "best_epoch": self.best_epoch, "metrics": record}, best=is_best)
-        return best
 
     def close(self) -> None:
         if self._tb is not None:

@@ -54,10 +54,10 @@ from dsnet.models.base import DynamicNet
 from dsnet.train.checkpoint import load_model, load_state_into
 from dsnet.train.config import load_config
 from dsnet.train.distributed import DistContext, init_distributed
-from dsnet.train.loop import TrainLoop, stop_after
+from dsnet.train.loop import TrainLoop
 from dsnet.train.losses import cheapest_correct_targets, complexity_loss, sgs_targets
 from dsnet.train.optim import MaskedSGD
-from dsnet.train.run import RunDir, autocast, effective_lr, rng_state, seed_everything, selection_loader
+from dsnet.train.run import RunDir, autocast, effective_lr, seed_everything, selection_loader
 from dsnet.utils.latency import LatencyTable, choice_latencies
 from dsnet.utils.modes import temporary_mode
 from dsnet.utils.threads import set_threads
@@ -617,22 +617,11 @@ def train_gate(
             evaluate=ctx.is_main,
         )
 
-    def payload(epoch: int) -> dict[str, Any]:
-        return {
-            "model": spec,
-            "state_dict": model.state_dict(),
-            "ema_state_dict": None,
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "config": cfg,
-            "stage": "gate",
-            "supernet": str(supernet),
-            "dataset": dataclasses.asdict(info),
-            "rng": rng_state(),
-            "bn_calibrated": sup.get("bn_calibrated", False),
-        }
-
-    loop = TrainLoop(
+    loop = TrainLoop.for_run(
+        run,
+        ctx,
+        device,
+        stop_after_epoch,
         "gate",
         model,
         train_loader,
@@ -642,18 +631,18 @@ def train_gate(
         lr=base_lr,
         warmup_steps=round(gc["warmup_epochs"] * len(train_loader)),
         min_lr=gc["min_lr"],
-        device=device,
-        ctx=ctx,
-        run=run,
         selection_key=f"{val_split}_top1",
         selection_split=val_split,
         begin_epoch=lambda epoch: freeze_backbone(model),
         evaluate=evaluate,
-        payload=payload,
+        payload=lambda epoch: {"state_dict": model.state_dict(), "ema_state_dict": None},
+        checkpoint={
+            "model": spec,
+            "supernet": str(supernet),
+            "dataset": dataclasses.asdict(info),
+            "bn_calibrated": sup.get("bn_calibrated", False),
+        },
         epoch_line=lambda epoch, record: gate_epoch_line(record, val_split),
-        progress=cfg["log"]["progress"],
-        print_every=cfg["log"]["print_every"],
-        callbacks=[] if stop_after_epoch is None else [stop_after(stop_after_epoch)],
     )
     loop.start(lambda state: load_state_into(model, state["state_dict"], run.last, state))
     fitted = loop.fit()

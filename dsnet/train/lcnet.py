@@ -45,8 +45,8 @@ from dsnet.models.registry import list_models
 from dsnet.train.checkpoint import load_model, load_state_into
 from dsnet.train.config import load_config
 from dsnet.train.distributed import init_distributed
-from dsnet.train.loop import TrainLoop, ddp_wrap, rank_checksums, stop_after
-from dsnet.train.run import RunDir, rng_state, seed_everything, selection_loader, unwrap
+from dsnet.train.loop import TrainLoop, ddp_wrap, rank_checksums
+from dsnet.train.run import RunDir, seed_everything, selection_loader, unwrap
 from dsnet.train.supernet import build_optimizer
 from dsnet.utils.modes import temporary_mode
 from dsnet.utils.table import format_table
@@ -320,19 +320,6 @@ def train_lcnet(
                 record["thresholds"] = [None if math.isnan(t) else t for t in thresholds]
             record.update(_selection_record(model, sel_loader, device), selection_split=sel_split)
 
-    def payload(epoch: int) -> dict[str, Any]:
-        return {
-            "model": spec,
-            "state_dict": model.state_dict(),
-            "ema_state_dict": None,
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "config": cfg,
-            "stage": "lcnet",
-            "dataset": dataclasses.asdict(info),
-            "rng": rng_state(),
-        }
-
     def epoch_line(epoch: int, record: dict[str, Any]) -> str:
         return (
             f"lr={record['lr']:.4f} loss={record['loss']:.3f} ce={record['loss_ce']:.3f} "
@@ -341,7 +328,11 @@ def train_lcnet(
             f"exec={record['sel_exec_rate']:.3f}"
         )
 
-    loop = TrainLoop(
+    loop = TrainLoop.for_run(
+        run,
+        ctx,
+        device,
+        stop_after_epoch,
         "lcnet",
         model,
         train_loader,
@@ -351,17 +342,12 @@ def train_lcnet(
         lr=base_lr,
         warmup_steps=lc["warmup_epochs"] * len(train_loader),
         min_lr=lc["min_lr"],
-        device=device,
-        ctx=ctx,
-        run=run,
         selection_key="sel_top1",
         selection_split=sel_split,
         evaluate=evaluate,
-        payload=payload,
+        payload=lambda epoch: {"state_dict": model.state_dict(), "ema_state_dict": None},
+        checkpoint={"model": spec, "dataset": dataclasses.asdict(info)},
         epoch_line=epoch_line,
-        progress=cfg["log"]["progress"],
-        print_every=cfg["log"]["print_every"],
-        callbacks=[] if stop_after_epoch is None else [stop_after(stop_after_epoch)],
     )
     loop.start(lambda state: load_state_into(model, state["state_dict"], run.last, state))
     fitted = loop.fit()

@@ -45,7 +45,7 @@ from torch import nn
 from dsnet.train.checkpoint import nonfinite_tensors
 from dsnet.train.distributed import DistContext
 from dsnet.train.optim import cosine_lr
-from dsnet.train.run import RunDir, epoch_record, set_rng_state, train_epoch
+from dsnet.train.run import RunDir, epoch_record, rng_state, set_rng_state, train_epoch
 
 __all__ = ["TrainLoop", "EpochEnd", "TrainResult", "Callback", "stop_after", "ddp_wrap", "rank_checksums"]
 
@@ -153,9 +153,12 @@ class TrainLoop:
     ``evaluate(epoch, record)`` adds to the record (it decides which ranks
     evaluate); the record's ``selection_key`` value (-1 where absent, e.g. on
     the other ranks) selects the best epoch, higher is better (no key: every
-    epoch is the newest best); ``payload(epoch)`` is the checkpoint (the loop
-    adds ``best_metric``, ``best_epoch`` and ``metrics``), checked finite,
-    written through ``run`` when there is one; the main rank prints
+    epoch is the newest best); ``payload(epoch)`` gives the weights
+    (``state_dict``, ``ema_state_dict``) and what else changes per epoch,
+    checked finite; with a ``run`` the checkpoint is that with the
+    ``checkpoint`` entries (the model spec, the dataset, ...), the optimiser,
+    epoch, config, stage, RNG states, best metric, best epoch and the record,
+    written as ``last.ckpt`` (and ``best.ckpt``); the main rank prints
     ``[stage] epoch e/E Ns `` followed by ``epoch_line(epoch, record)``;
     then the callbacks. Epochs count from 0 here and from 1 in logs and
     summaries.
@@ -182,6 +185,7 @@ class TrainLoop:
         begin_epoch: Callable[[int], None] | None = None,
         evaluate: Callable[[int, dict[str, Any]], None] | None = None,
         payload: Callable[[int], dict[str, Any]] | None = None,
+        checkpoint: dict[str, Any] | None = None,
         epoch_line: Callable[[int, dict[str, Any]], str] | None = None,
         callbacks: Sequence[Callback] = (),
         progress: bool = True,
@@ -198,12 +202,24 @@ class TrainLoop:
         self.lr_at = schedule or (lambda s: cosine_lr(s, total, lr, warmup_steps, min_lr))
         self.selection_key, self.selection_split = selection_key, selection_split
         self.begin_epoch, self.evaluate, self.payload, self.epoch_line = begin_epoch, evaluate, payload, epoch_line
+        self.checkpoint = checkpoint or {}
         self.callbacks = list(callbacks)
         self.progress, self.print_every = progress, print_every
         self.start_epoch = 0
         self.best_metric: float | None = -1.0 if selection_key else None
         self.best_epoch: int | None = None  # 0-based
         self._started = False
+
+    @classmethod
+    def for_run(
+        cls, run: RunDir, ctx: DistContext, device: torch.device, stop_after_epoch: int | None, *args, **kwargs
+    ) -> TrainLoop:
+        """A config-driven stage's loop: its run folder, ranks and device, the config's ``log`` settings, and
+        ``stop_after_epoch`` (end after that epoch, as if killed there). The rest as :class:`TrainLoop` takes it."""
+        log = run.cfg["log"]
+        stop = [] if stop_after_epoch is None else [stop_after(stop_after_epoch)]
+        return cls(*args, device=device, ctx=ctx, run=run, progress=log["progress"], print_every=log["print_every"],
+                   callbacks=[*stop, *kwargs.pop("callbacks", ())], **kwargs)  # fmt: skip
 
     def start(self, load_weights: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Resume if the run folder says so (``load_weights(state)``, optimiser, epoch, best, RNG), then open it."""
@@ -283,6 +299,17 @@ class TrainLoop:
         if self.run is not None:
             self.run.best_epoch = self.best_epoch
             self.run.log(record)
-            payload = {**payload, "best_metric": self.best_metric, "best_epoch": self.best_epoch, "metrics": record}
+            payload = {
+                **self.checkpoint,
+                **payload,
+                "optimizer": self.optimizer.state_dict(),
+                "epoch": epoch,
+                "config": self.run.cfg,
+                "stage": self.stage,
+                "rng": rng_state(),
+                "best_metric": self.best_metric,
+                "best_epoch": self.best_epoch,
+                "metrics": record,
+            }
             self.run.save(payload, best=is_best)
         return EpochEnd(epoch + 1, self.epochs, record, metric, self.best_metric, self.best_epoch + 1, is_best, payload)

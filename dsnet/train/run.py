@@ -166,7 +166,12 @@ class RunDir:
     is then the last one). Temporary files of killed writes are removed.
     """
 
-    def __init__(self, out: str | Path, cfg: dict, ctx: DistContext, resume: bool, stage: str) -> None:
+    def __init__(
+        self, out: str | Path, cfg: dict, ctx: DistContext, resume: bool, stage: str, python_api: bool = False
+    ) -> None:
+        # what the messages call the arguments: the command's options, or the Python API's keywords
+        out_arg, resume_arg = ("out=", "resume=True") if python_api else ("--out", "--resume")
+        same_config = "resume with the same arguments" if python_api else "resume without --config/--set"
         self.out = Path(out)
         self.cfg = cfg
         self.ctx = ctx
@@ -175,25 +180,25 @@ class RunDir:
         self.last = self.out / "last.ckpt"
         self.best = self.out / "best.ckpt"
         if ctx.is_main:
-            check_output_dir(self.out, "--out")
+            check_output_dir(self.out, out_arg)
         self.state: dict[str, Any] | None = None
         if resume:
             if not self.last.is_file():
-                raise FileNotFoundError(f"--resume: no {self.last} to resume from")
+                raise FileNotFoundError(f"{resume_arg}: no {self.last} to resume from")
             # the caller's config names the model: a factory it names is the caller's, the run's files may name it
             self.state = read_checkpoint(self.last, trust_factories=self._own_factories())
             if self.state.get("stage", stage) != stage:
-                raise ValueError(f"--resume: {self.last} is a {self.state['stage']} run, not a {stage} run")
+                raise ValueError(f"{resume_arg}: {self.last} is a {self.state['stage']} run, not a {stage} run")
             diff = config_difference(self.state.get("config") or {}, cfg)
             if diff:
                 key, old, new = diff
                 raise ValueError(
-                    f"--resume: {key} is {new!r} here but {old!r} in the run in {self.out}; a resumed run keeps "
-                    "its config (resume without --config/--set, or start a new --out)"
+                    f"{resume_arg}: {key} is {new!r} here but {old!r} in the run in {self.out}; a resumed run keeps "
+                    f"its config ({same_config}, or start a new {out_arg})"
                 )
         elif self.last.is_file():
             raise ValueError(
-                f"{self.out} already holds a run ({self.last.name}); pass --resume or choose another --out"
+                f"{self.out} already holds a run ({self.last.name}); pass {resume_arg} or choose another {out_arg}"
             )
         self.records: list[dict] = []
         self._tb = None

@@ -45,14 +45,13 @@ from dsnet.train.finetune import (
     plan_finetune,
     source_warning,
 )
-from dsnet.train.loop import TrainLoop, ddp_wrap, rank_checksums, stop_after
+from dsnet.train.loop import TrainLoop, ddp_wrap, rank_checksums
 from dsnet.train.losses import soft_cross_entropy
 from dsnet.train.optim import MaskedSGD
 from dsnet.train.run import (
     RunDir,
     autocast,
     effective_lr,
-    rng_state,
     seed_everything,
     selection_loader,
     top1_accuracy,
@@ -70,6 +69,7 @@ __all__ = [
     "build_optimizer",
     "calibrate_checkpoint",
     "selection_top1",
+    "supernet_epoch_line",
 ]
 
 
@@ -251,6 +251,12 @@ def selection_top1(
     return out
 
 
+def supernet_epoch_line(record: dict[str, Any]) -> str:
+    """The epoch's log line after ``[supernet] epoch e/E Ns``: the learning rate, losses, selection top-1s."""
+    shown = ", ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith(("loss", "ema", "top1")))
+    return f"lr={record['lr']:.4f} {shown}"
+
+
 def build_optimizer(params: list[nn.Parameter], lr: float, sc: dict[str, Any]) -> torch.optim.Optimizer:
     """Masked SGD (the official recipe) or AdamW (transformers).
 
@@ -378,29 +384,21 @@ def train_supernet(
 
     def payload(epoch: int) -> dict[str, Any]:
         return {
-            "model": spec,
             "state_dict": model.state_dict(),
             "ema_state_dict": ema.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
             "step": (epoch + 1) * steps_per_epoch,
-            "config": cfg,
-            "stage": "supernet",
-            "dataset": dataclasses.asdict(info),
-            "rng": rng_state(),
-            "bn_calibrated": False,
         }
-
-    def epoch_line(epoch: int, record: dict[str, Any]) -> str:
-        shown = ", ".join(f"{k}={v:.3f}" for k, v in record.items() if k.startswith(("loss", "ema")))
-        return f"lr={record['lr']:.4f} {shown}"
 
     def load_weights(state: dict[str, Any]) -> None:
         load_state_into(model, state["state_dict"], run.last, state)
         load_state_into(ema.module, state["ema_state_dict"], run.last, state, what="EMA weights")
         ema.updates = state["step"]
 
-    loop = TrainLoop(
+    loop = TrainLoop.for_run(
+        run,
+        ctx,
+        device,
+        stop_after_epoch,
         "supernet",
         model,
         train_loader,
@@ -410,18 +408,13 @@ def train_supernet(
         lr=base_lr,
         warmup_steps=round(plan.warmup_epochs * steps_per_epoch),
         min_lr=sc["min_lr"] * plan.lr_scale,
-        device=device,
-        ctx=ctx,
-        run=run,
         selection_key="ema_top1_widest",
         selection_split=val_split,
         begin_epoch=begin_epoch,
         evaluate=evaluate,
         payload=payload,
-        epoch_line=epoch_line,
-        progress=cfg["log"]["progress"],
-        print_every=cfg["log"]["print_every"],
-        callbacks=[] if stop_after_epoch is None else [stop_after(stop_after_epoch)],
+        checkpoint={"model": spec, "dataset": dataclasses.asdict(info), "bn_calibrated": False},
+        epoch_line=lambda epoch, record: supernet_epoch_line(record),
     )
     loop.start(load_weights)
     fitted = loop.fit()

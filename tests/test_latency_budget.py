@@ -243,6 +243,11 @@ def test_latency_budget_gate_meets_its_target_on_the_machine_whose_table_it_used
     full-batch cost (the table's). A machine too busy to tell (its speed drifting between the table and the
     check, or rounds that disagree) gets two more tries, then the test skips and says why.
     """
+    from dsnet.utils.threads import oversubscription
+
+    busy = oversubscription(1)  # the bench's own rule: other jobs on the cores make any timing check meaningless
+    if busy:
+        pytest.skip(busy)
     reasons = []
     for _ in range(3):
         measured, target, why = _one_budget_check(batch=256)
@@ -372,6 +377,7 @@ def test_stage_two_with_a_latency_budget(tmp_path):
         "data.eval_batch_size=64",
         "data.workers=0",
         "gate.epochs=1",
+        "gate.mode=pre",  # the mode the table is measured in (_model's)
         "log.progress=false",
         "log.tensorboard=false",
     ]

@@ -65,7 +65,7 @@ def test_supernet_resume_equals_uninterrupted(tmp_path):
 
 
 def test_gate_resume_equals_uninterrupted(tmp_path):
-    cfg = _cfg("supernet.epochs=1")
+    cfg = _cfg("supernet.epochs=1", "gate.mode=pre")  # the paper's gate: only its slimming head trains
     train_supernet(cfg, tmp_path / "sup")
     sup = tmp_path / "sup" / "best.ckpt"
     train_gate(cfg, sup, tmp_path / "g_full")

@@ -161,7 +161,9 @@ SCHEMA: dict[str, Any] = {
             "weight_decay": Float(0.01, "[0, inf)", doc="weight decay of the slimming head"),
             "warmup_epochs": Float(0.0, "[0, inf)", doc="linear warm-up, in epochs (fractions allowed), <= epochs"),
             "min_lr": Float(0.0, "[0, inf)", doc="final learning rate of the cosine schedule, <= lr"),
-            "mode": Choice("pre", ("pre", "exit"), doc="pre: the paper's gate; exit: decides after the slimmest ran"),
+            "mode": Choice(
+                "exit", ("pre", "exit"), doc="exit: decides after the slimmest ran (measured); pre: the paper's gate"
+            ),
             "router": Choice(
                 "logits",
                 ("logits", "utility"),
@@ -170,7 +172,7 @@ SCHEMA: dict[str, Any] = {
             "tau": Float(1.0, "(0, inf)", doc="Gumbel-softmax temperature"),
             "sgs_weight": Float(1.0, "[0, inf)", doc="weight of the sandwich gate sparsification loss"),
             "sgs_targets": Choice(
-                "sandwich", ("sandwich", "cheapest"), doc="sandwich: slimmest/widest label (paper); cheapest: any width"
+                "cheapest", ("sandwich", "cheapest"), doc="cheapest: any width (measured); sandwich: the paper's"
             ),
             "task_weight": Float(1.0, "[0, inf)", doc="weight of the routed output's cross-entropy"),
             "task_loss": Choice(

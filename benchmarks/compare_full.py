@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,9 @@ def merge(files: list[Path]) -> dict[str, Any]:
     for r in runs[1:]:
         if r["model"] != first["model"] or r["dataset"] != first["dataset"] or r["fast"] != first["fast"]:
             raise SystemExit("the per-seed results differ in model, data or setting: not merging")
+    for r in runs:  # results written before cascade points were named by index alone ("cascade 3/21 (t=0.54)")
+        for p in r["points"]:
+            p["name"] = re.sub(r"^(cascade \d+/\d+) \(t=[^)]*\)$", r"\1", p["name"])
     per_seed = [r["points"] for r in runs]
     points = aggregate_points(per_seed)
     timed = {p["name"]: p for p in first["points"]}

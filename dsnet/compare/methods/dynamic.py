@@ -136,7 +136,7 @@ class ConfidenceCascade(Method):
             t = float(p["threshold"])
             points.append(
                 Point(
-                    f"cascade {i + 1}/{len(cascade)} (t={t:.4g})",  # thresholds crowd near 1: the index names it
+                    f"cascade {i + 1}/{len(cascade)}",  # by index, as the sweeps: seeds average point by point
                     self.name,
                     p["top1"],
                     float(p["mean_macs"]),

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -241,7 +242,13 @@ def step_cost(cfg: dict, rounds: int = 20) -> dict:
     }
 
 
+FACTORY = "benchmarks.byo_fashion_mnist:dynamic_resnet8"
+
+
 def main() -> None:
+    # the make_dynamic part names this file's own factory: importable from the repository root, and trusted
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    dsnet.trust_factories([FACTORY])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/byo_fashion_mnist")
     p.add_argument("--train-subset", type=int, default=None)
@@ -290,7 +297,7 @@ def main() -> None:
         return supernet(_cfg(args, fine, ckpt, "model.kwargs.pre_gate_ratio=1.0"), out / "import-noorder")
 
     part("import-noorder", noorder)
-    factory = "model.name=benchmarks.byo_fashion_mnist:dynamic_resnet8"
+    factory = f"model.name={FACTORY}"
     part("make_dynamic", lambda: supernet(_cfg(args, fine, factory, f"model.checkpoint_path={alone}"), out / "md"))
 
     atomic_write_json(results, Path(args.json))

@@ -1,5 +1,12 @@
-import pytest
-import torch
+import os
+
+# One OpenMP thread for the whole suite, set before torch starts its pool: the fault-tolerance trials fork the test
+# process, and a child forked from a process with a live multi-threaded OpenMP pool can hang (seen in CI without
+# OMP_NUM_THREADS). Equal thread counts also give equal floating-point sums. A value set by the caller is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import dsnet
 

@@ -18,12 +18,15 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
+import tqdm.auto as tqdm_auto
+import tqdm.std as tqdm_std
 
 from dsnet.cli import main
 from dsnet.train.checkpoint import read_checkpoint
@@ -110,6 +113,11 @@ def _fork(*args, body=None) -> int:
     """Fork a child running ``body(*args)`` (default: :func:`_run_child`); the child always ends with ``os._exit``."""
     pid = os.fork()
     if pid == 0:
+        # tqdm's default lock is a multiprocessing semaphore shared across fork: a child SIGKILLed while holding
+        # it would leave it held for good, and the parent's tqdm monitor threads and every later child hang on it
+        # (seen in CI). The child takes a private lock instead.
+        for cls in (tqdm_std.tqdm, tqdm_auto.tqdm):
+            cls.set_lock(threading.RLock())
         try:
             (body or _run_child)(*args)
         finally:

@@ -33,7 +33,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsnet.layers.sliced import SlicedBatchNorm2d, SlicedConv2d, autocast_dtype, fold_batchnorm
+from dsnet.layers.sliced import SlicedBatchNorm2d, SlicedConv2d, autocast_dtype, check_bn_slot
 
 __all__ = ["KernelSlicedConv2d", "kernel_conv_bn", "check_kernel_sizes"]
 
@@ -189,23 +189,10 @@ class KernelSlicedConv2d(SlicedConv2d):
         if cast == self.weight.dtype:
             cast = None
         in_ch, out_ch = self._widths(x, out_channels)
-        if out_ch > bn.num_features:
-            raise ValueError(f"SlicedBatchNorm2d holds {bn.num_features} channels, got {out_ch}")
-        if not 0 <= slot < bn.num_slots:
-            raise IndexError(f"SlicedBatchNorm2d has {bn.num_slots} statistics slots, asked for slot {slot}")
+        check_bn_slot(bn, out_ch, slot)
 
         def make() -> tuple[Tensor, Tensor]:
-            weight, bias = fold_batchnorm(
-                self.kernel_weight(k, out_ch, in_ch),
-                None if self.bias is None else self.bias[:out_ch],
-                bn.running_mean[slot, :out_ch],
-                bn.running_var[slot, :out_ch],
-                bn.weight[:out_ch],
-                bn.bias[:out_ch],
-                bn.eps,
-            )
-            dtype = cast or self.weight.dtype
-            return weight.to(dtype), bias.to(dtype)
+            return self.fold_into(self.kernel_weight(k, out_ch, in_ch), bn, slot, cast)
 
         sources = (*self._sources(), bn.weight, bn.bias, bn.running_mean, bn.running_var)
         weight, bias = self._cache.get_derived(sources, ("bn-kernel", in_ch, out_ch, k, slot, cast), make)

@@ -359,12 +359,17 @@ class SlicedConv2d(SliceableModule):
         self, x: Tensor, out_channels: int | None, bn: SlicedBatchNorm2d, slot: int, cast: torch.dtype | None
     ) -> tuple[Tensor, Tensor]:
         in_ch, out_ch = self._widths(x, out_channels)
-        if out_ch > bn.num_features:
-            raise ValueError(f"SlicedBatchNorm2d holds {bn.num_features} channels, got {out_ch}")
-        if not 0 <= slot < bn.num_slots:
-            raise IndexError(f"SlicedBatchNorm2d has {bn.num_slots} statistics slots, asked for slot {slot}")
-        weight, bias = fold_batchnorm(
-            self.weight[:out_ch, : 1 if self.depthwise else in_ch],
+        check_bn_slot(bn, out_ch, slot)
+        return self.fold_into(self.weight[:out_ch, : 1 if self.depthwise else in_ch], bn, slot, cast)
+
+    def fold_into(
+        self, weight: Tensor, bn: SlicedBatchNorm2d, slot: int, cast: torch.dtype | None
+    ) -> tuple[Tensor, Tensor]:
+        """``weight`` (this conv's active weight, ``weight.shape[0]`` output channels) with statistics slot
+        ``slot`` of ``bn`` folded in, cast to ``cast`` (None: the weights' dtype); the bias includes this conv's."""
+        out_ch = weight.shape[0]
+        folded, bias = fold_batchnorm(
+            weight,
             None if self.bias is None else self.bias[:out_ch],
             bn.running_mean[slot, :out_ch],
             bn.running_var[slot, :out_ch],
@@ -373,7 +378,7 @@ class SlicedConv2d(SliceableModule):
             bn.eps,
         )
         dtype = cast or self.weight.dtype
-        return weight.to(dtype), bias.to(dtype)
+        return folded.to(dtype), bias.to(dtype)
 
     def to_static(self, in_channels: int, out_channels: int | None = None) -> nn.Conv2d:
         out_channels = in_channels if self.depthwise else (out_channels or self.out_channels)
@@ -595,6 +600,14 @@ def _hooked(module: nn.Module, cls: type) -> bool:
         or "forward" in vars(module)
         or type(module).forward is not cls.forward
     )
+
+
+def check_bn_slot(bn: SlicedBatchNorm2d, out_channels: int, slot: int) -> None:
+    """Raise if ``bn`` cannot normalise ``out_channels`` channels from its statistics slot ``slot``."""
+    if out_channels > bn.num_features:
+        raise ValueError(f"SlicedBatchNorm2d holds {bn.num_features} channels, got {out_channels}")
+    if not 0 <= slot < bn.num_slots:
+        raise IndexError(f"SlicedBatchNorm2d has {bn.num_slots} statistics slots, asked for slot {slot}")
 
 
 def fold_batchnorm(

@@ -28,7 +28,7 @@ from dsnet.utils.table import format_table
 
 __all__ = ["QUICKSTART", "FAST", "quickstart_config", "run_quickstart", "run_seeds", "aggregate_seeds"]
 
-# The recipe. Every choice here was measured: see the quickstart notes in README.md.
+# The recipe. Every choice here was measured: see docs/results.md "Quickstart results".
 QUICKSTART: dict[str, Any] = {
     "seed": 0,
     "model": {"name": "ds_resnet8_tiny", "kwargs": {}},
@@ -41,8 +41,8 @@ QUICKSTART: dict[str, Any] = {
         "weight_decay": 5.0e-5,
         "warmup_epochs": 1,
         "num_random": 2,
-        # labels for every sandwich member: chosen on held-out images (scripts/supernet_ablation.py, README
-        # "Quickstart results"); the paper's EMA teacher (ib) costs 2-3 points at this schedule length
+        # labels for every sandwich member: chosen on held-out images (scripts/supernet_ablation.py;
+        # docs/results.md "The current recipe"); the paper's EMA teacher (ib) costs 2-3 points at this length
         "distill": "none",
         "ema_decay": 0.995,
         "bn_calibration_batches": 40,
@@ -54,7 +54,8 @@ QUICKSTART: dict[str, Any] = {
         "weight_decay": 0.0,
         "macs_weight": 0.5,
         "macs_unit": "relative",
-        # chosen on held-out training images over 3 seeds (scripts/gate_ablation.py; README "Quickstart results"):
+        # chosen on held-out training images over 3 seeds (scripts/gate_ablation.py;
+        # docs/results.md "Every gate we tried"):
         # the early-exit gate, cheapest-correct SGS targets, 35% of the widest routed sub-network's MACs
         "mode": "exit",
         "sgs_targets": "cheapest",

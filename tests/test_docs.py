@@ -1,4 +1,8 @@
-"""The README and docs/ cite results that exist and link to files and headings that exist; the README stays short."""
+"""The README and docs/ cite results that exist and link to files and headings that exist; the README stays short.
+
+Code and recipes point at the docs too: a comment or message naming ``docs/<page>.md`` names a page that exists,
+and one naming a section (``docs/results.md "Quickstart results"``, ``README "Set-up"``) names a heading there.
+"""
 
 import re
 from pathlib import Path
@@ -13,6 +17,9 @@ PENDING: set[str] = set()  # cited results files not produced yet (none now)
 _RESULT = re.compile(r"benchmarks/results/(?:[\w.*\-/]|\{[\w.,\-]*\})+")
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 _FENCE = re.compile(r"^\s*```.*?^\s*```", re.S | re.M)
+# where code and recipes cite the docs: docs/<page>.md, optionally followed by a quoted section heading
+_CODE_FILES = ("dsnet/**/*.py", "scripts/**/*.py", "benchmarks/**/*.py", "benchmarks/**/*.sh", "configs/*.yaml")
+_PAGE_CITE = re.compile(r"\b(docs/[\w\-]+\.md|README(?:\.md)?|BENCHMARKS\.md)(?:\s+\"([^\"\n]+)\")?")
 
 
 def _expand(pattern: str) -> list[str]:
@@ -75,6 +82,38 @@ def broken_links(text: str, page: Path) -> list[str]:
     return broken
 
 
+def heading_texts(text: str) -> list[str]:
+    """A page's headings (outside code blocks) as written, without the ``#`` marks and backticks."""
+    lines = _FENCE.sub("", text).splitlines()
+    return [m.group(1).replace("`", "").strip() for line in lines if (m := re.match(r"#{1,6}\s+(.*)", line))]
+
+
+def broken_doc_citations(text: str, root: Path = ROOT) -> list[str]:
+    """Citations of the docs in code whose page does not exist or whose quoted section starts no heading there.
+
+    ``BENCHMARKS.md`` is a pointer stub (the record moved to docs/benchmarks.md), so citing it counts as broken.
+    """
+    broken = []
+    for m in _PAGE_CITE.finditer(text):
+        page, section = m.group(1), m.group(2)
+        if page == "BENCHMARKS.md":
+            broken.append(m.group(0))
+            continue
+        file = root / ("README.md" if page.startswith("README") else page)
+        if not file.is_file():
+            broken.append(m.group(0))
+        elif section and not any(h.startswith(section) for h in heading_texts(file.read_text())):
+            broken.append(m.group(0))
+    return broken
+
+
+def test_code_cites_doc_pages_and_sections_that_exist():
+    files = sorted({f for pattern in _CODE_FILES for f in ROOT.glob(pattern) if f.is_file()})
+    assert files
+    problems = {str(f.relative_to(ROOT)): broken_doc_citations(f.read_text()) for f in files}
+    assert not {k: v for k, v in problems.items() if v}
+
+
 def test_every_cited_results_file_exists():
     problems = {p.name: missing_results(cited_results(p.read_text())) for p in PAGES}
     assert not {k: v for k, v in problems.items() if v}
@@ -123,4 +162,18 @@ def test_the_checks_catch_what_they_should(tmp_path):
         "#nowhere",
         "docs/nothing.md",
         "other.md#not-a-heading",
+    ]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs/results.md").write_text("# Results\n\n## Quickstart results\n\n### The `dsnet compare` part\n")
+    (tmp_path / "README.md").write_text("# Tool\n\n## Set-up\n")
+    code = (
+        '# see docs/results.md "Quickstart results", docs/results.md "The dsnet compare" and docs/results.md;\n'
+        '# README "Set-up", README.md; stale: README "Quickstart results", docs/results.md "Nowhere",\n'
+        "# docs/nothing.md and BENCHMARKS.md\n"
+    )
+    assert broken_doc_citations(code, tmp_path) == [
+        'README "Quickstart results"',
+        'docs/results.md "Nowhere"',
+        "docs/nothing.md",
+        "BENCHMARKS.md",
     ]

@@ -14,7 +14,7 @@ on a forced routing mix. From the medians it derives
   ``pre + sum_j w_j (static_j - pre)``, i.e. gate, grouping and scatter overhead.
 
 Inputs are channels-last on CPU by default (measured faster for these models
-on oneDNN; see BENCHMARKS.md); every method gets the same tensor.
+on oneDNN; see docs/benchmarks.md "Methodology"); every method gets the same tensor.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def run_benchmark(
     model_name: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure ``model`` as ``config`` says; returns the report (the ``--json`` schema, see BENCHMARKS.md)."""
+    """Measure ``model`` as ``config`` says; returns the report (the ``--json`` schema, see docs/benchmarks.md)."""
     log = log or (lambda _msg: None)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -300,7 +300,7 @@ def _speedup(value: float, claim: dict[str, Any] | None) -> str:
 
 NOISY_NOTE = (
     "? = too noisy to claim: fewer than 3 in 4 interleaved rounds agree on which is faster "
-    "(the per-round ratios' quartiles straddle 1; see BENCHMARKS.md)"
+    "(the per-round ratios' quartiles straddle 1; see docs/benchmarks.md)"
 )
 
 

@@ -453,8 +453,21 @@ def seed_result(
     }
 
 
+def report_alone(run_dir: Path) -> list:
+    """The networks trained alone in a finished quickstart run folder (empty when it skipped them)."""
+    report = run_dir / "report.json"
+    return json.loads(report.read_text()).get("alone") or [] if report.is_file() else []
+
+
 def run_seed(
-    model: str, seed: int, fast: bool, threads: int | None, out: Path, results: Path, smoke: bool = False
+    model: str,
+    seed: int,
+    fast: bool,
+    threads: int | None,
+    out: Path,
+    results: Path,
+    smoke: bool = False,
+    alone: bool = False,
 ) -> Path:
     """One seed of one model with the quickstart recipe; returns the per-seed results file."""
     from dsnet.data import build_loader
@@ -473,15 +486,16 @@ def run_seed(
     target = results / f"{PREFIX}_{model}_seed{seed}{suffix}.json"
     qs_file = run_dir / "quickstart.json"
     done = qs_file.is_file() and (run_dir / "report.json").is_file()
-    if done and json.loads(qs_file.read_text()).get("config") == cfg:
+    if done and json.loads(qs_file.read_text()).get("config") == cfg and (bool(report_alone(run_dir)) or not alone):
         print(f"[kernel_vs_width] {model} seed {seed}: reusing the finished run in {run_dir}", flush=True)
         result = json.loads(qs_file.read_text())
     else:
-        result = run_quickstart(run_dir, fast, None, overrides)
+        result = run_quickstart(run_dir, fast, None, overrides, alone=alone)
     report = json.loads(Path(result["files"]["report"]).read_text())
     train_loader, _ = build_loader(cfg["data"], "train", seed=seed)
     setting = {
         "name": "smoke" if smoke else ("fast" if fast else "full"),
+        "alone": alone,
         "recipe": {k: v for k, v in cfg.items() if k != "seed"} | {"model": {**cfg["model"], "name": None}},
     }
     res = seed_result(model, seed, setting, result, report, run_dir, len(train_loader))
@@ -719,6 +733,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--fast", action="store_true", help="the quickstart's --fast setting")
     r.add_argument("--threads", type=int, default=None)
     r.add_argument("--out", type=Path, default=None, help="run folders (default runs/kvw)")
+    r.add_argument(
+        "--alone", action="store_true", help="also train every routed sub-network alone (doubles the run time)"
+    )
     r.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     r.add_argument("--results", type=Path, default=None, help=argparse.SUPPRESS)
     lt = sub.add_parser("latency", help="time every routed static sub-network of both models, interleaved")
@@ -740,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "run":
         results = args.results or (SMOKE_DIR / "results" if args.smoke else RESULTS)
         out = args.out or (SMOKE_DIR / "runs" if args.smoke else Path("runs/kvw"))
-        run_seed(args.model, args.seed, args.fast, args.threads, out, results, smoke=args.smoke)
+        run_seed(args.model, args.seed, args.fast, args.threads, out, results, smoke=args.smoke, alone=args.alone)
         return 0
 
     from dsnet.utils.io import atomic_write_json, atomic_write_text

@@ -166,8 +166,13 @@ def run_quickstart(
     data: str | None = None,
     overrides: list[str] | None = None,
     speed_repeats: int = 15,
+    alone: bool = True,
 ) -> dict[str, Any]:
-    """Train, calibrate, train the gate, evaluate, time. Returns (and writes) ``quickstart.json``."""
+    """Train, calibrate, train the gate, evaluate, time. Returns (and writes) ``quickstart.json``.
+
+    ``alone=False`` skips the baseline of the routed widths trained alone (the costliest part for a family
+    with many routing choices); the report's ``alone`` list is then empty and no claim is made against it.
+    """
     from dsnet.baselines.alone import alone_config, alone_kernels, alone_widths
     from dsnet.data import build_dataset, build_loader
     from dsnet.evaluation import evaluate, plot_report
@@ -198,7 +203,7 @@ def run_quickstart(
     # the same widths trained alone, same data, epochs and optimiser: the baseline weight sharing must beat
     t_alone, how_alone = 0.0, []
     shape = (train_info.num_classes, train_info.in_chans)
-    routed = (alone_widths(cfg, *shape), alone_kernels(cfg, *shape))
+    routed = (alone_widths(cfg, *shape), alone_kernels(cfg, *shape)) if alone else ([], [])
     for k, (widths, kernels) in enumerate(zip(*routed)):  # kernels: families that slice kernel sizes too
         alone_cfg, alone_dir = alone_config(cfg, widths, kernels), out / "alone" / f"net{k}"
         t, how = _stage(
@@ -237,12 +242,12 @@ def run_quickstart(
         class_names=info.class_names,
         split="test",
     )
-    alone = []
+    alone_points = []
     for k in range(len(how_alone)):  # each network trained alone, on the same test images, read once
         net, _ = load_model(out / "alone" / f"net{k}" / "best.ckpt")
         static = evaluate(net, val_loader, sweep=2, progress=False, split="test")["static"][0]
-        alone.append({"index": k, "widths": static["widths"], "macs": static["macs"], "top1": static["top1"]})
-    report["alone"] = alone
+        alone_points.append({"index": k, "widths": static["widths"], "macs": static["macs"], "top1": static["top1"]})
+    report["alone"] = alone_points
     atomic_write_json(report, out / "report.json")
     plot_report(report, out / "report.png")
     t_eval = time.time() - t0

@@ -174,7 +174,7 @@ def run_quickstart(
     with many routing choices); the report's ``alone`` list is then empty and no claim is made against it.
     """
     from dsnet.baselines.alone import alone_config, alone_kernels, alone_widths
-    from dsnet.data import build_dataset, build_loader
+    from dsnet.data import build_dataset, build_loader, describe_split_sizes, holdout_size, training_images
     from dsnet.evaluation import evaluate, plot_report
     from dsnet.train.checkpoint import load_model
     from dsnet.train.gate import train_gate
@@ -186,9 +186,10 @@ def run_quickstart(
     # fail in a second, with instructions, if the data is not there
     _, info = build_dataset(cfg["data"], "val")
     train_info = build_dataset(cfg["data"], "train")[1]
+    held_out = holdout_size(cfg["data"]["holdout"], training_images(cfg["data"]))
     print(
-        f"[quickstart] {cfg['model']['name']} on {info.name}: {train_info.num_samples} training / "
-        f"{info.num_samples} test images{' (--fast)' if fast else ''}",
+        f"[quickstart] {cfg['model']['name']} on {info.name}: "
+        f"{describe_split_sizes(train_info.num_samples, held_out, info.num_samples)}{' (--fast)' if fast else ''}",
         flush=True,
     )
     sup_dir, gate_dir = out / "supernet", out / "gate"

@@ -355,7 +355,7 @@ def run_compare(
     """Train/derive, evaluate and time every method; write compare.json/.md/.png. Returns compare.json's content."""
     from dsnet.compare.methods import DEFAULT_ORDER
     from dsnet.compare.report import plot_compare, render_markdown, render_screen
-    from dsnet.data import build_dataset
+    from dsnet.data import build_dataset, describe_split_sizes, holdout_size, training_images
 
     t_start = time.time()
     if methods is not None and not list(methods):
@@ -376,9 +376,10 @@ def run_compare(
     _, info = build_dataset(cfg0["data"], "val")  # fails in a second, with instructions, if the data is missing
     train_info = build_dataset(cfg0["data"], "train")[1]
     _check_search_settings(names, cfg0, settings, train_info)
+    held_out = holdout_size(cfg0["data"]["holdout"], training_images(cfg0["data"]))  # data.holdout: null too
+    sizes = describe_split_sizes(train_info.num_samples, held_out, info.num_samples)
     log(
-        f"[compare] {cfg0['model']['name']} on {info.name}: {train_info.num_samples} training / "
-        f"{cfg0['data']['holdout']} held-out / {info.num_samples} test images, {cfg0['supernet']['epochs']} epochs "
+        f"[compare] {cfg0['model']['name']} on {info.name}: {sizes}, {cfg0['supernet']['epochs']} epochs "
         f"each{' (--fast)' if fast else ''}; methods: {', '.join(names)}"
     )
     device = torch.device("cpu")

@@ -12,6 +12,7 @@ Public API (other modules code against exactly this)::
     is_image_folder(root)             # root laid out as train/ (+ val/ or test/) class folders?
     training_images(cfg)              # images in the training split, before holdout and subset (none read)
     holdout_size(n, num_train, cap)   # what data.holdout holds out (null: 10%, at most cap)
+    describe_split_sizes(train, held_out, test)  # "55000 training / 5000 held-out (selection) / 10000 test images"
 
 Datasets: ``fashion_mnist`` (default), ``mnist``, ``cifar10``, ``cifar100``,
 ``imagefolder`` (``root/train/<class>/...``, ``root/val/<class>/...`` or ``root/test/...``) and
@@ -30,6 +31,7 @@ from dsnet.data.loader import (
     build_loader,
     check_class_names,
     dataset_class_names,
+    describe_split_sizes,
     holdout_size,
     is_image_folder,
     training_images,
@@ -44,6 +46,7 @@ __all__ = [
     "build_loader",
     "check_class_names",
     "dataset_class_names",
+    "describe_split_sizes",
     "holdout_size",
     "is_image_folder",
     "resolve_data_config",

@@ -44,6 +44,7 @@ __all__ = [
     "build_loader",
     "dataset_class_names",
     "check_class_names",
+    "describe_split_sizes",
     "holdout_size",
     "is_image_folder",
     "training_images",
@@ -193,6 +194,18 @@ def _holdout_split(ds: InMemoryDataset | ImageFolderDataset, n: int | None, spli
     perm = torch.randperm(len(ds), generator=g)
     keep = perm[:n] if split == "holdout" else perm[n:]
     return ds.subset(keep.sort().values)
+
+
+def describe_split_sizes(training: int, held_out: int, test: int | None = None) -> str:
+    """How many images a run trains on, selects on and tests on, for its first lines (one wording everywhere).
+
+    ``55000 training / 5000 held-out (selection) / 10000 test images``; ``test=None`` for a stage that does not
+    read the test split; ``held_out=0`` (``data.holdout: 0``) says that selection then reads the test split.
+    """
+    test_part = f" / {test} test" if test is not None else ""
+    if held_out:
+        return f"{training} training / {held_out} held-out (selection){test_part} images"
+    return f"{training} training{test_part} images, none held out (selection reads the test split)"
 
 
 # ---------------------------------------------------------------------------------------------------- datasets

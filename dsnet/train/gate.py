@@ -57,7 +57,7 @@ from dsnet.train.distributed import DistContext, init_distributed
 from dsnet.train.loop import TrainLoop
 from dsnet.train.losses import cheapest_correct_targets, complexity_loss, sgs_targets
 from dsnet.train.optim import MaskedSGD
-from dsnet.train.run import RunDir, autocast, effective_lr, seed_everything, selection_loader
+from dsnet.train.run import RunDir, autocast, effective_lr, seed_everything, selection_loader, split_sizes
 from dsnet.utils.latency import LatencyTable, choice_latencies
 from dsnet.utils.modes import temporary_mode
 from dsnet.utils.threads import set_threads
@@ -559,6 +559,8 @@ def train_gate(
     if ctx.is_main:
         print(f"[gate] {describe_recipe(info.recipe, cfg['data']['augment'])}; torch threads: {threads}", flush=True)
     val_loader, val_split = selection_loader(cfg["data"], cfg["seed"], device)
+    if ctx.is_main:
+        print(f"[gate] data: {split_sizes(info.num_samples, val_loader, val_split)}", flush=True)
     if info.num_classes != model.num_classes or info.in_chans != model.in_chans:
         raise ValueError(
             f"data ({info.name}: {info.num_classes} classes, {info.in_chans} channels) does not match the supernet "

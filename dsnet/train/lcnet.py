@@ -46,7 +46,7 @@ from dsnet.train.checkpoint import load_model, load_state_into
 from dsnet.train.config import load_config
 from dsnet.train.distributed import init_distributed
 from dsnet.train.loop import TrainLoop, ddp_wrap, rank_checksums
-from dsnet.train.run import RunDir, seed_everything, selection_loader, unwrap
+from dsnet.train.run import RunDir, seed_everything, selection_loader, split_sizes, unwrap
 from dsnet.train.supernet import build_optimizer
 from dsnet.utils.modes import temporary_mode
 from dsnet.utils.table import format_table
@@ -288,6 +288,7 @@ def train_lcnet(
             f"[lcnet] {info.name}: {info.image_size} px, {info.num_classes} classes; torch threads: {threads}",
             flush=True,
         )
+        print(f"[lcnet] data: {split_sizes(info.num_samples, sel_loader, sel_split)}", flush=True)
     if sel_split == "holdout":  # thresholds are calibrated on held-out training images
         cal_loader = sel_loader
     else:  # no holdout: a separate, fixed pass over (augmented) training images, as stage II does

@@ -36,6 +36,7 @@ __all__ = [
     "autocast",
     "seed_everything",
     "selection_loader",
+    "split_sizes",
     "rng_state",
     "set_rng_state",
     "top1_accuracy",
@@ -94,6 +95,15 @@ def selection_loader(data_cfg: dict, seed: int, device: torch.device) -> tuple[A
     split = "val" if data_cfg.get("holdout") == 0 else "holdout"
     loader, _ = build_loader(data_cfg, split, seed=seed, device=device)
     return loader, split
+
+
+def split_sizes(training: int, selection: Any, split: str) -> str:
+    """The start-of-run count of images: ``training`` (after holdout and subset) and what
+    :func:`selection_loader` gave; the test split's size only when selection reads it (``data.holdout: 0``)."""
+    from dsnet.data import describe_split_sizes
+
+    n = len(selection.dataset)
+    return describe_split_sizes(training, n if split == "holdout" else 0, n if split == "val" else None)
 
 
 def effective_lr(stage: str, sc: dict, global_batch: int, is_main: bool = True) -> float:

@@ -54,6 +54,7 @@ from dsnet.train.run import (
     effective_lr,
     seed_everything,
     selection_loader,
+    split_sizes,
     top1_accuracy,
     unwrap,
 )
@@ -323,6 +324,8 @@ def train_supernet(
             f"[supernet] {describe_recipe(info.recipe, cfg['data']['augment'])}; torch threads: {threads}", flush=True
         )
     val_loader, val_split = selection_loader(cfg["data"], cfg["seed"], device)
+    if ctx.is_main:
+        print(f"[supernet] data: {split_sizes(info.num_samples, val_loader, val_split)}", flush=True)
     # from trained weights (model.checkpoint_path): the source loads (a resume loads it too: it is the teacher)
     plan = plan_finetune(cfg)
     start = build_start_model(cfg, lambda c: build_model(c, info.num_classes, info.in_chans), plan)

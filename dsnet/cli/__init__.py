@@ -15,8 +15,15 @@ import os
 import pkgutil
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from dsnet.cli._args import add_common_arguments, apply_common_arguments, join_negative_values
+from dsnet.cli._args import (
+    Subcommands,
+    add_common_arguments,
+    apply_common_arguments,
+    join_negative_values,
+    leaf_parsers,
+)
 
 __all__ = ["EXPECTED_ERRORS", "build_parser", "main", "one_line"]
 
@@ -29,7 +36,19 @@ class _Parser(argparse.ArgumentParser):
 
     Options registered with :func:`~dsnet.cli._args.allow_negative_values` take a negative number (list) as
     the next word: ``--biases -2,-1,0`` (argparse alone would read ``-2,-1,0`` as an option).
+
+    ``subcommands`` lists what ``add_subparsers()`` returned, so the command tree can be walked
+    (:func:`~dsnet.cli._args.leaf_parsers`) without argparse's private attributes.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.subcommands: list[Subcommands] = []
+        super().__init__(*args, **kwargs)
+
+    def add_subparsers(self, **kwargs: Any) -> Subcommands:  # type: ignore[override]
+        group = super().add_subparsers(**kwargs)  # its parsers are _Parser too (argparse's parser_class default)
+        self.subcommands.append(group)
+        return group
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -51,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
             importlib.import_module(f"dsnet.cli.{info.name}").add_parser(sub)
-    for leaf in _leaf_parsers(parser):
+    for leaf in leaf_parsers(parser):
         leaf.add_argument(
             "--trust-factory",
             dest="trust_factory",
@@ -63,14 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
         )
     add_common_arguments(parser)  # --threads on every command
     return parser
-
-
-def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
-    """The parsers that run a command (``dsnet eval``, ``dsnet train gate``), not those that only dispatch."""
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not subs:
-        return [parser]
-    return [leaf for a in subs for child in dict.fromkeys(a.choices.values()) for leaf in _leaf_parsers(child)]
 
 
 def one_line(err: BaseException) -> str:

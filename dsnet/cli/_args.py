@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Iterable
+from typing import Any, Protocol
 
 from dsnet.utils.io import check_output_dir, check_output_file
 
 __all__ = [
+    "Subcommands",
+    "leaf_parsers",
     "add_common_arguments",
     "apply_common_arguments",
     "allow_negative_values",
@@ -118,18 +121,32 @@ def output_dir(text: str) -> str:
     return _output(check_output_dir, text)
 
 
-def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
-    """The parsers that run a command (those without subcommands of their own) under ``parser``."""
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not subs:
+class Subcommands(Protocol):
+    """What ``add_subparsers()`` returns, as each command module's ``add_parser(sub)`` uses it."""
+
+    required: bool
+    choices: dict[str, argparse.ArgumentParser]
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser: ...
+
+
+def leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers that run a command (``dsnet eval``, ``dsnet train gate``), not those that only dispatch.
+
+    The dsnet parser (``dsnet.cli``) records what each of its ``add_subparsers()`` calls returned, in
+    ``subcommands``; a subcommand's parser is of the same class, so the walk reaches every level. Each
+    subcommand group's ``choices`` maps a name (or an alias: hence the de-duplication) to its parser.
+    """
+    groups = getattr(parser, "subcommands", ())
+    if not groups:
         return [parser]
-    return [leaf for a in subs for p in dict.fromkeys(a.choices.values()) for leaf in _leaf_parsers(p)]
+    return [leaf for g in groups for child in dict.fromkeys(g.choices.values()) for leaf in leaf_parsers(child)]
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every command takes: ``--threads N`` (a command that defines its own keeps it)."""
-    for leaf in _leaf_parsers(parser):
-        if "--threads" not in leaf._option_string_actions:
+    for leaf in leaf_parsers(parser):
+        try:
             leaf.add_argument(
                 "--threads",
                 type=positive_int,
@@ -137,6 +154,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                 metavar="N",
                 help="torch threads (default: the config's threads, else min(cores available, 8))",
             )
+        except argparse.ArgumentError:  # a conflicting option string: the command defines its own --threads
+            pass
 
 
 def apply_common_arguments(args: argparse.Namespace) -> None:

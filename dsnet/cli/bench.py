@@ -10,7 +10,7 @@ import argparse
 import math
 import sys
 
-from dsnet.cli._args import check_input_size, nonnegative_int, output_file, positive_int
+from dsnet.cli._args import Subcommands, check_input_size, nonnegative_int, output_file, positive_int
 from dsnet.utils.io import atomic_write_json
 
 
@@ -46,7 +46,7 @@ def _fractions(text: str) -> list[float]:
     return values
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: Subcommands) -> None:
     p = sub.add_parser("bench", help="measure sliced vs static vs zero-masked vs dynamic inference speed")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="registered model name (random weights)")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from dsnet.cli._args import device_or_auto, output_file, positive_int
+from dsnet.cli._args import Subcommands, device_or_auto, output_file, positive_int
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: Subcommands) -> None:
     p = sub.add_parser("calibrate-bn", help="reset and re-estimate the BN statistics of every sub-network")
     p.add_argument("--checkpoint", required=True)
     p.add_argument(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from dsnet.cli._args import output_file
+from dsnet.cli._args import Subcommands, output_file
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: Subcommands) -> None:
     p = sub.add_parser("checkpoint", help="checkpoint maintenance (convert an older checkpoint)")
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from dsnet.cli._args import Subcommands
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+
+def add_parser(sub: Subcommands) -> None:
     p = sub.add_parser(
         "compare",
         help="train every method on the same data and epochs, evaluate and time them with one harness",

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from dsnet.cli._args import Subcommands
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+
+def add_parser(sub: Subcommands) -> None:
     p = sub.add_parser("config", help="config reference; show or check a recipe")
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from dsnet.cli._args import Subcommands
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+
+def add_parser(sub: Subcommands) -> None:
     p = sub.add_parser("demo", help="route random images through an untrained model (smoke test)")
     p.add_argument("--model", default="ds_mobilenet_v1_cifar")
     p.add_argument("--batch-size", type=int, default=16)

@@ -12,13 +12,13 @@ import copy
 import sys
 from typing import TYPE_CHECKING, Any
 
-from dsnet.cli._args import allow_negative_values, device_name, nonnegative_int, output_file, positive_int
+from dsnet.cli._args import Subcommands, allow_negative_values, device_name, nonnegative_int, output_file, positive_int
 
 if TYPE_CHECKING:
     import torch
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: Subcommands) -> None:
     p = sub.add_parser(
         "eval",
         help="evaluate a checkpoint: static sub-networks, dynamic routing, gate-bias sweep",

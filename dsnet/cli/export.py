@@ -11,12 +11,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from dsnet.cli._args import check_input_size, output_file, positive_int
+from dsnet.cli._args import Subcommands, check_input_size, output_file, positive_int
 
 FORMATS = ("onnx",)
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: Subcommands) -> None:
     p = sub.add_parser("export", help="export a sub-network or the dynamic model (ONNX), verified with onnxruntime")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="dsnet checkpoint to load (EMA weights if present)")

@@ -22,12 +22,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dsnet.cli._args import apply_common_arguments, output_file
+from dsnet.cli._args import Subcommands, apply_common_arguments, output_file
 from dsnet.utils.io import atomic_write_json
 from dsnet.utils.table import format_table
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: Subcommands) -> None:
     p = sub.add_parser("models", help="list registered models with parameters and MACs")
     p.add_argument("--subnets", metavar="MODEL", help="list every sub-network of one model instead")
     p.add_argument(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from dsnet.cli._args import output_dir
+from dsnet.cli._args import Subcommands, output_dir
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: Subcommands) -> None:
     p = sub.add_parser(
         "quickstart",
         help="the whole method on Fashion-MNIST in minutes (stage I, BN recalibration, stage II, eval, timing)",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dsnet.cli._args import Subcommands
+
 
 def _numbers(text: str) -> list[float]:
     try:
@@ -12,7 +14,7 @@ def _numbers(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: Subcommands) -> None:
     p = sub.add_parser(
         "search",
         help="progressive sub-network search: nested non-uniform widths from a trained network",

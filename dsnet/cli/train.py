@@ -7,10 +7,10 @@ import json
 import os
 from pathlib import Path
 
-from dsnet.cli._args import output_dir
+from dsnet.cli._args import Subcommands, output_dir
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: Subcommands) -> None:
     p = sub.add_parser("train", help="train a supernet (stage I), its gate (stage II), or an LC-Net")
     stages = p.add_subparsers(dest="stage", metavar="STAGE")
     stages.required = True

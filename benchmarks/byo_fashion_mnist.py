@@ -1,29 +1,47 @@
 """Bring your own network, on Fashion-MNIST: start a supernet from a network trained alone, or from scratch?
 
-Runs, with the quickstart recipe (``dsnet.quickstart.QUICKSTART``: ResNet-8 tiny, SGD, cosine, sandwich rule,
-in-place bootstrapping, BN recalibration), ``data.holdout`` images held out for selecting the best epoch, and
-the test split read once at the end:
+Every part uses the quickstart recipe (``dsnet.quickstart.QUICKSTART``: ResNet-8 tiny, masked SGD, cosine
+schedule with one warm-up epoch, label smoothing, labels for every sandwich member, EMA of the weights, BN
+recalibration) on the same data: ``--train-subset`` training images, ``--holdout`` (``data.holdout``) more held
+out of the training split to select the best epoch, and the test split read once at the end of each part.
 
-* ``alone``: a plain ResNet-8 (torchvision layout and key names, the shape of ``ds_resnet8_tiny`` at full width)
-  trained alone for ``--epochs`` epochs (same optimiser, schedule, augmentation, label smoothing);
-* ``scratch``: ``ds_resnet8_tiny`` trained as a supernet from random weights for ``--epochs`` epochs;
-* ``import``: ``ds_resnet8_tiny`` initialised from ``alone`` (``model.checkpoint_path``, torchvision format,
-  L1 importance order) and trained as a supernet for ``--finetune-epochs`` with stage I's fine-tuning defaults
-  (``dsnet.train.finetune``: the frozen source network teaches the narrower sub-networks, lr x0.1, no warm-up,
-  the stages before the gate at full width so the widest routed sub-network is the source network);
-* ``import-noorder``: the same without the importance order (the trained network's own channel order);
-* ``make_dynamic``: the plain network made dynamic by ``dsnet.make_dynamic`` through a ``module:factory``
-  model name (the same architecture as ``ds_resnet8_tiny``), fine-tuned as ``import``;
-* ``converted`` / ``converted-noorder``: the conversions before any fine-tuning (BN statistics recalibrated),
-  with the paper's routed range (stages before the gate at the slimmest width);
-* ``converted-source-widths``: the conversion fine-tuning starts from (stages before the gate at full width).
+* ``step_cost``: seconds per training step of the plain network and of the supernet (sandwich of 4 + EMA
+  update), interleaved medians of 20 steps in one process.
+* ``alone``: a plain ResNet-8 (torchvision layout and key names, the shape of ``ds_resnet8_tiny`` at full width
+  and its initialisation: residual branches not zero-initialised) trained alone for ``--epochs`` epochs with
+  stage I's recipe for one network (``train_alone``): stage I's optimiser, learning rate, schedule,
+  augmentation, label smoothing and EMA (``supernet.ema_decay``, ``ema_warmup``, ``ema_buffers``); each
+  epoch the EMA weights are measured on the held-out slice, the best epoch's EMA weights are kept and their BN
+  statistics recalibrated on ``supernet.bn_calibration_batches`` training batches. Those weights are
+  ``alone.pth`` (a plain torchvision-format state_dict); the result records the best epoch, the held-out top-1
+  (EMA, and after recalibration), the test top-1, and the last epoch's raw weights' test top-1 for reference.
+* ``converted`` / ``converted-noorder``: ``alone.pth`` imported into ``ds_resnet8_tiny`` (L1 importance order /
+  the trained network's own channel order), BN statistics recalibrated, no training; the paper's routed range
+  (stages before the gate at the slimmest width).
+* ``converted-source-widths``: the same L1 conversion with the stages before the gate at full width (where
+  fine-tuning starts).
+* ``scratch``: ``ds_resnet8_tiny`` trained as a supernet from random weights for ``--epochs`` epochs (stage I:
+  best epoch on the held-out slice, EMA weights, BN recalibrated).
+* ``scratch-total``: the same for ``--epochs`` + ``--finetune-epochs`` epochs: as many epochs (and optimiser
+  steps) as ``alone`` and a fine-tuning together.
+* ``import``: ``ds_resnet8_tiny`` initialised from ``alone.pth`` (``model.checkpoint_path``, torchvision format,
+  L1 importance order) and trained as a supernet for ``--finetune-epochs`` epochs with stage I's fine-tuning
+  defaults (``dsnet.train.finetune``: the frozen source network teaches the narrower sub-networks, lr x0.1, no
+  warm-up, the stages before the gate at full width so the widest routed sub-network is the source network).
+* ``import-noorder``: the same without the importance order (the trained network's own channel order).
+* ``make_dynamic``: the plain network made dynamic by ``dsnet.make_dynamic`` through a ``module:factory`` model
+  name (this file's ``dynamic_resnet8``, the same architecture as ``ds_resnet8_tiny``), fine-tuned as
+  ``import``.
 
 Fine-tuned runs also record the source's and the final largest sub-network's held-out top-1 and stage I's
-warning if the largest ended below the source.
-
-Every dynamic model's static sub-networks are evaluated on the test split. Results: a table and
-``--json``. ``python benchmarks/byo_fashion_mnist.py --train-subset 20000 --epochs 6 --finetune-epochs 2``
-(run from the repository root; each finished part is reused on a re-run).
+warning if the largest ended below the source. Every dynamic model's static sub-networks are evaluated on the
+test split: a table with one row per sub-network shape (told by its MMACs), and for ``import`` and
+``make_dynamic`` the test top-1 of their routed sub-networks minus ``scratch-total``'s sub-network of the same
+MMACs (mean, min, max; only their largest matches a sub-network of ``scratch-total``, which trains it but does
+not route it). Results: the table and ``--json``.
+``python benchmarks/byo_fashion_mnist.py --train-subset 20000 --epochs 6 --finetune-epochs 2`` (run from the
+repository root; each finished part is reused on a re-run; a folder whose ``alone`` came from the earlier
+recipe, the last raw weights, is refused: use a new ``--out``).
 """
 
 from __future__ import annotations
@@ -47,10 +65,18 @@ from dsnet.train.bn_calibration import calibrate_bn
 from dsnet.train.checkpoint import load_model
 from dsnet.train.config import apply_overrides, resolve_config
 from dsnet.train.ema import ModelEma
-from dsnet.train.optim import MaskedSGD, cosine_lr
-from dsnet.train.run import seed_everything, top1_accuracy, train_epoch
-from dsnet.train.supernet import sample_subnets, supernet_step, train_supernet
+from dsnet.train.loop import EpochEnd, TrainLoop
+from dsnet.train.optim import MaskedSGD
+from dsnet.train.run import autocast, effective_lr, seed_everything, selection_loader, top1_accuracy
+from dsnet.train.supernet import (
+    build_optimizer,
+    sample_subnets,
+    supernet_epoch_line,
+    supernet_step,
+    train_supernet,
+)
 from dsnet.utils.io import atomic_torch_save, atomic_write_json
+from dsnet.utils.modes import temporary_mode
 from dsnet.utils.table import format_table
 
 
@@ -73,9 +99,14 @@ class BasicBlock(nn.Module):
 
 
 class ResNet8(nn.Module):
-    """ResNet-8 with torchvision's key names: 3x3 stride-2 stem, one basic block per stage, 32-64-128 planes."""
+    """ResNet-8 with torchvision's key names: 3x3 stride-2 stem, one basic block per stage, 32-64-128 planes.
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1) -> None:
+    Residual branches start as ``ds_resnet8_tiny``'s do: not zero-initialised (``zero_init_residual=False``, its
+    default since zero-init was measured to cost 1.1-1.6 points after 3 epochs; this file zero-initialised them
+    until the alone recipe was aligned with stage I's).
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, zero_init_residual: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, 32, 3, 2, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(32)
@@ -86,7 +117,7 @@ class ResNet8(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, BasicBlock):  # zero-init residual branches, as ds_resnet8_tiny
+            elif isinstance(m, BasicBlock) and zero_init_residual:
                 nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -126,44 +157,124 @@ def _cfg(args: argparse.Namespace, *extra: str) -> dict:
     return resolve_config(apply_overrides(copy.deepcopy(QUICKSTART), overrides + list(extra)))
 
 
+@torch.no_grad()
+def calibrate_plain_bn(model: nn.Module, loader, num_batches: int) -> nn.Module:  # noqa: ANN001
+    """Stage I's BN recalibration for a plain network: reset every BatchNorm's statistics and re-estimate them.
+
+    ``dsnet.train.bn_calibration.calibrate_bn`` takes a ``DynamicNet`` only (it walks the sub-networks' sliced
+    BatchNorm slots); this does the same for ``nn.BatchNorm*`` layers: statistics reset, momentum ``None``
+    (a cumulative average), ``num_batches`` training batches forward in train mode without gradient, momenta and
+    every module's mode restored. Parameters are untouched.
+    """
+    if num_batches < 1:
+        raise ValueError(f"BN recalibration needs at least one batch, got {num_batches}")
+    bns = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    try:
+        with temporary_mode(model, True):
+            for i, batch in enumerate(loader):
+                if i >= num_batches:
+                    break
+                images = batch[0]
+                model(images[0] if isinstance(images, (list, tuple)) else images)
+    finally:
+        for bn, m in zip(bns, momenta, strict=True):
+            bn.momentum = m
+    return model
+
+
 def train_alone(cfg: dict, out: Path) -> dict:
-    """The plain network, trained alone with the supernet's recipe (its largest sub-network's loss only)."""
+    """The plain network trained alone with stage I's recipe for one network (``dsnet.train.supernet``).
+
+    Stage I with a single sub-network trains it on the labels (the sandwich rule degenerates to the largest):
+    the same optimiser (``build_optimizer``: masked SGD, no weight decay on BN and biases), learning rate
+    (``effective_lr``), cosine schedule with warm-up and ``min_lr``, label smoothing, gradient clipping; the same
+    EMA of the weights (``ModelEma`` with ``supernet.ema_decay``, ``ema_warmup``, ``ema_buffers``); each epoch the
+    EMA weights are measured on the held-out slice (``selection_loader``: ``data.holdout``) and the best epoch's
+    EMA weights are kept; their BN statistics are then recalibrated on ``supernet.bn_calibration_batches``
+    training batches (:func:`calibrate_plain_bn`, as ``calibrate_checkpoint`` does for stage I's best
+    checkpoint). Those weights are saved (``alone.pth``, a plain torchvision-format state_dict) and read once
+    on the test split. ``last_raw_test_top1``: the last epoch's raw weights, what this part reported before.
+    """
     sc = cfg["supernet"]
+    device = torch.device("cpu")
     seed_everything(cfg["seed"])
     loader, info = build_loader(cfg["data"], "train", seed=cfg["seed"])
+    holdout, split = selection_loader(cfg["data"], cfg["seed"], device)
     model = ResNet8(info.num_classes, info.in_chans)
-    base_lr = sc["lr"] * cfg["data"]["batch_size"] / sc["lr_reference_batch"]
-    optimizer = MaskedSGD(  # the supernet's optimiser (every channel gets a gradient here: plain SGD)
-        list(model.parameters()), base_lr, sc["momentum"], sc["weight_decay"], sc["nesterov"], sc["mask_untouched"]
-    )
+    ema = ModelEma(model, sc["ema_decay"], warmup=sc["ema_warmup"], buffers=sc["ema_buffers"])
+    base_lr = effective_lr("alone", sc, cfg["data"]["batch_size"])
+    optimizer = build_optimizer(list(model.parameters()), base_lr, sc)
     steps = len(loader)
 
     def step(batch: tuple[Tensor, Tensor]) -> dict[str, float]:
         images, labels = batch
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(images), labels, label_smoothing=sc["label_smoothing"])
+        with autocast(device, sc["amp"]):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=sc["label_smoothing"])
         loss.backward()
+        if sc["grad_clip"]:
+            nn.utils.clip_grad_norm_(model.parameters(), sc["grad_clip"])
         optimizer.step()
+        ema.update(model)
         return {"loss": float(loss.detach())}
 
+    def evaluate(epoch: int, record: dict) -> None:  # the EMA weights on the selection split, as stage I
+        record["selection_split"] = split
+        record["ema_top1"] = top1_accuracy(ema.module, holdout, device)
+
+    best: dict = {}
+
+    def keep_best(end: EpochEnd) -> None:
+        if end.is_best:
+            best["state"] = {k: v.detach().clone() for k, v in end.payload["ema_state_dict"].items()}
+
+    loop = TrainLoop(
+        "alone",
+        model,
+        loader,
+        optimizer,
+        step,
+        epochs=sc["epochs"],
+        lr=base_lr,
+        device=device,
+        warmup_steps=round(sc["warmup_epochs"] * steps),
+        min_lr=sc["min_lr"],
+        selection_key="ema_top1",
+        selection_split=split,
+        evaluate=evaluate,
+        payload=lambda epoch: {"state_dict": model.state_dict(), "ema_state_dict": ema.state_dict()},
+        epoch_line=lambda epoch, record: supernet_epoch_line(record),
+        callbacks=[keep_best],
+        progress=False,
+    )
     t0 = time.time()
-    for epoch in range(sc["epochs"]):
-        model.train()
-        train_epoch(
-            loader,
-            epoch,
-            lambda s: cosine_lr(s, sc["epochs"] * steps, base_lr, sc["warmup_epochs"] * steps, sc["min_lr"]),
-            optimizer,
-            step,
-            f"alone {epoch + 1}/{sc['epochs']}",
-            False,
-            50,
-        )
-        print(f"[alone] epoch {epoch + 1}/{sc['epochs']} {time.time() - t0:.0f}s", flush=True)
+    fitted = loop.fit()
     seconds = time.time() - t0
-    atomic_torch_save(model.state_dict(), out / "alone.pth")
     test, _ = build_loader(cfg["data"], "val", seed=cfg["seed"])
-    return {"seconds": round(seconds, 1), "test_top1": round(top1_accuracy(model, test, torch.device("cpu")), 2)}
+    last_raw = top1_accuracy(model, test, device)
+    final = ResNet8(info.num_classes, info.in_chans)
+    final.load_state_dict(best["state"])
+    num_batches = min(sc["bn_calibration_batches"], len(loader))
+    calibrate_plain_bn(final, loader, num_batches)
+    atomic_torch_save(final.state_dict(), out / "alone.pth")
+    return {
+        "recipe": "stage I for one network: EMA, best epoch on the held-out slice, BN recalibrated",
+        "seconds": round(seconds, 1),
+        "epochs": sc["epochs"],
+        "best_epoch": fitted.best_epoch,  # 1-based, as the logs count
+        "selection_split": split,
+        "holdout_top1": round(fitted.best_metric, 2),  # the best epoch's EMA weights, before BN recalibration
+        "holdout_top1_calibrated": round(top1_accuracy(final, holdout, device), 2),
+        "bn_calibration_batches": num_batches,
+        "history": [{k: r[k] for k in ("epoch", "lr", "loss", "ema_top1") if k in r} for r in fitted.history],
+        "test_top1": round(top1_accuracy(final, test, device), 2),
+        "last_raw_test_top1": round(last_raw, 2),
+    }
 
 
 def evaluate(model: dsnet.DynamicNet, cfg: dict) -> list[dict]:
@@ -242,6 +353,36 @@ def step_cost(cfg: dict, rounds: int = 20) -> dict:
     }
 
 
+def routed_vs(results: dict, name: str, reference: str) -> dict | None:
+    """``name``'s routed sub-networks minus ``reference``'s sub-network of the same MMACs (test top-1 points).
+
+    Rows are matched by MMACs; only ``name``'s routed rows count (its training-only ones are skipped), whatever
+    the reference's row is (the fine-tuned runs route the source's widths before the gate: of scratch's
+    sub-networks only the largest, training only there, has the shape of one of theirs). None: nothing matched.
+    """
+    if not isinstance(results.get(name), dict) or not isinstance(results.get(reference), dict):
+        return None
+    ref = {sub["mmacs"]: sub for sub in results[reference]["subnets"]}
+    diffs, mmacs, training_only = [], [], []
+    for sub in results[name]["subnets"]:
+        other = ref.get(sub["mmacs"])
+        if "training only" in sub["widths"] or other is None:
+            continue
+        diffs.append(sub["test_top1"] - other["test_top1"])
+        mmacs.append(sub["mmacs"])
+        if "training only" in other["widths"]:
+            training_only.append(sub["mmacs"])
+    if not diffs:
+        return None
+    return {
+        "mean": round(sum(diffs) / len(diffs), 2),
+        "min": round(min(diffs), 2),
+        "max": round(max(diffs), 2),
+        "mmacs": mmacs,
+        "reference_training_only": training_only,
+    }
+
+
 FACTORY = "benchmarks.byo_fashion_mnist:dynamic_resnet8"
 
 
@@ -269,6 +410,9 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     results_path = out / "results.json"
     results: dict = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if "alone" in results and "best_epoch" not in results["alone"]:
+        # alone.pth and every part fine-tuned from it came from the old recipe (last raw weights): not reusable
+        sys.exit(f"{results_path}: its parts were made with the old alone recipe (last raw weights); use a new --out")
     results["setting"] = {k: v for k, v in vars(args).items() if k not in ("out", "json", "skip")}
 
     def part(name: str, fn) -> None:  # noqa: ANN001
@@ -285,6 +429,8 @@ def main() -> None:
     part("converted-noorder", lambda: converted_only(_cfg(args), alone, None))
     part("converted-source-widths", lambda: converted_only(_cfg(args), alone, "l1", pre_gate_ratio=1.0))
     part("scratch", lambda: supernet(_cfg(args), out / "scratch"))
+    total = f"supernet.epochs={args.epochs + args.finetune_epochs}"  # alone + fine-tuning's epochs
+    part("scratch-total", lambda: supernet(_cfg(args, total), out / "scratch-total"))
     fine = f"supernet.epochs={args.finetune_epochs}"
     part("import", lambda: supernet(_cfg(args, fine, f"model.checkpoint_path={alone}"), out / "import"))
 
@@ -300,8 +446,20 @@ def main() -> None:
     factory = f"model.name={FACTORY}"
     part("make_dynamic", lambda: supernet(_cfg(args, fine, factory, f"model.checkpoint_path={alone}"), out / "md"))
 
+    total_epochs = args.epochs + args.finetune_epochs
+    versus = {n: d for n in ("import", "make_dynamic") if (d := routed_vs(results, n, "scratch-total")) is not None}
+    if versus:
+        results["routed_vs_scratch_total"] = versus  # derived from the parts: in --json, not in results.json
     atomic_write_json(results, Path(args.json))
-    columns = ("converted-noorder", "converted", "converted-source-widths", "scratch", "import-noorder", "import")
+    columns = (
+        "converted-noorder",
+        "converted",
+        "converted-source-widths",
+        "scratch",
+        "scratch-total",
+        "import-noorder",
+        "import",
+    )
     names = [n for n in (*columns, "make_dynamic") if n in results]
     # one row per sub-network shape, told by its MACs (the routed ranges differ: fine-tuning routes the
     # source's widths; make_dynamic names its stages after the plain network's layers)
@@ -326,12 +484,26 @@ def main() -> None:
             print(f"{n}: held-out top-1 source {r['source_holdout_top1']:.2f}, largest {r['largest_holdout_top1']:.2f}")
             for said in r.get("warnings", []):
                 print(f"  {said}")
+    for n, d in versus.items():
+        only = d["reference_training_only"]
+        print(
+            f"{n}: routed sub-networks vs scratch with the same total epochs ({total_epochs}): mean diff "
+            f"{d['mean']:+.2f}, min {d['min']:+.2f}, max {d['max']:+.2f} over {len(d['mmacs'])} matched by MMACs "
+            f"({', '.join(f'{m:.2f}' for m in d['mmacs'])})"
+            + (f"; scratch-total's at {', '.join(f'{m:.2f}' for m in only)} is training only" if only else "")
+        )
     if "step_cost" in results:
         c = results["step_cost"]
         print(f"step cost (interleaved medians): alone {c['alone_s']}s, supernet {c['supernet_s']}s, x{c['ratio']}")
     if "alone" in results:
-        print(f"alone: {results['alone']['test_top1']:.2f}% test top-1, {results['alone']['seconds']:.0f}s")
-    for n in ("scratch", "import", "import-noorder", "make_dynamic"):
+        a = results["alone"]
+        print(
+            f"alone: {a['test_top1']:.2f}% test top-1 (best epoch {a['best_epoch']}/{a['epochs']} on the "
+            f"{a['selection_split']} split, EMA {a['holdout_top1']:.2f}%, BN recalibrated "
+            f"{a['holdout_top1_calibrated']:.2f}%; last raw weights {a['last_raw_test_top1']:.2f}% test), "
+            f"{a['seconds']:.0f}s"
+        )
+    for n in ("scratch", "scratch-total", "import", "import-noorder", "make_dynamic"):
         if n in results:
             print(f"{n}: {results[n]['seconds']:.0f}s")
 

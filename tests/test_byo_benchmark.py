@@ -1,0 +1,87 @@
+"""benchmarks/byo_fashion_mnist.py: the alone recipe (stage I's for one network), plain-BN recalibration, the
+routed-vs-scratch summary (tiny synthetic data; no Fashion-MNIST)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import dsnet
+from benchmarks import byo_fashion_mnist as byo
+from dsnet.quickstart import QUICKSTART
+from dsnet.train.config import apply_overrides, resolve_config
+from dsnet.train.run import selection_loader, top1_accuracy
+
+TINY = [
+    "data.dataset=synthetic",
+    "data.synthetic.num_train=320",
+    "data.synthetic.num_val=64",
+    "data.synthetic.channels=1",
+    "data.synthetic.image_size=16",
+    "data.holdout=64",
+    "data.batch_size=32",
+    "data.eval_batch_size=64",
+    "supernet.epochs=3",
+    "supernet.bn_calibration_batches=3",
+    "log.progress=false",
+    "log.tensorboard=false",
+]
+
+
+def test_calibrate_plain_bn_is_a_cumulative_average_and_restores_modes():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    net[1].running_mean.fill_(5.0)
+    batches = [(torch.randn(8, 1, 6, 6) * (i + 1), torch.zeros(8, dtype=torch.long)) for i in range(4)]
+    weights = [p.detach().clone() for p in net.parameters()]
+    byo.calibrate_plain_bn(net, batches, num_batches=3)
+    with torch.no_grad():
+        means = torch.stack([net[0](x).mean((0, 2, 3)) for x, _ in batches[:3]]).mean(0)
+    torch.testing.assert_close(net[1].running_mean, means)
+    assert net[1].momentum == 0.1 and not net.training and not net[1].training
+    assert all(torch.equal(a, b) for a, b in zip(weights, net.parameters(), strict=True))
+    with pytest.raises(ValueError, match="at least one batch"):
+        byo.calibrate_plain_bn(net, batches, num_batches=0)
+
+
+def test_resnet8_initialises_residual_branches_as_ds_resnet8_tiny():
+    tiny = dsnet.create_model("ds_resnet8_tiny", num_classes=10, in_chans=1)
+    plain = byo.ResNet8()
+    for blk, layer in zip(tiny.blocks, (plain.layer1, plain.layer2, plain.layer3), strict=True):
+        assert torch.equal(blk.bn2.weight.detach(), layer[0].bn2.weight.detach())  # both ones: no zero-init
+    assert float(byo.ResNet8(zero_init_residual=True).layer2[0].bn2.weight.detach().abs().max()) == 0.0
+
+
+def test_train_alone_keeps_the_best_epochs_ema_weights_recalibrated(tmp_path):
+    cfg = resolve_config(apply_overrides(copy.deepcopy(QUICKSTART), list(TINY)))
+    result = byo.train_alone(cfg, tmp_path)
+    history = result["history"]
+    assert len(history) == 3 and result["selection_split"] == "holdout"
+    best = max(range(3), key=lambda i: (history[i]["ema_top1"], -i))  # the first of the best
+    assert result["best_epoch"] == best + 1
+    assert result["holdout_top1"] == round(history[best]["ema_top1"], 2)
+    # alone.pth: a plain torchvision-format state_dict, the weights the result measured
+    net = byo.ResNet8(10, 1)
+    net.load_state_dict(torch.load(tmp_path / "alone.pth", weights_only=True))
+    holdout, _ = selection_loader(cfg["data"], cfg["seed"], torch.device("cpu"))
+    assert round(top1_accuracy(net, holdout, torch.device("cpu")), 2) == result["holdout_top1_calibrated"]
+    assert int(net.bn1.num_batches_tracked) == 3  # recalibrated on supernet.bn_calibration_batches batches
+
+
+def _subnets(rows):
+    return {"subnets": [{"mmacs": m, "widths": w, "test_top1": t} for m, w, t in rows]}
+
+
+def test_routed_vs_matches_routed_rows_by_mmacs():
+    results = {
+        "scratch-total": _subnets([(1.4, "a", 80.0), (4.26, "b", 84.0), (10.15, "c (training only)", 87.0)]),
+        "import": _subnets([(4.26, "b", 83.0), (5.54, "d", 82.0), (10.15, "c", 86.5)]),
+        "make_dynamic": _subnets([(10.15, "e (training only)", 90.0), (5.54, "d", 82.0)]),
+    }
+    d = byo.routed_vs(results, "import", "scratch-total")
+    assert d == {"mean": -0.75, "min": -1.0, "max": -0.5, "mmacs": [4.26, 10.15], "reference_training_only": [10.15]}
+    assert byo.routed_vs(results, "make_dynamic", "scratch-total") is None  # its only match is training only
+    assert byo.routed_vs(results, "import-noorder", "scratch-total") is None

@@ -45,8 +45,9 @@ import contextlib
 import json
 import logging
 import os
+import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ __all__ = [
     "export_dynamic",
     "OnnxDynamicModel",
     "ort_session",
+    "interleaved_medians",
     "check_static",
     "check_dynamic",
 ]
@@ -292,6 +294,24 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, *, spinning
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def interleaved_medians(calls: Mapping[Any, Callable[[int], Any]], rounds: int = 15, per_round: int = 20) -> dict:
+    """Milliseconds per call of each ``calls[key](i)``: per round ``per_round`` calls of each key in turn, medians.
+
+    One warm-up call each first. What :meth:`OnnxDynamicModel.tune_batch1_threads` and the serving runtime's
+    static networks use to pick a thread count on the spot (the benchmarks time with ``dsnet.bench.timing``).
+    """
+    for fn in calls.values():
+        fn(0)
+    times: dict[Any, list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for key, fn in calls.items():
+            start = time.perf_counter()
+            for i in range(per_round):
+                fn(i)
+            times[key].append((time.perf_counter() - start) / per_round * 1e3)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 class OnnxDynamicModel:
     """The router of an exported dynamic bundle: ``logits, choice = OnnxDynamicModel(path)(images)``.
 
@@ -305,9 +325,26 @@ class OnnxDynamicModel:
     run at once, so their pools do not spin (see ``ort_session``).
     ``preprocessing`` and ``class_names`` come from the manifest;
     ``preprocess`` applies the former to uint8 images of the input size.
+
+    A call with one image takes a path of its own: one scalar decision, the
+    one routed graph, no grouping. ``batch1_threads`` gives that path its own
+    sessions with another intra-op thread count (default: ``threads``). At
+    batch 1 a small network's operators are too short to share: each parallel
+    operator wakes a sleeping pool thread, and with 2 threads the bundle of
+    ``ds_resnet8_tiny`` (two sessions per call) paid that twice as often as
+    its widest network alone (``docs/benchmarks.md``, section "Batch 1").
+    :meth:`tune_batch1_threads` measures both counts on the spot and keeps the
+    faster.
     """
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, *, spinning: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        threads: int | None = None,
+        *,
+        spinning: bool = False,
+        batch1_threads: int | None = None,
+    ) -> None:
         path = Path(path)
         manifest_path = path if path.suffix == ".json" else _bundle_paths(path)[1]
         if not manifest_path.is_file():
@@ -325,12 +362,57 @@ class OnnxDynamicModel:
             r = len(self.routing_space)
             direction = np.linspace(1.0, -1.0, r).tolist() if r > 1 else [0.0]
         self.bias_direction = np.asarray(direction, dtype=np.float32)
-        self.pre = ort_session(root / self.manifest["pre"]["file"], threads, spinning=spinning)
-        # exit mode: choice 0 has no graph of its own, its output comes from the pre-gate graph
-        self.post = [
-            None if p["file"] is None else ort_session(root / p["file"], threads, spinning=spinning)
+        self._root = root
+        self._spinning = spinning
+        self.threads = int(threads or torch.get_num_threads())
+        self.pre, self.post = self._sessions(self.threads)
+        self.batch1_threads = self.threads
+        self._batch1 = (self.pre, self.post)
+        if batch1_threads is not None:
+            self.set_batch1_threads(batch1_threads)
+
+    def _sessions(self, threads: int) -> tuple[Any, list[Any]]:
+        """The pre-gate session and one per routing choice (None: exit mode's choice 0, answered by the pre-gate)."""
+        pre = ort_session(self._root / self.manifest["pre"]["file"], threads, spinning=self._spinning)
+        post = [
+            None if p["file"] is None else ort_session(self._root / p["file"], threads, spinning=self._spinning)
             for p in self.manifest["post"]
         ]
+        return pre, post
+
+    def set_batch1_threads(self, threads: int) -> None:
+        """Serve calls of one image with ``threads`` intra-op threads (sessions of their own unless ``threads``)."""
+        threads = int(threads)
+        if threads < 1:
+            raise ValueError(f"batch1_threads must be at least 1, got {threads}")
+        self.batch1_threads = threads
+        self._batch1 = (self.pre, self.post) if threads == self.threads else self._sessions(threads)
+
+    def tune_batch1_threads(self, candidates: Sequence[int] | None = None, rounds: int = 15, calls: int = 20) -> dict:
+        """Time one-image calls with each thread count (interleaved medians), keep the fastest; returns the times.
+
+        Each timed call goes, in turn, to every routing choice (forced, on a zero image), so the whole bundle is
+        measured, not only the routing a zero image gets. ``candidates`` default: 1 and ``threads``.
+        """
+        candidates = sorted(set(candidates or (1, self.threads)))
+        x = np.zeros((1, *self.manifest["input_size"]), dtype=np.float32)
+        choices = [np.array([j]) for j in range(len(self.post))]
+        setups = {}
+        for t in candidates:
+            self.set_batch1_threads(t)
+            setups[t] = self._batch1
+
+        def run(t: int) -> Callable[[int], Any]:
+            def call(i: int) -> Any:
+                self._batch1 = setups[t]
+                return self(x, choice=choices[i % len(choices)])
+
+            return call
+
+        medians = interleaved_medians({t: run(t) for t in candidates}, rounds, calls)
+        best = min(medians, key=medians.__getitem__)
+        self.batch1_threads, self._batch1 = best, setups[best]
+        return {"batch1_threads": best, "ms_per_call": medians, "rounds": rounds, "calls": calls}
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``(N, C, H, W)`` images already at the input size -> the graph's float32 input."""
@@ -359,6 +441,8 @@ class OnnxDynamicModel:
                 raise ValueError("pass gate_bias (a vector) or bias (a scalar knob), not both")
             gate_bias = np.float32(bias) * self.bias_direction
         images = np.ascontiguousarray(images, dtype=np.float32)
+        if images.shape[0] == 1:
+            return self._one(images, gate_bias, choice)
         features, gate_logits, *slim = self.pre.run(None, {"input": images})
         if choice is None:
             if gate_bias is not None:
@@ -384,6 +468,22 @@ class OnnxDynamicModel:
                 out = np.empty((len(choice), *part.shape[1:]), dtype=part.dtype)
             out[idx] = part
         return out, choice
+
+    def _one(
+        self, image: np.ndarray, gate_bias: Sequence[float] | np.ndarray | None, choice: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One image: the same graphs and the same decision as a batch, one scalar argmax, no grouping."""
+        pre, post = self._batch1
+        features, gate_logits, *slim = pre.run(None, {"input": image})
+        if choice is None:
+            scores = gate_logits[0] if gate_bias is None else gate_logits[0] + np.asarray(gate_bias, gate_logits.dtype)
+            j = int(scores.argmax())
+        else:
+            j = int(np.asarray(choice).reshape(-1)[0])
+        routed = np.array([j], dtype=np.int64)
+        if post[j] is None:  # exit mode, choice 0: the slimmest's answer from the pre-gate graph
+            return slim[0], routed
+        return post[j].run(None, {"features": features})[0], routed
 
 
 def _max_diff(a: np.ndarray, b: Tensor) -> float:

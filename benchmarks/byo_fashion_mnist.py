@@ -53,12 +53,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import dsnet
-from dsnet.data import build_loader
+from dsnet.data import build_loader, is_image_folder
 from dsnet.models.pretrained import load_pretrained
 from dsnet.quickstart import QUICKSTART
 from dsnet.train.bn_calibration import calibrate_bn
@@ -154,6 +155,10 @@ def _cfg(args: argparse.Namespace, *extra: str) -> dict:
     ]
     if args.train_subset:
         overrides.append(f"data.train_subset={args.train_subset}")
+    if args.data:  # a Fashion-MNIST folder, or an image folder (DIR/train/<class>/..., DIR/val/<class>/...)
+        overrides.append(f"data.root={args.data}")
+        if is_image_folder(args.data):
+            overrides.append("data.dataset=imagefolder")
     return resolve_config(apply_overrides(copy.deepcopy(QUICKSTART), overrides + list(extra)))
 
 
@@ -266,6 +271,7 @@ def train_alone(cfg: dict, out: Path) -> dict:
         "recipe": "stage I for one network: EMA, best epoch on the held-out slice, BN recalibrated",
         "seconds": round(seconds, 1),
         "epochs": sc["epochs"],
+        "steps": sc["epochs"] * steps,  # optimiser steps
         "best_epoch": fitted.best_epoch,  # 1-based, as the logs count
         "selection_split": split,
         "holdout_top1": round(fitted.best_metric, 2),  # the best epoch's EMA weights, before BN recalibration
@@ -307,7 +313,8 @@ def supernet(cfg: dict, out: Path) -> dict:
     summary = train_supernet(cfg, out)
     seconds = time.time() - t0
     model, _ = load_model(out / "best.ckpt")
-    result = {"seconds": round(seconds, 1), "subnets": evaluate(model, cfg)}
+    steps = cfg["supernet"]["epochs"] * len(build_loader(cfg["data"], "train", seed=cfg["seed"])[0])
+    result = {"seconds": round(seconds, 1), "steps": steps, "subnets": evaluate(model, cfg)}
     for key in ("finetune", "source_holdout_top1", "largest_holdout_top1", "warnings"):
         if key in summary:
             result[key] = summary[key]
@@ -383,6 +390,33 @@ def routed_vs(results: dict, name: str, reference: str) -> dict | None:
     }
 
 
+def routed_vs_curve(results: dict, name: str, reference: str) -> dict | None:
+    """``name``'s routed sub-networks minus ``reference``'s static curve at the same MMACs (test top-1 points).
+
+    The curve: every sub-network of ``reference`` (routed or training only: each is trained), linear in MMACs;
+    only ``name``'s routed rows inside its MMAC range count, never extrapolated. None: none inside.
+    """
+    if not isinstance(results.get(name), dict) or not isinstance(results.get(reference), dict):
+        return None
+    curve = sorted((sub["mmacs"], sub["test_top1"]) for sub in results[reference]["subnets"])
+    xs, ys = [m for m, _ in curve], [t for _, t in curve]
+    points = [
+        (sub["mmacs"], sub["test_top1"] - float(np.interp(sub["mmacs"], xs, ys)))
+        for sub in results[name]["subnets"]
+        if "training only" not in sub["widths"] and xs[0] - 1e-9 <= sub["mmacs"] <= xs[-1] + 1e-9
+    ]
+    if not points:
+        return None
+    diffs = [d for _, d in points]
+    return {
+        "mean": round(sum(diffs) / len(diffs), 2),
+        "min": round(min(diffs), 2),
+        "max": round(max(diffs), 2),
+        "mmacs": [m for m, _ in points],
+        "diffs": [round(d, 2) for d in diffs],
+    }
+
+
 FACTORY = "benchmarks.byo_fashion_mnist:dynamic_resnet8"
 
 
@@ -392,6 +426,11 @@ def main() -> None:
     dsnet.trust_factories([FACTORY])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/byo_fashion_mnist")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="a Fashion-MNIST folder or an image folder (benchmarks/small_folder.py writes one; default: the recipe's)",
+    )
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--holdout", type=int, default=5000)
     p.add_argument(
@@ -448,8 +487,13 @@ def main() -> None:
 
     total_epochs = args.epochs + args.finetune_epochs
     versus = {n: d for n in ("import", "make_dynamic") if (d := routed_vs(results, n, "scratch-total")) is not None}
+    curve = {
+        n: d for n in ("import", "make_dynamic") if (d := routed_vs_curve(results, n, "scratch-total")) is not None
+    }
     if versus:
         results["routed_vs_scratch_total"] = versus  # derived from the parts: in --json, not in results.json
+    if curve:
+        results["routed_vs_scratch_total_curve"] = curve
     atomic_write_json(results, Path(args.json))
     columns = (
         "converted-noorder",
@@ -484,6 +528,13 @@ def main() -> None:
             print(f"{n}: held-out top-1 source {r['source_holdout_top1']:.2f}, largest {r['largest_holdout_top1']:.2f}")
             for said in r.get("warnings", []):
                 print(f"  {said}")
+    for n, d in curve.items():
+        print(
+            f"{n}: routed sub-networks vs scratch-total's static curve at the same MMACs: mean {d['mean']:+.2f}, "
+            f"min {d['min']:+.2f}, max {d['max']:+.2f} ("
+            + ", ".join(f"{m:.2f}: {v:+.2f}" for m, v in zip(d["mmacs"], d["diffs"], strict=True))
+            + ")"
+        )
     for n, d in versus.items():
         only = d["reference_training_only"]
         print(
@@ -501,11 +552,12 @@ def main() -> None:
             f"alone: {a['test_top1']:.2f}% test top-1 (best epoch {a['best_epoch']}/{a['epochs']} on the "
             f"{a['selection_split']} split, EMA {a['holdout_top1']:.2f}%, BN recalibrated "
             f"{a['holdout_top1_calibrated']:.2f}%; last raw weights {a['last_raw_test_top1']:.2f}% test), "
-            f"{a['seconds']:.0f}s"
+            f"{a['seconds']:.0f}s" + (f", {a['steps']} optimiser steps" if "steps" in a else "")
         )
     for n in ("scratch", "scratch-total", "import", "import-noorder", "make_dynamic"):
         if n in results:
-            print(f"{n}: {results[n]['seconds']:.0f}s")
+            steps = results[n].get("steps")
+            print(f"{n}: {results[n]['seconds']:.0f}s" + (f", {steps} optimiser steps" if steps else ""))
 
 
 if __name__ == "__main__":

@@ -85,3 +85,13 @@ def test_routed_vs_matches_routed_rows_by_mmacs():
     assert d == {"mean": -0.75, "min": -1.0, "max": -0.5, "mmacs": [4.26, 10.15], "reference_training_only": [10.15]}
     assert byo.routed_vs(results, "make_dynamic", "scratch-total") is None  # its only match is training only
     assert byo.routed_vs(results, "import-noorder", "scratch-total") is None
+
+
+def test_routed_vs_curve_interpolates_the_reference_inside_its_range():
+    results = {
+        "scratch-total": _subnets([(1.0, "a", 80.0), (3.0, "b (training only)", 84.0)]),
+        "import": _subnets([(2.0, "c", 83.0), (3.0, "d", 83.0), (4.0, "e", 90.0), (1.0, "f (training only)", 1.0)]),
+    }
+    d = byo.routed_vs_curve(results, "import", "scratch-total")
+    assert d == {"mean": 0.0, "min": -1.0, "max": 1.0, "mmacs": [2.0, 3.0], "diffs": [1.0, -1.0]}
+    assert byo.routed_vs_curve(results, "make_dynamic", "scratch-total") is None

@@ -232,6 +232,7 @@ def bench_serving_paths(
             "static_build_seconds": static_seconds,
             "compile_seconds": getattr(server, "compile_seconds", None),
             "compiled_graphs": (getattr(server, "compiled_graphs", None) or [None])[0],
+            "batch1_tuning": getattr(server, "batch1_tuning", None),  # onnx: the thread count timed for batch 1
             "check": check,
         }
         log(f"  {server.describe()}: built in {built:.1f} s (+{static_seconds:.1f} s static networks), "

@@ -38,3 +38,38 @@ def test_count_macs_plain_module_and_dynamic_batch():
     assert per_sample.tolist() == [table[k] + model.gate_head_macs() for k in routed.tolist()]
     with pytest.raises(ValueError, match="dynamic MACs depend on the input"):
         dsnet.count_macs(model, (1, 3, 32, 32))
+
+
+def _measured_macs(model, image, choice: int) -> int:
+    """Multiply-adds of one routed forward pass as torch's FlopCounterMode counts them (2 flops per MAC).
+
+    Attention runs as its math decomposition (matmuls FlopCounterMode sees; the fused CPU kernel has no count).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    routed = model.forced_routing(torch.tensor([choice]))
+    with routed, sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(image)
+    return counter.get_total_flops() // 2
+
+
+ROUTED = [(name, "pre") for name in dsnet.list_models(kind="supernet")] + [
+    (name, "exit")
+    for name in ("ds_resnet8_tiny", "ds_mbv2_tiny", "ds_vit_tiny")  # one model per family
+]
+
+
+@pytest.mark.parametrize(("model_name", "gate_mode"), ROUTED)
+def test_dynamic_macs_equal_what_each_routed_forward_measures(model_name, gate_mode):
+    """dsnet.count_macs on a routed batch = FlopCounterMode on each image's own forward pass (gate and, in exit
+    mode, the slimmest's exit head included): a measurement, not the table the count is built from."""
+    from tests.conftest import small_input
+
+    model = dsnet.create_model(model_name, gate_mode=gate_mode).eval()
+    n = len(model.routing_space)
+    x = small_input(model, batch=n)
+    with model.forced_routing(torch.arange(n)):
+        counted = dsnet.count_macs(model, x).tolist()
+    assert counted == [_measured_macs(model, x[i : i + 1], i) for i in range(n)]
+    assert counted == sorted(counted) and len(set(counted)) == n  # every choice differs: the check can tell them apart

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -464,21 +465,53 @@ class SlicedLinear(SliceableModule):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks of the default process group, differentiable: the backward sums the gradients too."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:  # noqa: ARG004
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # noqa: ARG004
+        out = grad.clone()
+        dist.all_reduce(out)
+        return out
+
+
 def _sync_batch_norm(
-    x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float, momentum: float
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    momentum: float,
 ) -> Tensor:
-    """Training-mode BatchNorm with batch statistics over every DDP rank (``nn.SyncBatchNorm``'s computation).
+    """Training-mode BatchNorm with batch statistics over every rank of the default process group.
 
-    The one place dsnet uses a private torch API: ``torch.nn.modules._functions.SyncBatchNorm``, the autograd
-    function behind ``nn.SyncBatchNorm``. torch has no public functional form of it, and the module itself
-    owns one full-width set of running statistics, while a sliced BatchNorm updates a prefix of one slot's
-    (``running_mean[slot, :ch]``, in place). Writing the all-reduces by hand would change the numerics and
-    the backward pass of multi-GPU training. If torch moves it, this is the line to change.
+    What ``nn.SyncBatchNorm`` computes, with public torch only: the per-channel sum and count all-reduced, then
+    the sum of squared deviations from that mean (two passes: no ``E[x^2] - E[x]^2`` cancellation), through
+    :class:`_AllReduceSum`, whose backward all-reduces the gradients, so every rank's input gets the gradient
+    of the loss summed over ranks, as with ``nn.SyncBatchNorm``. The running
+    statistics (a prefix of one slot's, updated in place) get the global mean and the unbiased global
+    variance. Works with any backend (gloo on CPU, NCCL on GPU).
     """
-    from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm
-
-    group = dist.group.WORLD
-    return sync_batch_norm.apply(x, weight, bias, mean, var, eps, momentum, group, dist.get_world_size(group))
+    all_reduce = _AllReduceSum.apply
+    dims = [d for d in range(x.dim()) if d != 1]
+    count = torch.full((1,), x.numel() // x.shape[1], dtype=x.dtype, device=x.device)
+    total = all_reduce(torch.cat([x.sum(dims), count]))
+    n = total[-1]
+    mean = total[:-1] / n
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    centred = x - mean.view(shape)
+    var = all_reduce((centred * centred).sum(dims)) / n
+    with torch.no_grad():
+        running_mean.mul_(1.0 - momentum).add_(mean.detach(), alpha=momentum)
+        running_var.mul_(1.0 - momentum).add_(var.detach() * (n / (n - 1).clamp(min=1)), alpha=momentum)
+    return centred * torch.rsqrt(var + eps).view(shape) * weight.view(shape) + bias.view(shape)
 
 
 class SlicedBatchNorm2d(SliceableModule):
@@ -507,7 +540,7 @@ class SlicedBatchNorm2d(SliceableModule):
         self.register_buffer("running_mean", torch.zeros(num_slots, num_features))
         self.register_buffer("running_var", torch.ones(num_slots, num_features))
         self.register_buffer("num_batches_tracked", torch.zeros(num_slots, dtype=torch.long))
-        self.sync = False  # statistics over all DDP ranks (set by dsnet.train on multi-GPU runs; CUDA only)
+        self.sync = False  # statistics over all DDP ranks (set by stage I on multi-GPU runs)
         self._args: dict[tuple, tuple] = {}
 
     def reset_running_stats(self) -> None:
@@ -539,8 +572,8 @@ class SlicedBatchNorm2d(SliceableModule):
         if self.training:
             self.num_batches_tracked[slot] += 1
             factor = 1.0 / float(self.num_batches_tracked[slot]) if self.momentum is None else self.momentum
-        if self.training and self.sync and x.is_cuda and dist.is_available() and dist.is_initialized():
-            # synchronised statistics across DDP ranks, with torch's own SyncBatchNorm kernels (CUDA only)
+        if self.training and self.sync and dist.is_available() and dist.is_initialized():
+            # statistics over every DDP rank (stage I sets `sync` on multi-GPU runs)
             return _sync_batch_norm(x, self.weight[:ch], self.bias[:ch], mean, var, self.eps, factor)
         return F.batch_norm(x, mean, var, self.weight[:ch], self.bias[:ch], self.training, factor, self.eps)
 

@@ -355,7 +355,7 @@ def train_supernet(
         print(describe_plan(plan, start, base_lr, sc["warmup_epochs"]), flush=True)
     optimizer = build_optimizer(params, base_lr, sc)
     steps_per_epoch = len(train_loader)
-    if ctx.enabled and device.type == "cuda":  # SyncBatchNorm: GPU only (gloo has no sync-BN kernels)
+    if ctx.enabled:  # BN statistics over every rank's images, as one process with the global batch would have
         for bn in model.sliced_batchnorms():
             bn.sync = True
     routed = [s.index for s in model.subnets if s.routed]

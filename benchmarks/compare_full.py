@@ -50,8 +50,11 @@ def merge(files: list[Path]) -> dict[str, Any]:
     if not runs:
         raise SystemExit(f"no {PREFIX}*.json under {RESULTS}: run a seed first")
     first = runs[0]
+    def data(run: dict) -> tuple:  # what the images were (later runs also record the class count)
+        return tuple(run["dataset"].get(k) for k in ("name", "train_images", "test_images"))
+
     for r in runs[1:]:
-        if r["model"] != first["model"] or r["dataset"] != first["dataset"] or r["fast"] != first["fast"]:
+        if r["model"] != first["model"] or data(r) != data(first) or r["fast"] != first["fast"]:
             raise SystemExit("the per-seed results differ in model, data or setting: not merging")
     for r in runs:  # results written before cascade points were named by index alone ("cascade 3/21 (t=0.54)")
         for p in r["points"]:

@@ -432,7 +432,8 @@ class OnnxServing(ServingModel):
     def describe(self) -> str:
         b = self.bundle
         one = "" if b.batch1_threads == b.threads else f", batch 1: {b.batch1_threads}"
-        return f"onnx ({1 + len(b.post)} sessions, {b.threads} threads{one}, no spinning)"
+        sessions = 1 + sum(p is not None for p in b.post)  # exit mode: choice 0 is the pre-gate graph's answer
+        return f"onnx ({sessions} sessions, {b.threads} threads{one}, no spinning)"
 
 
 def auto_runtime(device: str | torch.device = "cpu", batch_size: int = 1) -> tuple[str, ...]:

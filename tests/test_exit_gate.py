@@ -89,3 +89,40 @@ def test_cpu_attention_is_counted():
     vit = dsnet.create_model("ds_vit_small")
     table = vit.subnet_macs()
     assert table[-1] == pytest.approx(4.60e9, rel=0.01)  # DeiT-S: 4.24 G of linear layers + 0.36 G of attention
+
+
+def test_set_gate_mode_switches_the_head_and_keeps_the_supernet():
+    torch.manual_seed(0)
+    model = perturb(dsnet.create_model("ds_resnet8_tiny")).eval()
+    x = small_input(model, 4, size=28)
+    with torch.no_grad():
+        before = [model(x, subnet=k) for k in model.routing_space]
+    model.set_gate_mode("exit")
+    assert model.gate_mode == "exit" and model.routing_head() is model.exit_head
+    assert model.routing_heads() == [model.gate.slim_head, model.exit_head]
+    with torch.no_grad():
+        after = [model(x, subnet=k) for k in model.routing_space]
+        routed = model(x, return_routing=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert routed.gate_logits.shape == (4, len(model.routing_space))
+    model.set_gate_mode("pre")
+    assert model.exit_head is None and model.routing_head() is model.gate.slim_head
+    with pytest.raises(ValueError, match="gate_mode must be one of"):
+        model.set_gate_mode("post")
+
+
+def test_a_checkpoint_whose_spec_lacks_gate_mode_loads_the_head_its_weights_hold(tmp_path):
+    from dsnet.train.checkpoint import load_model
+    from dsnet.utils.checkpoint import save_checkpoint
+
+    model = _exit_model("ds_resnet8_tiny")
+    x = small_input(model, 8, size=28)
+    spec = {"name": "ds_resnet8_tiny", "kwargs": {}}  # as the Python API writes it when given no gate_mode
+    for mode in ("exit", "pre"):
+        model.set_gate_mode(mode)
+        save_checkpoint(tmp_path / f"{mode}.ckpt", {"model": spec, "state_dict": model.state_dict()})
+        loaded, _ = load_model(tmp_path / f"{mode}.ckpt")
+        assert loaded.gate_mode == mode
+        with torch.no_grad():
+            want, got = model.eval()(x, return_routing=True), loaded(x, return_routing=True)
+        assert torch.equal(want.choice, got.choice) and torch.equal(want.logits, got.logits)

@@ -22,20 +22,25 @@ def test_ds_mobilenet_v1_matches_spec():
 def test_ds_resnet50_full_width_is_standard_resnet50():
     model = dsnet.create_model("ds_resnet50")
     assert dsnet.count_macs(model, (1, 3, 224, 224), subnet=model.largest) / 1e9 == pytest.approx(4.09, abs=0.005)
-    backbone = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("_gate."))
+    backbone = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("_gate.", "exit_head.")))
     assert backbone == 25_557_032  # torchvision resnet50
     assert model.extract(model.largest)[1].__class__.__name__ == "MaxPool2d"
 
 
-def test_count_macs_plain_module_and_dynamic_batch():
-    model = dsnet.create_model("ds_resnet20_cifar").eval()
+@pytest.mark.parametrize("gate_mode", ["pre", "exit"])
+def test_count_macs_plain_module_and_dynamic_batch(gate_mode):
+    model = dsnet.create_model("ds_resnet20_cifar", gate_mode=gate_mode).eval()
     static = model.extract(2)
     assert dsnet.count_macs(static, (1, 3, 32, 32)) == dsnet.count_macs(model, (1, 3, 32, 32), subnet=2)
     x = torch.randn(5, 3, 32, 32)
     per_sample = dsnet.count_macs(model, x)
-    routed = model(x, return_routing=True).subnet
+    result = model(x, return_routing=True)
     table = model.subnet_macs((3, 32, 32))
-    assert per_sample.tolist() == [table[k] + model.gate_head_macs() for k in routed.tolist()]
+    if gate_mode == "pre":  # the gate head, then the chosen sub-network
+        assert per_sample.tolist() == [table[k] + model.gate_head_macs() for k in result.subnet.tolist()]
+    else:  # the slimmest and the exit head for every sample, then the chosen wider one's post-gate part
+        assert per_sample.tolist() == model.routing_macs((3, 32, 32)).long()[result.choice].tolist()
+        assert all(m >= table[model.routing_space[0]] + model.gate_head_macs() for m in per_sample.tolist())
     with pytest.raises(ValueError, match="dynamic MACs depend on the input"):
         dsnet.count_macs(model, (1, 3, 32, 32))
 

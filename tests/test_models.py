@@ -70,16 +70,18 @@ def test_eval_routing_is_deterministic_argmax(model_name):
     assert torch.equal(a.choice, a.gate_logits.argmax(1))
 
 
-def test_gate_gradient_flows_in_training(model_name):
+@pytest.mark.parametrize("gate_mode", ["exit", "pre"])
+def test_gate_gradient_flows_in_training(model_name, gate_mode):
     torch.manual_seed(0)
-    model = dsnet.create_model(model_name).train()
+    model = dsnet.create_model(model_name, gate_mode=gate_mode).train()
+    assert model.gate_mode == gate_mode
     x = small_input(model, batch=4)
     result = model(x, return_routing=True)
     assert result.gate_onehot is not None
     assert torch.equal(result.gate_onehot.sum(1), torch.ones(4))
     result.logits.pow(2).sum().backward()
-    grad = model.gate.slim_head.weight.grad
-    assert grad is not None and grad.abs().sum() > 0
+    grads = [p.grad for p in model.routing_head().parameters() if p.dim() >= 2]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 def test_bn_statistics_of_one_width_untouched_by_another(model_name):
@@ -122,7 +124,7 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(IndexError, match="out of range"):
         model.extract(-1)
     with pytest.raises(ValueError, match="gate_bias needs one value per routing choice"):
-        model(torch.randn(1, 3, 32, 32), gate_bias=[0.0])
+        model(torch.randn(2, 3, 32, 32), gate_bias=[0.0])
     with pytest.raises(ValueError, match="routing_space must be distinct routed"):
         dsnet.create_model("ds_mobilenet_v1", routing_space=[12, 13, 14])
 

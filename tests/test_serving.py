@@ -35,7 +35,7 @@ def exported(tmp_path_factory):
     """A checkpoint of ds_resnet8_tiny on synthetic data, exported as a bundle with the CLI (once per module)."""
     tmp = tmp_path_factory.mktemp("serving")
     _, info = build_dataset(DATA, "train")
-    model = perturb(dsnet.create_model("ds_resnet8_tiny", num_classes=4, in_chans=1))
+    model = perturb(dsnet.create_model("ds_resnet8_tiny", num_classes=4, in_chans=1, gate_mode="pre"))
     ckpt = tmp / "gate.ckpt"
     spec = {"name": "ds_resnet8_tiny", "kwargs": {"num_classes": 4, "in_chans": 1}}
     save_checkpoint(ckpt, {"model": spec, "state_dict": model.state_dict(), "dataset": dataclasses.asdict(info)})

@@ -23,8 +23,9 @@ def run(args: argparse.Namespace) -> int:
     from dsnet.utils.table import format_table
 
     torch.manual_seed(args.seed)
-    model = create_model(args.model).eval()
-    # an untrained gate routes everything one way; spread its logits so the demo shows grouping
+    # the paper's pre-gate head: untrained, it routes everything one way; spread its logits so the demo
+    # shows grouping (an untrained exit head routes random images one way whatever its weights)
+    model = create_model(args.model, gate_mode="pre").eval()
     torch.nn.init.normal_(model.gate.slim_head.weight, std=2.0)
     x = torch.randn(args.batch_size, *model.default_input_size)
     with torch.inference_mode():

@@ -659,10 +659,10 @@ def make_dynamic(
         gate_se_ratio: width of the gate's shared encoder as a fraction of its input channels.
         strict: raise instead of warning when some layers cannot slice.
         gate_mode: the routing head, as for dsnet's own models: ``"pre"`` (the paper's gate) or ``"exit"``
-            (the slimmest sub-network runs first and an early-exit head decides; see
-            :meth:`DynamicNet._build_exit_head`). ``gate.mode`` in a training config reaches it through the
-            factory, so a factory should accept and forward these (``def factory(num_classes, in_chans,
-            **options): return make_dynamic(..., **options)``).
+            (the slimmest sub-network runs first and an early-exit head decides; what the recipes measure); see
+            :meth:`DynamicNet.set_gate_mode`. ``gate.mode`` in a training config
+            reaches it through the factory, so a factory should accept and forward these (``def
+            factory(num_classes, in_chans, **options): return make_dynamic(..., **options)``).
         **routing_options: any other routing option of the :class:`DynamicNet` base constructor, passed on as is.
 
     Returns a :class:`FxDynamicNet`; ``unsliced`` lists what keeps full width and why.

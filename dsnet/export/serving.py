@@ -276,6 +276,10 @@ class SplitServing(_TorchServing):
     ) -> None:
         model = model.eval()
         super().__init__(model, **kwargs)
+        if self.dtype != next(model.parameters()).dtype:
+            # traced in the serving dtype: a traced graph fixes the dtype of every cast in it (the exit head
+            # computes its features in float32, then casts back), so casting the fp32 graphs afterwards would not do
+            model = copy.deepcopy(model).to(self.dtype)
         split = split_dynamic(model, self.input_size).to(self.dtype)
         self.split = split
         self.exit_mode = split.exit_choice0

@@ -42,7 +42,13 @@ __all__ = ["PreGate", "PostGate", "SplitModules", "split_dynamic", "plain_graph"
 _BATCH_NORMS = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit_no_training.default)
 _CONVS = (torch.ops.aten.conv2d.default,)
 # ops that only check shapes at run time (export's range assertions): dropped from serving graphs
-_CHECKS = (torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default)
+# export's guards, dropped from the serving graphs; the dtype assertion (from a ``.float()`` in the graph, e.g. the
+# exit head's softmax) would otherwise refuse the graph once its weights are cast (SplitServing(dtype=bfloat16))
+_CHECKS = (
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_constrain_range_for_size.default,
+    torch.ops.aten._assert_tensor_metadata.default,
+)
 
 
 class PreGate(nn.Module):

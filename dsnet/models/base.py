@@ -309,7 +309,7 @@ class DynamicNet(nn.Module):
     """
 
     gate: DynamicGate
-    gate_mode: str = "pre"  # "pre": the paper's gate, before any routed layer; "exit": see ExitHead
+    gate_mode: str = "pre"  # "pre": the paper's gate, before any routed layer; "exit": see set_gate_mode
     router: str = "logits"  # "logits": the paper's; "utility": see bias_direction
 
     def __init__(
@@ -368,7 +368,7 @@ class DynamicNet(nn.Module):
         self._macs_cache: dict[tuple, list[int]] = {}
         self._space_cache: dict[tuple, Tensor] = {}  # routing_space, list gate biases: tensors per device (route)
         self._forced: _ForcedRouting | None = None  # set inside forced_routing()
-        self.exit_head: ExitHead | None = None  # set by _build_exit_head in "exit" mode
+        self.exit_head: ExitHead | None = None  # set by set_gate_mode in "exit" mode
 
     # ----------------------------------------------------------- subclass API
     def forward_pre(self, x: Tensor, subnet: int) -> tuple[Tensor, Tensor]:
@@ -383,20 +383,40 @@ class DynamicNet(nn.Module):
     def _build_exit_head(self, gate_mode: str) -> None:
         """Set the gate mode; families call this once their gate exists (the head reads its encoding width).
 
-        ``"pre"`` (default, the paper's): the slimming head routes from the
-        pre-gate features. ``"exit"`` [ours]: the slimmest routed sub-network
-        runs for every sample first and an :class:`~dsnet.layers.gate.ExitHead`
+        See :meth:`set_gate_mode` for the two modes.
+        """
+        self.set_gate_mode(gate_mode)
+
+    def set_gate_mode(self, gate_mode: str) -> None:
+        """Choose the routing head; the supernet's weights stay as they are.
+
+        ``"exit"`` [ours, what the recipes measure]: the slimmest routed sub-network runs
+        for every sample first and an :class:`~dsnet.layers.gate.ExitHead`
         decides, from the gate's encoding and the slimmest's prediction,
         whether to stop there (choice 0) or to run a wider routed sub-network
-        after the gate (choice ``j``).
+        after the gate (choice ``j``). ``"pre"`` (the paper's; the constructors'
+        default): the slimming head routes from the pre-gate features, before
+        any routed layer.
+
+        Switching to ``"exit"`` builds a freshly initialised exit head (stage II
+        trains it) on the gate's device and dtype; switching to ``"pre"`` drops it.
         """
         if gate_mode not in GATE_MODES:
             raise ValueError(f"gate_mode must be one of {', '.join(GATE_MODES)}, got {gate_mode!r}")
-        self.gate_mode = gate_mode
-        if gate_mode == "exit":
+        if gate_mode == "exit" and self.exit_head is None:
             if len(self.routing_space) < 2:
                 raise ValueError("gate_mode='exit' needs at least two routing choices")
-            self.exit_head = ExitHead(self.gate.reduced, self.num_classes, len(self.routing_space))
+            ref = next(self.gate.parameters())
+            head = ExitHead(self.gate.reduced, self.num_classes, len(self.routing_space))
+            self.exit_head = head.to(device=ref.device, dtype=ref.dtype)
+        elif gate_mode == "pre":
+            self.exit_head = None
+        self.gate_mode = gate_mode
+        self._macs_cache.clear()  # the routing head's MACs are part of every routed count
+
+    def routing_heads(self) -> list[nn.Module]:
+        """The heads only stage II trains (the slimming head; the exit head in "exit" mode): stage I freezes them."""
+        return [self.gate.slim_head] + ([self.exit_head] if self.exit_head is not None else [])
 
     # ------------------------------------------------------------- helpers
     @property

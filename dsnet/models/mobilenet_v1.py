@@ -94,7 +94,8 @@ class DSMobileNetV1(DynamicNet):
             routed stage; the gate sits in its first block.
         routing_space: indices of ``subnets`` the gate chooses among
             (default: the slimmest four routed sub-networks).
-        gate_mode: ``"pre"`` (the paper's gate) or ``"exit"`` (see :meth:`DynamicNet._build_exit_head`).
+        gate_mode: ``"pre"`` (the paper's gate) or ``"exit"`` (what the recipes measure); see
+            :meth:`DynamicNet.set_gate_mode`.
         subnet_widths: an explicit list of sub-networks (per-stage widths, slimmest first) instead of
             the index-aligned stage choices; layer sizes still come from the stages' widest choices.
         router: ``"logits"`` (the paper's gate logits) or ``"utility"`` (per-choice P(correct); see

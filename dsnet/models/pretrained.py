@@ -201,9 +201,10 @@ def _finish(
 
 
 def _gate_keys(model: nn.Module) -> Callable[[str], bool]:
+    """The routing keys a source network lacks: the gate's and the exit head's (they keep their initialisation)."""
     gate = model.gate
-    prefix = next(n for n, m in model.named_modules() if m is gate) + "."
-    return lambda key: key.startswith(prefix)
+    prefixes = (next(n for n, m in model.named_modules() if m is gate) + ".", _EXIT_HEAD)
+    return lambda key: key.startswith(prefixes)
 
 
 # ---------------------------------------------------------------------------------------------- formats
@@ -217,11 +218,11 @@ class Format:
     load: Callable[[nn.Module, dict, ImportReport, object], None]
 
 
-_EXIT_HEAD = "exit_head."  # the early-exit routing head of gate_mode="exit" (DynamicNet._build_exit_head)
+_EXIT_HEAD = "exit_head."  # the early-exit routing head of gate_mode="exit" (DynamicNet.set_gate_mode)
 
 
 def _match_gate_mode(model: nn.Module, state: dict, report: ImportReport) -> None:
-    """A stage II checkpoint of ``gate_mode="exit"`` into a model built with the default gate, or the reverse.
+    """A stage II checkpoint of ``gate_mode="exit"`` into a model built with ``"pre"``, or the reverse.
 
     The routing head is the only difference (the supernet's weights are the
     same): a model without an exit head gets one when the checkpoint has it
@@ -233,11 +234,14 @@ def _match_gate_mode(model: nn.Module, state: dict, report: ImportReport) -> Non
         return
     has_head = any(k.startswith(_EXIT_HEAD) for k in state)
     if has_head and model.exit_head is None:
-        model._build_exit_head("exit")
-        model.exit_head.to(next(model.gate.parameters()).device)
+        model.set_gate_mode("exit")
         report.notes.append("gate_mode set to 'exit' as the checkpoint's gate is an early-exit head")
     elif not has_head and model.exit_head is not None:
         report.initialised += [k for k in model.state_dict() if k.startswith(_EXIT_HEAD)]
+        report.notes.append(
+            "the checkpoint has no exit head (a stage I checkpoint, or the paper's gate): the model's exit head "
+            "starts untrained; build with gate_mode='pre' to route with the checkpoint's own gate"
+        )
 
 
 def _load_dsnet(model: nn.Module, state: dict, report: ImportReport, importance: object) -> None:
@@ -451,7 +455,7 @@ def _load_official(model: nn.Module, state: dict, report: ImportReport, importan
         mapped,
         [k for k in state if k not in consumed],
         report,
-        optional=lambda k: k.endswith(gate_state),
+        optional=lambda k: k.endswith(gate_state) or k.startswith(_EXIT_HEAD),
         classifier=("classifier.weight", "classifier.bias"),
         first_conv="stem.weight",
     )

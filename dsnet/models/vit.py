@@ -112,7 +112,8 @@ class DSViT(DynamicNet):
         gate_pool: the same choice for the gate's input.
         gate_bn: BatchNorm on the gate's pooled input (see ``TokenGate``).
         routing_space: sub-networks the gate picks among (default: every routed one).
-        gate_mode: ``"pre"`` (the paper's gate) or ``"exit"`` (see :meth:`DynamicNet._build_exit_head`).
+        gate_mode: ``"pre"`` (the paper's gate) or ``"exit"`` (what the recipes measure); see
+            :meth:`DynamicNet.set_gate_mode`.
         subnet_widths: an explicit list of sub-networks (per-stage widths in embedding dims, multiples of
             ``head_dim``, slimmest first) instead of ``head_choices``/``pre_gate_heads``; with
             ``separate_dims``, per-stage widths of that layout (flat, or ``[embed, [e, h, m], ...]``).

@@ -267,7 +267,9 @@ def fit_supernet(
     if device is not None:
         model.to(device)
     where = next(model.parameters()).device
-    model.gate.slim_head.requires_grad_(False)
+    heads = model.routing_heads()  # stage II trains them
+    for head in heads:
+        head.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     sgd = {"optimizer": optimizer, "weight_decay": weight_decay, "momentum": momentum, "nesterov": False}
     opt = build_optimizer(params, lr, {**sgd, "betas": (0.9, 0.999), "mask_untouched": True})
@@ -343,7 +345,8 @@ def fit_supernet(
         elif final_ema:
             model.load_state_dict(ema.state_dict())
     finally:
-        model.gate.slim_head.requires_grad_(True)
+        for head in heads:
+            head.requires_grad_(True)
     return result
 
 

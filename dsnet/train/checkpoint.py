@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsnet.models import create_model
+from dsnet.models import DynamicNet, create_model
 from dsnet.models.registry import check_factory_trusted
 from dsnet.utils.checkpoint import (
     DIGEST,
@@ -107,9 +107,16 @@ def build_checkpoint_model(ckpt: dict[str, Any], path: str | os.PathLike) -> nn.
     """A fresh model of the checkpoint's recorded architecture (no weights loaded)."""
     spec = model_spec(ckpt, path)
     try:
-        return create_model(spec["name"], **spec.get("kwargs", {}))
+        model = create_model(spec["name"], **spec.get("kwargs", {}))
     except ValueError as err:
         raise ValueError(f"{path}: cannot build its recorded model {describe(spec)}: {first_line(err)}") from None
+    if isinstance(model, DynamicNet) and "gate_mode" not in (spec.get("kwargs") or {}):
+        # a spec without gate_mode (written before the default became "exit", or by the Python API without
+        # it): the weights say which routing head was trained
+        state = ckpt.get("state_dict")
+        if isinstance(state, dict):
+            model.set_gate_mode("exit" if any(str(k).startswith("exit_head.") for k in state) else "pre")
+    return model
 
 
 def load_state_into(

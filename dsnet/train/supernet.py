@@ -346,7 +346,8 @@ def train_supernet(
             f"{val_split} split",
             flush=True,
         )
-    model.gate.slim_head.requires_grad_(False)  # the slimming head trains in stage II
+    for head in model.routing_heads():  # the slimming (and exit) head train in stage II
+        head.requires_grad_(False)
     ema = ModelEma(model, sc["ema_decay"], warmup=sc["ema_warmup"], buffers=sc["ema_buffers"])
     params = [p for p in model.parameters() if p.requires_grad]
     global_batch = cfg["data"]["batch_size"] * ctx.world_size

@@ -50,6 +50,7 @@ def merge(files: list[Path]) -> dict[str, Any]:
     if not runs:
         raise SystemExit(f"no {PREFIX}*.json under {RESULTS}: run a seed first")
     first = runs[0]
+
     def data(run: dict) -> tuple:  # what the images were (later runs also record the class count)
         return tuple(run["dataset"].get(k) for k in ("name", "train_images", "test_images"))
 

@@ -290,7 +290,7 @@ class FxDynamicNet(DynamicNet):
                 _set_module(self.net, name, _get_attr(gm, name))
         self.gate = DynamicGate(gate_shape[1], len(self.routing_space), gate_se_ratio)
         self.gate.init_identity_attention()
-        self._build_exit_head(gate_mode)  # the routing head every family offers: "pre" or "exit"
+        self.set_gate_mode(gate_mode)  # the routing head every family offers: "pre" or "exit"
         self.gate.to(next(iter(self.net.parameters()), example_input).device)
         if self.exit_head is not None:
             self.exit_head.to(next(iter(self.net.parameters()), example_input).device)

@@ -380,15 +380,10 @@ class DynamicNet(nn.Module):
     def build_static(self, subnet: int) -> nn.Module:
         raise NotImplementedError
 
-    def _build_exit_head(self, gate_mode: str) -> None:
-        """Set the gate mode; families call this once their gate exists (the head reads its encoding width).
-
-        See :meth:`set_gate_mode` for the two modes.
-        """
-        self.set_gate_mode(gate_mode)
-
     def set_gate_mode(self, gate_mode: str) -> None:
         """Choose the routing head; the supernet's weights stay as they are.
+
+        Families call it once their gate exists (the exit head reads the gate's encoding width).
 
         ``"exit"`` [ours, what the recipes measure]: the slimmest routed sub-network runs
         for every sample first and an :class:`~dsnet.layers.gate.ExitHead`

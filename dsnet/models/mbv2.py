@@ -264,7 +264,7 @@ class DSMobileNetV2(DynamicNet):
         self.gate_block = self._block_stage.index(gate_stage)
         gate_channels = stage_widths[gate_stage - 1][0]
         self._gate = DynamicGate(gate_channels, len(self.routing_space), gate_se_ratio)
-        self._build_exit_head(gate_mode)
+        self.set_gate_mode(gate_mode)
         self.head = SlicedConv2d(in_ch, max(head_widths), 1)
         self.head_bn = SlicedBatchNorm2d(max(head_widths), slots)
         self.classifier = SlicedLinear(max(head_widths), num_classes)

@@ -159,7 +159,7 @@ class DSMobileNetV1(DynamicNet):
                 self._block_first.append(b == 0)
                 in_ch = max(stage.widths)
         self.classifier = SlicedLinear(in_ch, num_classes)
-        self._build_exit_head(gate_mode)
+        self.set_gate_mode(gate_mode)
 
     @property
     def gate(self) -> DynamicGate:  # type: ignore[override]

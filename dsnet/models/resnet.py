@@ -223,7 +223,7 @@ class DSResNet(DynamicNet):
         self.blocks[self.gate_block].crosses_gate = True
         gate_channels = stem_width if gate_stage == 1 else planes[gate_stage - 2] * block_cls.expansion
         self._gate = DynamicGate(gate_channels, len(self.routing_space), gate_se_ratio)
-        self._build_exit_head(gate_mode)
+        self.set_gate_mode(gate_mode)
         self.classifier = SlicedLinear(in_ch, num_classes)
         if zero_init_residual:  # each residual branch starts as identity, as timm does
             for blk in self.blocks:

@@ -245,7 +245,7 @@ class DSViT(DynamicNet):
         self.head = SlicedLinear(embed_dim, num_classes)
         self._pos_cache = TensorCache()
         self._init_weights()
-        self._build_exit_head(gate_mode)
+        self.set_gate_mode(gate_mode)
 
     def width_multiple(self, stage: int) -> int:
         """Tied block widths are whole heads; a separate heads stage counts heads (1); the rest: multiples of 8."""

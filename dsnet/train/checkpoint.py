@@ -111,8 +111,8 @@ def build_checkpoint_model(ckpt: dict[str, Any], path: str | os.PathLike) -> nn.
     except ValueError as err:
         raise ValueError(f"{path}: cannot build its recorded model {describe(spec)}: {first_line(err)}") from None
     if isinstance(model, DynamicNet) and "gate_mode" not in (spec.get("kwargs") or {}):
-        # a spec without gate_mode (written before the default became "exit", or by the Python API without
-        # it): the weights say which routing head was trained
+        # a spec without gate_mode (the Python API's model_spec often has none; the model is built with the
+        # constructor's default): the weights say which routing head was trained
         state = ckpt.get("state_dict")
         if isinstance(state, dict):
             model.set_gate_mode("exit" if any(str(k).startswith("exit_head.") for k in state) else "pre")

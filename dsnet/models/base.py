@@ -36,6 +36,8 @@ from dsnet.layers.gate import (
 from dsnet.layers.sliced import CacheBudget, SlicedBatchNorm2d, TensorCache, clear_caches
 from dsnet.models.static import fold_batchnorms
 
+EXIT_HEAD_PREFIX = "exit_head."  # state-dict keys of the early-exit routing head (DynamicNet.set_gate_mode)
+
 __all__ = ["Subnet", "RoutingResult", "DynamicNet", "build_subnets", "explicit_subnets", "check_input_dtype"]
 
 
@@ -408,6 +410,11 @@ class DynamicNet(nn.Module):
             self.exit_head = None
         self.gate_mode = gate_mode
         self._macs_cache.clear()  # the routing head's MACs are part of every routed count
+
+    @staticmethod
+    def gate_mode_of(state: dict) -> str:
+        """The gate mode a state dict was saved in: ``"exit"`` if it holds an exit head, else ``"pre"``."""
+        return "exit" if any(str(k).startswith(EXIT_HEAD_PREFIX) for k in state) else "pre"
 
     def routing_heads(self) -> list[nn.Module]:
         """The heads only stage II trains (the slimming head; the exit head in "exit" mode): stage I freezes them."""

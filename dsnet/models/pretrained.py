@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dsnet.models.base import DynamicNet
+from dsnet.models.base import EXIT_HEAD_PREFIX, DynamicNet
 
 __all__ = ["ImportReport", "load_pretrained", "read_state_dict", "FORMATS"]
 
@@ -218,7 +218,7 @@ class Format:
     load: Callable[[nn.Module, dict, ImportReport, object], None]
 
 
-_EXIT_HEAD = "exit_head."  # the early-exit routing head of gate_mode="exit" (DynamicNet.set_gate_mode)
+_EXIT_HEAD = EXIT_HEAD_PREFIX  # the early-exit routing head of gate_mode="exit" (DynamicNet.set_gate_mode)
 
 
 def _match_gate_mode(model: nn.Module, state: dict, report: ImportReport) -> None:
@@ -232,7 +232,7 @@ def _match_gate_mode(model: nn.Module, state: dict, report: ImportReport) -> Non
     """
     if not isinstance(model, DynamicNet):
         return
-    has_head = any(k.startswith(_EXIT_HEAD) for k in state)
+    has_head = DynamicNet.gate_mode_of(state) == "exit"
     if has_head and model.exit_head is None:
         model.set_gate_mode("exit")
         report.notes.append("gate_mode set to 'exit' as the checkpoint's gate is an early-exit head")

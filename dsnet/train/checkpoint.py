@@ -115,7 +115,7 @@ def build_checkpoint_model(ckpt: dict[str, Any], path: str | os.PathLike) -> nn.
         # constructor's default): the weights say which routing head was trained
         state = ckpt.get("state_dict")
         if isinstance(state, dict):
-            model.set_gate_mode("exit" if any(str(k).startswith("exit_head.") for k in state) else "pre")
+            model.set_gate_mode(DynamicNet.gate_mode_of(state))
     return model
 
 

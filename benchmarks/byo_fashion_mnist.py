@@ -441,6 +441,14 @@ def main() -> None:
     )
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument(
+        "--finetune-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for the fine-tuned parts only (import, import-noorder, make_dynamic), repeatable; "
+        "e.g. supernet.finetune_lr_scale=0.3",
+    )
     p.add_argument("--json", default="benchmarks/results/byo_fashion_mnist.json")
     p.add_argument("--skip", default="", help="comma-separated parts to skip (e.g. make_dynamic)")
     args = p.parse_args()
@@ -470,8 +478,8 @@ def main() -> None:
     part("scratch", lambda: supernet(_cfg(args), out / "scratch"))
     total = f"supernet.epochs={args.epochs + args.finetune_epochs}"  # alone + fine-tuning's epochs
     part("scratch-total", lambda: supernet(_cfg(args, total), out / "scratch-total"))
-    fine = f"supernet.epochs={args.finetune_epochs}"
-    part("import", lambda: supernet(_cfg(args, fine, f"model.checkpoint_path={alone}"), out / "import"))
+    fine = [f"supernet.epochs={args.finetune_epochs}", *args.finetune_set]
+    part("import", lambda: supernet(_cfg(args, *fine, f"model.checkpoint_path={alone}"), out / "import"))
 
     def noorder() -> dict:
         # at the routed range fine-tuning picks for a network trained alone (a dsnet-format file fixes it)
@@ -479,11 +487,11 @@ def main() -> None:
         load_pretrained(model, alone, importance=None)
         atomic_torch_save(model.state_dict(), out / "alone_noorder_dsnet.pth")  # dsnet format: loads as is
         ckpt = f"model.checkpoint_path={out / 'alone_noorder_dsnet.pth'}"
-        return supernet(_cfg(args, fine, ckpt, "model.kwargs.pre_gate_ratio=1.0"), out / "import-noorder")
+        return supernet(_cfg(args, *fine, ckpt, "model.kwargs.pre_gate_ratio=1.0"), out / "import-noorder")
 
     part("import-noorder", noorder)
     factory = f"model.name={FACTORY}"
-    part("make_dynamic", lambda: supernet(_cfg(args, fine, factory, f"model.checkpoint_path={alone}"), out / "md"))
+    part("make_dynamic", lambda: supernet(_cfg(args, *fine, factory, f"model.checkpoint_path={alone}"), out / "md"))
 
     total_epochs = args.epochs + args.finetune_epochs
     versus = {n: d for n in ("import", "make_dynamic") if (d := routed_vs(results, n, "scratch-total")) is not None}

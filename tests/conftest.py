@@ -18,7 +18,7 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     their activations, which would let a wrong statistics slot or a wrong prefix
     go unnoticed, and a gate that routes every sample the same way. So: random
     affine, then statistics measured per sub-network on random images (each
-    slot different), then a strong random gate head.
+    slot different), then a strong random gate head (and exit head).
     """
     g = torch.Generator().manual_seed(seed)
     bns = model.sliced_batchnorms()
@@ -33,8 +33,17 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             model(small_input(model, batch=16, seed=seed + 100 + k), subnet=k)
         for bn in bns:
             bn.momentum = 0.1
-        head = model.gate.slim_head.weight
-        head.copy_(torch.randn(head.shape, generator=g) * 30.0 / head.shape[1] ** 0.5)
+        heads = [model.gate.slim_head.weight]
+        exit_head = getattr(model, "exit_head", None)
+        if exit_head is not None:  # the default early-exit gate routes with this one: its input statistics too
+            model.eval()
+            h, z = model.forward_pre(small_input(model, batch=16, seed=seed + 99), model.routing_space[0])
+            f = exit_head.features(z, model.forward_post(h, model.routing_space[0]))
+            exit_head.norm.running_mean.copy_(f.mean(0))
+            exit_head.norm.running_var.copy_(f.var(0) + 1e-3)
+            heads += [exit_head.out.weight]
+        for head in heads:
+            head.copy_(torch.randn(head.shape, generator=g) * 30.0 / head.shape[1] ** 0.5)
     return model.eval()
 
 

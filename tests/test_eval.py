@@ -18,9 +18,9 @@ N = 64
 BIASES = [-1e6, -2.0, 2.0, 5.0, 1e6]
 
 
-@pytest.fixture(scope="module")
-def setup():
-    model = perturb(dsnet.create_model(NAME, num_classes=4), seed=1)
+@pytest.fixture(scope="module", params=["exit", "pre"])
+def setup(request):
+    model = perturb(dsnet.create_model(NAME, num_classes=4, gate_mode=request.param), seed=1)
     x = small_input(model, batch=N, size=32, seed=7)
     y = torch.arange(N) % 4
     y[:5] = 3  # unequal class counts, so per-class checks are not trivially N/4
@@ -51,7 +51,7 @@ def test_schema(setup):
         "schema_version", "model", "dataset", "input_size", "top5_k", "bias_ramp", "routing_choices",
         "gate_mode", "routing", "static", "dynamic", "sweep", "baselines", "summary", "consistency",
     }  # fmt: skip
-    assert report["gate_mode"] == "pre"
+    assert report["gate_mode"] == model.gate_mode
     assert report["schema_version"] == SCHEMA_VERSION
     assert report["model"] == {
         "name": NAME,
@@ -187,12 +187,16 @@ def test_sweep_monotone_and_extremes(setup):
     model, _, _, report = setup
     macs = [p["mean_macs"] for p in report["sweep"]]  # ascending bias
     assert all(a >= b for a, b in zip(macs, macs[1:])), "larger bias must not cost more MACs"
-    table = model.subnet_macs((3, 32, 32))
+    choices = model.routing_macs((3, 32, 32))  # per choice; tested against measured counts in test_exit_gate
     slim, wide = report["sweep"][-1], report["sweep"][0]
     assert slim["bias"] == 1e6 and slim["histogram"]["counts"][0] == N
-    assert slim["mean_macs"] == table[model.routing_space[0]] + model.gate_head_macs()
+    assert slim["mean_macs"] == choices[0].item()
     assert wide["histogram"]["counts"][-1] == N
-    assert wide["mean_macs"] == table[model.routing_space[-1]] + model.gate_head_macs()
+    assert wide["mean_macs"] == choices[-1].item()
+    if model.gate_mode == "pre":  # the paper's gate: a choice costs its sub-network and the slimming head
+        table = model.subnet_macs((3, 32, 32))
+        assert slim["mean_macs"] == table[model.routing_space[0]] + model.gate_head_macs()
+        assert wide["mean_macs"] == table[model.routing_space[-1]] + model.gate_head_macs()
 
 
 def test_histograms_sum(setup):

@@ -126,3 +126,48 @@ def test_a_checkpoint_whose_spec_lacks_gate_mode_loads_the_head_its_weights_hold
         with torch.no_grad():
             want, got = model.eval()(x, return_routing=True), loaded(x, return_routing=True)
         assert torch.equal(want.choice, got.choice) and torch.equal(want.logits, got.logits)
+
+
+# ---------------------------------------------------------------- the default gate
+@pytest.mark.parametrize("name", FAMILIES + ["ds_mbv2_tiny"])
+def test_the_default_is_the_exit_gate_and_the_paper_gate_is_selectable_by_name(name):
+    model = dsnet.create_model(name)
+    assert model.gate_mode == "exit" and model.exit_head is not None and len(model.routing_space) >= 2
+    paper = dsnet.create_model(name, gate_mode="pre")
+    assert paper.gate_mode == "pre" and paper.exit_head is None
+    assert paper.state_dict().keys() == {k for k in model.state_dict() if not k.startswith("exit_head.")}
+    one = dsnet.create_model(name, routing_space=[model.routing_space[0]])  # one choice: nothing to decide
+    assert one.gate_mode == "pre" and one.exit_head is None
+    with pytest.raises(ValueError, match="at least two routing choices"):
+        dsnet.create_model(name, routing_space=[model.routing_space[0]], gate_mode="exit")
+
+
+def test_building_the_exit_head_leaves_the_global_random_stream_as_it_was():
+    """Stage I's sampling and shuffling draw the same numbers whichever head the model carries."""
+    draws = []
+    for mode in ("pre", "exit", "exit"):
+        torch.manual_seed(3)
+        model = dsnet.create_model("ds_resnet8_tiny", gate_mode=mode)
+        draws.append((torch.rand(5), [p.detach().clone() for n, p in model.named_parameters() if "exit" not in n]))
+    for rand, params in draws[1:]:
+        assert torch.equal(rand, draws[0][0]) and all(torch.equal(a, b) for a, b in zip(params, draws[0][1]))
+    torch.manual_seed(3)
+    again = dsnet.create_model("ds_resnet8_tiny")
+    torch.manual_seed(4)
+    other = dsnet.create_model("ds_resnet8_tiny")
+    assert torch.equal(again.exit_head.out.weight, model.exit_head.out.weight)  # reproducible per seed
+    assert not torch.equal(other.exit_head.out.weight, model.exit_head.out.weight)
+
+
+def test_a_training_batch_of_one_routes_with_the_running_statistics():
+    model = perturb(dsnet.create_model("ds_resnet8_tiny"), seed=1).train()
+    x = small_input(model, batch=1, seed=2)
+    out = model(x, return_routing=True)  # BatchNorm1d alone would refuse one sample in training
+    assert out.logits.shape == (1, model.num_classes) and torch.isfinite(out.gate_logits).all()
+    model.eval()
+    with torch.no_grad():
+        h, z = model.forward_pre(x, model.routing_space[0])
+        inputs = z, model.forward_post(h, model.routing_space[0])
+        stats = model.exit_head.norm.running_mean.clone()
+        assert torch.equal(model.exit_head(*inputs), model.exit_head.train()(*inputs))  # as in eval mode
+        assert torch.equal(model.exit_head.norm.running_mean, stats)  # and one sample does not move them

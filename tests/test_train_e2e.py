@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dsnet.cli import main
+from dsnet.models.base import EXIT_HEAD_PREFIX
 from dsnet.train.checkpoint import read_checkpoint, save_checkpoint
 from dsnet.train.config import load_config
 from dsnet.train.gate import train_gate
@@ -92,7 +93,10 @@ def test_cli_pipeline_and_run_directory(tmp_path, capsys):
     # spoil the statistics of both weight sets; calibrate-bn must re-estimate both (EMA teacher and raw student)
     spoiled = read_checkpoint(out / "best.ckpt")
     for key in ("ema_state_dict", "state_dict"):
-        spoiled[key] = {k: v + 7.0 if k.endswith("running_mean") else v for k, v in spoiled[key].items()}
+        spoiled[key] = {  # the sub-networks' statistics (the exit head's own BatchNorm is stage II's to train)
+            k: v + 7.0 if k.endswith("running_mean") and not k.startswith(EXIT_HEAD_PREFIX) else v
+            for k, v in spoiled[key].items()
+        }
     save_checkpoint(tmp_path / "spoiled.ckpt", {k: v for k, v in spoiled.items() if k != "format"})
     assert (
         main(["calibrate-bn", "--checkpoint", str(tmp_path / "spoiled.ckpt"), "--out", str(tmp_path / "cal.ckpt")]) == 0

@@ -473,8 +473,9 @@ def test_a_smaller_bundle_removes_the_stale_graphs_of_the_larger(fake_onnx, tmp_
     assert code == 0
     small = json.loads((tmp_path / "m.manifest.json").read_text())
     files = sorted(p.name for p in tmp_path.glob("m.*"))
-    assert files == sorted(["m.onnx", "m.manifest.json", "m.unrelated.txt"] + [p["file"] for p in small["post"]])
-    assert len(small["post"]) == 2 and "(4 files" in stdout and "removed 2 stale" in stdout
+    post = [p["file"] for p in small["post"] if p["file"]]  # the exit gate's choice 0 is the pre part's answer
+    assert files == sorted(["m.onnx", "m.manifest.json", "m.unrelated.txt"] + post)
+    assert len(small["post"]) == 2 and f"({2 + len(post)} files" in stdout and "removed 2 stale" in stdout
 
 
 def test_compare_checks_its_out_folder_before_training(tmp_path, capsys, monkeypatch):

@@ -55,8 +55,8 @@ def test_make_dynamic_takes_the_exit_gate():
     torch.manual_seed(0)
     x = torch.randn(4, 1, 16, 16)
     net = randomize(ResidualCNN())
-    pre = make_dynamic(net, x, gate_after="layer2").eval()
-    exit_ = make_dynamic(net, x, gate_after="layer2", gate_mode="exit").eval()
+    pre = make_dynamic(net, x, gate_after="layer2", gate_mode="pre").eval()
+    exit_ = make_dynamic(net, x, gate_after="layer2").eval()  # the default with two or more choices
     assert pre.exit_head is None and exit_.gate_mode == "exit" and exit_.exit_head is not None
     with torch.no_grad():  # same weights: every sub-network agrees; routing runs the early-exit head
         for k in range(len(pre.subnets)):
@@ -127,7 +127,7 @@ def test_load_any_checkpoint_with_its_recipe(tiny_run):
         weights = ckpt["ema_state_dict"] if loaded.ema else ckpt["state_dict"]
         for k, v in loaded.model.state_dict().items():
             assert torch.equal(v, weights[k]), k
-    assert dsnet.load(gate).model.gate_mode == "exit" and dsnet.load(sup).model.gate_mode == "pre"
+    assert dsnet.load(gate).model.gate_mode == dsnet.load(sup).model.gate_mode == "exit"  # the default head
     # create_model(name, checkpoint_path=<gate checkpoint>) takes the checkpoint's exit head, same function
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # done as the checkpoint records: nothing to warn about
@@ -254,7 +254,7 @@ def test_models_options_lists_constructor_options_with_defaults(capsys):
     for option in ("zero_init_residual", "gate_mode", "pre_gate_ratio", "stem_stride", "gate_se_ratio"):
         assert option in by
     assert by["stem_stride"]["value"] == "2" and by["stem_stride"]["class_default"] == "1"  # set by the factory
-    assert by["gate_mode"]["value"] == "'pre'" and by["zero_init_residual"]["value"] == "False"  # the factory's
+    assert by["gate_mode"]["value"] == "None" and by["zero_init_residual"]["value"] == "False"  # the factory's
     assert by["zero_init_residual"]["class_default"] == "True"
     assert main(["models", "--options", "ds_resnet8_tiny"]) == 0
     out = capsys.readouterr().out

@@ -58,7 +58,8 @@ GOLDEN = {
 
 
 def _tiny(**kwargs) -> dsnet.models.base.DynamicNet:
-    return dsnet.create_model("ds_vit_cifar", **{**TINY, "num_classes": 4, **kwargs})
+    # the paper's gate: GOLDEN's routed sub-networks are its decisions, and _fill draws every tensor in order
+    return dsnet.create_model("ds_vit_cifar", **{**TINY, "num_classes": 4, "gate_mode": "pre", **kwargs})
 
 
 def _fill(model, seed: int = 2):

@@ -216,7 +216,7 @@ class FxDynamicNet(DynamicNet):
         routing_space: Sequence[int] | None = None,
         gate_se_ratio: float = 0.25,
         strict: bool = False,
-        gate_mode: str = "pre",
+        gate_mode: str | None = None,
         **routing_options: Any,
     ) -> None:
         ratios = sorted(float(r) for r in width_ratios)
@@ -641,7 +641,7 @@ def make_dynamic(
     routing_space: Sequence[int] | None = None,
     gate_se_ratio: float = 0.25,
     strict: bool = False,
-    gate_mode: str = "pre",
+    gate_mode: str | None = None,
     **routing_options: Any,
 ) -> FxDynamicNet:
     """Make a plain PyTorch CNN dynamic: sliced layers, a gate after ``gate_after``, one sub-network per ratio.
@@ -658,8 +658,8 @@ def make_dynamic(
         routing_space: sub-networks the gate picks among (default: the first four).
         gate_se_ratio: width of the gate's shared encoder as a fraction of its input channels.
         strict: raise instead of warning when some layers cannot slice.
-        gate_mode: the routing head, as for dsnet's own models: ``"pre"`` (the paper's gate) or ``"exit"``
-            (the slimmest sub-network runs first and an early-exit head decides; what the recipes measure); see
+        gate_mode: the routing head, as for dsnet's own models: ``"exit"`` (the slimmest sub-network runs
+            first and an early-exit head decides; the default with two or more choices) or ``"pre"`` (the paper's); see
             :meth:`DynamicNet.set_gate_mode`. ``gate.mode`` in a training config
             reaches it through the factory, so a factory should accept and forward these (``def
             factory(num_classes, in_chans, **options): return make_dynamic(..., **options)``).

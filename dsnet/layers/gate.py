@@ -255,7 +255,13 @@ class ExitHead(nn.Module):
         return torch.cat([z.float(), top, entropy], dim=1).to(z.dtype)
 
     def forward(self, z: Tensor, slim_logits: Tensor) -> Tensor:
-        return self.out(F.relu(self.hidden(self.norm(self.features(z, slim_logits)))))
+        f = self.features(z, slim_logits)
+        if self.training and f.shape[0] == 1:  # one sample has no batch statistics: normalise with the running ones
+            n = self.norm
+            f = F.batch_norm(f, n.running_mean, n.running_var, n.weight, n.bias, False, 0.0, n.eps)
+        else:
+            f = self.norm(f)
+        return self.out(F.relu(self.hidden(f)))
 
     def macs(self) -> int:
         return self.hidden.in_features * self.hidden.out_features + self.out.in_features * self.out.out_features

@@ -36,6 +36,7 @@ from dsnet.layers.gate import (
 from dsnet.layers.sliced import CacheBudget, SlicedBatchNorm2d, TensorCache, clear_caches
 from dsnet.models.static import fold_batchnorms
 
+DEFAULT_GATE_MODE = "exit"  # what gate_mode=None builds when there are two or more routing choices
 EXIT_HEAD_PREFIX = "exit_head."  # state-dict keys of the early-exit routing head (DynamicNet.set_gate_mode)
 
 __all__ = ["Subnet", "RoutingResult", "DynamicNet", "build_subnets", "explicit_subnets", "check_input_dtype"]
@@ -311,7 +312,7 @@ class DynamicNet(nn.Module):
     """
 
     gate: DynamicGate
-    gate_mode: str = "pre"  # "pre": the paper's gate, before any routed layer; "exit": see set_gate_mode
+    gate_mode: str = "exit"  # "exit" [ours, the default]: see set_gate_mode; "pre": the paper's gate
     router: str = "logits"  # "logits": the paper's; "utility": see bias_direction
 
     def __init__(
@@ -382,29 +383,36 @@ class DynamicNet(nn.Module):
     def build_static(self, subnet: int) -> nn.Module:
         raise NotImplementedError
 
-    def set_gate_mode(self, gate_mode: str) -> None:
+    def set_gate_mode(self, gate_mode: str | None) -> None:
         """Choose the routing head; the supernet's weights stay as they are.
 
         Families call it once their gate exists (the exit head reads the gate's encoding width).
 
-        ``"exit"`` [ours, what the recipes measure]: the slimmest routed sub-network runs
-        for every sample first and an :class:`~dsnet.layers.gate.ExitHead`
-        decides, from the gate's encoding and the slimmest's prediction,
-        whether to stop there (choice 0) or to run a wider routed sub-network
-        after the gate (choice ``j``). ``"pre"`` (the paper's; the constructors'
-        default): the slimming head routes from the pre-gate features, before
-        any routed layer.
+        ``"exit"`` [ours, what the measurements support; the default]: the
+        slimmest routed sub-network runs for every sample first and an
+        :class:`~dsnet.layers.gate.ExitHead` decides, from the gate's encoding
+        and the slimmest's prediction, whether to stop there (choice 0) or to
+        run a wider routed sub-network after the gate (choice ``j``). ``"pre"``
+        (the paper's): the slimming head routes from the pre-gate features,
+        before any routed layer. ``None``: ``"exit"`` when there are two or more
+        routing choices, else ``"pre"`` (one choice leaves nothing to decide).
 
         Switching to ``"exit"`` builds a freshly initialised exit head (stage II
-        trains it) on the gate's device and dtype; switching to ``"pre"`` drops it.
+        trains it) on the gate's device and dtype, drawn from a forked random
+        stream so that building it leaves the global one (stage I's sampling,
+        shuffling) as it was; switching to ``"pre"`` drops it.
         """
+        if gate_mode is None:
+            gate_mode = DEFAULT_GATE_MODE if len(self.routing_space) >= 2 else "pre"
         if gate_mode not in GATE_MODES:
             raise ValueError(f"gate_mode must be one of {', '.join(GATE_MODES)}, got {gate_mode!r}")
         if gate_mode == "exit" and self.exit_head is None:
             if len(self.routing_space) < 2:
                 raise ValueError("gate_mode='exit' needs at least two routing choices")
             ref = next(self.gate.parameters())
-            head = ExitHead(self.gate.reduced, self.num_classes, len(self.routing_space))
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed((torch.initial_seed() + 1) % 2**63)  # reproducible per seed
+                head = ExitHead(self.gate.reduced, self.num_classes, len(self.routing_space))
             self.exit_head = head.to(device=ref.device, dtype=ref.dtype)
         elif gate_mode == "pre":
             self.exit_head = None

@@ -165,7 +165,7 @@ class DSMobileNetV2(DynamicNet):
         gate_se_ratio: float = 0.25,
         drop_rate: float = 0.0,
         input_size: int = 32,
-        gate_mode: str = "pre",
+        gate_mode: str | None = None,
         subnet_widths: Sequence[Sequence[int]] | None = None,
         subnet_kernels: Sequence[Sequence[int]] | None = None,
         router: str = "logits",

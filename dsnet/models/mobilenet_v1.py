@@ -94,8 +94,8 @@ class DSMobileNetV1(DynamicNet):
             routed stage; the gate sits in its first block.
         routing_space: indices of ``subnets`` the gate chooses among
             (default: the slimmest four routed sub-networks).
-        gate_mode: ``"pre"`` (the paper's gate) or ``"exit"`` (what the recipes measure); see
-            :meth:`DynamicNet.set_gate_mode`.
+        gate_mode: ``"exit"`` (the default with two or more routing choices; what the measurements
+            support) or ``"pre"`` (the paper's gate); see :meth:`DynamicNet.set_gate_mode`.
         subnet_widths: an explicit list of sub-networks (per-stage widths, slimmest first) instead of
             the index-aligned stage choices; layer sizes still come from the stages' widest choices.
         router: ``"logits"`` (the paper's gate logits) or ``"utility"`` (per-choice P(correct); see
@@ -114,7 +114,7 @@ class DSMobileNetV1(DynamicNet):
         se_ratio: float = 0.25,
         drop_rate: float = 0.2,
         input_size: int = 224,
-        gate_mode: str = "pre",
+        gate_mode: str | None = None,
         subnet_widths: Sequence[Sequence[int]] | None = None,
         router: str = "logits",
     ) -> None:

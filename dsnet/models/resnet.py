@@ -133,8 +133,8 @@ class DSResNet(DynamicNet):
         stem_stride: stride of the ``"cifar"`` stem (2 quarters the compute of small images).
         gate_se_ratio: width of the gate's shared encoder as a fraction of its input channels
             (0.25 as squeeze-excitation; narrow networks need more to tell easy inputs from hard ones).
-        gate_mode: ``"pre"`` (the paper's gate) or ``"exit"`` (decide after the slimmest ran; what the
-            recipes measure); see :meth:`DynamicNet.set_gate_mode`.
+        gate_mode: ``"exit"`` (decide after the slimmest ran; the default with two or more routing
+            choices) or ``"pre"`` (the paper's gate); see :meth:`DynamicNet.set_gate_mode`.
         subnet_widths: an explicit list of sub-networks (per-stage widths, slimmest first) instead of
             ``width_ratios``/``pre_gate_ratio``; layer sizes still come from ``planes`` and ``stem_width``.
         router: ``"logits"`` (the paper's gate logits) or ``"utility"`` (per-choice P(correct); see
@@ -158,7 +158,7 @@ class DSResNet(DynamicNet):
         input_size: int = 224,
         zero_init_residual: bool = True,
         gate_se_ratio: float = 0.25,
-        gate_mode: str = "pre",
+        gate_mode: str | None = None,
         subnet_widths: Sequence[Sequence[int]] | None = None,
         router: str = "logits",
     ) -> None:

@@ -112,8 +112,8 @@ class DSViT(DynamicNet):
         gate_pool: the same choice for the gate's input.
         gate_bn: BatchNorm on the gate's pooled input (see ``TokenGate``).
         routing_space: sub-networks the gate picks among (default: every routed one).
-        gate_mode: ``"pre"`` (the paper's gate) or ``"exit"`` (what the recipes measure); see
-            :meth:`DynamicNet.set_gate_mode`.
+        gate_mode: ``"exit"`` (the default with two or more routing choices; what the measurements
+            support) or ``"pre"`` (the paper's gate); see :meth:`DynamicNet.set_gate_mode`.
         subnet_widths: an explicit list of sub-networks (per-stage widths in embedding dims, multiples of
             ``head_dim``, slimmest first) instead of ``head_choices``/``pre_gate_heads``; with
             ``separate_dims``, per-stage widths of that layout (flat, or ``[embed, [e, h, m], ...]``).
@@ -145,7 +145,7 @@ class DSViT(DynamicNet):
         gate_bn: bool = True,
         se_ratio: float = 0.25,
         routing_space: Sequence[int] | None = None,
-        gate_mode: str = "pre",
+        gate_mode: str | None = None,
         subnet_widths: Sequence[Sequence[int]] | None = None,
         router: str = "logits",
         separate_dims: bool = False,

@@ -142,21 +142,30 @@ def _check_report(report, model):
         assert rows[w]["slicing_efficiency"] == pytest.approx(1.0)
         dyn = res["dynamic"]
         assert sum(dyn["counts"]) == res["batch_size"] * dyn["calls_per_cycle"]
-        pre = dyn["pre_gate_ms"]
-        expect = pre + sum(
-            c / sum(dyn["counts"]) * (rows[k]["static_ms"] - pre) for c, k in zip(dyn["counts"], model.routing_space)
-        )
+        pre, space, share = dyn["pre_gate_ms"], model.routing_space, [c / sum(dyn["counts"]) for c in dyn["counts"]]
+        assert dyn["gate_mode"] == model.gate_mode
+        head = model.gate_head_macs()
+        if model.gate_mode == "pre":  # a choice: the shared part, then its own post-gate part
+            assert dyn["pre_part_ms"] is None
+            expect = pre + sum(w * (rows[k]["static_ms"] - pre) for w, k in zip(share, space))
+            choice_macs = [macs[k] + head for k in space]
+        else:  # every sample pays the slimmest and the exit head; a wider choice adds its post-gate part
+            part = dyn["pre_part_ms"]
+            assert 0 < part and "exit head" in format_report(report)
+            expect = pre + sum(w * (rows[k]["static_ms"] - part) for w, k in zip(share[1:], space[1:]))
+            trunk = model.pre_gate_macs(report["input_size"])
+            choice_macs = [macs[space[0]] + head] + [macs[space[0]] + macs[k] - trunk + head for k in space[1:]]
         assert dyn["predicted_ms"] == pytest.approx(expect)
         assert dyn["latency_ms"] > 0 and dyn["vs_predicted"] == pytest.approx(dyn["latency_ms"] / expect)
-        mix_macs = sum(c / sum(dyn["counts"]) * macs[k] for c, k in zip(dyn["counts"], model.routing_space))
-        assert dyn["mean_macs"] == pytest.approx(mix_macs + model.gate_head_macs())
+        assert dyn["mean_macs"] == pytest.approx(sum(w * m for w, m in zip(share, choice_macs)))
         assert dyn["theoretical_speedup"] == pytest.approx(macs[w] / dyn["mean_macs"])
         assert dyn["real_speedup"] == pytest.approx(rows[w]["sliced_ms"] / dyn["latency_ms"])
         assert dyn["efficiency"] == pytest.approx(dyn["real_speedup"] / dyn["theoretical_speedup"])
 
 
-def test_run_benchmark_report_schema():
-    model = dsnet.create_model("ds_mobilenet_v1_cifar")
+@pytest.mark.parametrize("gate_mode", ["exit", "pre"])
+def test_run_benchmark_report_schema(gate_mode):
+    model = dsnet.create_model("ds_mobilenet_v1_cifar", gate_mode=gate_mode)
     config = BenchConfig(batch_sizes=[1, 4], threads=1, repeats=2, warmup=0, input_size=(3, 16, 16))
     report = run_benchmark(model, config, model_name="ds_mobilenet_v1_cifar")
     _check_report(report, model)

@@ -109,6 +109,7 @@ def test_bench_onnx_reports_the_dynamic_bundle_at_batch_1_and_32(exported, monke
         )
         assert onnx["latency_ms"] > 0 and onnx["widest_ms"] > 0
         assert onnx["real_speedup"] == pytest.approx(onnx["widest_ms"] / onnx["latency_ms"])
+        assert onnx["mean_macs"] == pytest.approx(res["dynamic"]["mean_macs"])  # one cost model, either gate mode
         assert onnx["session"] == {"intra_op_threads": 1, "allow_spinning": "0", "sessions": 5}
         assert onnx["real_speedup_claim"]["rounds"] == 2 and not onnx["real_speedup_claim"]["clear"]  # 2 rounds
     assert text.count("ONNX Runtime dynamic bundle (5 sessions, 1 threads, no spinning)") == 2

@@ -39,16 +39,18 @@ def bench_onnx_dynamic(
     images: np.ndarray,
     *,
     mix: Sequence[float],
-    macs: Sequence[int],
-    routing_space: Sequence[int],
-    widest: int,
-    gate_head_macs: int,
+    choice_macs: Sequence[float],
+    widest_macs: int,
     repeats: int,
     warmup: int,
     cycle: int,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Time the bundle on a forced mix against ``widest_session`` (the widest routed sub-network's graph)."""
+    """Time the bundle on a forced mix against ``widest_session`` (the widest routed sub-network's graph).
+
+    ``choice_macs``: each routing choice's MACs per sample, routing head included (``DynamicNet.routing_macs``:
+    in exit mode every choice pays the slimmest); ``widest_macs``: the widest routed sub-network's.
+    """
     batch = images.shape[0]
     images = np.ascontiguousarray(images, dtype=np.float32)
     choices = mix_choices(mix, batch * cycle, seed=seed).numpy()
@@ -68,10 +70,10 @@ def bench_onnx_dynamic(
     samples["onnx_dynamic"] = [t / cycle for t in samples["onnx_dynamic"]]
     stats = {name: summarize(ts) for name, ts in samples.items()}
     weights = [c / sum(counts) for c in counts]
-    mean_macs = sum(w * macs[k] for w, k in zip(weights, routing_space)) + gate_head_macs
+    mean_macs = sum(w * m for w, m in zip(weights, choice_macs))
     claim = speedup_claim(samples["onnx_widest"], samples["onnx_dynamic"])
     options = bundle.pre.get_session_options()
-    theoretical = macs[widest] / mean_macs
+    theoretical = widest_macs / mean_macs
     return {
         "latency_ms": stats["onnx_dynamic"].median,
         "latency_iqr_ms": stats["onnx_dynamic"].iqr,

@@ -9,3 +9,6 @@ mkdir -p benchmarks/results
     --json benchmarks/results/ds_resnet50.json 2>/dev/null | tee benchmarks/results/ds_resnet50.txt
 .venv/bin/dsnet bench --model ds_vit_small --batch-sizes 1,32 --threads 2 --repeats 5 --warmup 1 \
     --json benchmarks/results/ds_vit_small.json 2>/dev/null | tee benchmarks/results/ds_vit_small.txt
+# the paper's gate on ResNet-50 (the dynamic rows; the sliced / static rows do not depend on the gate)
+.venv/bin/dsnet bench --model ds_resnet50 --gate-mode pre --batch-sizes 1,32 --threads 2 --repeats 5 --warmup 1 \
+    --json benchmarks/results/ds_resnet50_pre_gate.json 2>/dev/null | tee benchmarks/results/ds_resnet50_pre_gate.txt

@@ -19,6 +19,7 @@ from dsnet.bench import (
 )
 from dsnet.cli import main
 from dsnet.layers.sliced import SlicedConv2d
+from dsnet.train.checkpoint import save_checkpoint
 from tests.conftest import perturb, small_input
 
 TINY = ["ds_resnet20_cifar", "ds_mobilenet_v1_cifar"]
@@ -186,3 +187,23 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     assert "efficiency" in capsys.readouterr().out
     assert main(["bench", "--model", "ds_resnet20_cifar", "--subnets", "99"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_cli_bench_times_the_gate_mode_asked_for(tmp_path, capsys):
+    args = ["--batch-sizes", "2", "--threads", "1", "--repeats", "2", "--warmup", "0", "--input-size", "16"]
+    args += ["--subnets", "0", "--no-masked"]
+    modes = {}
+    for mode in ("pre", "exit", None):
+        out = tmp_path / f"{mode}.json"
+        extra = [] if mode is None else ["--gate-mode", mode]
+        assert main(["bench", "--model", "ds_resnet20_cifar", *extra, *args, "--json", str(out)]) == 0
+        modes[mode] = json.loads(out.read_text())["results"][0]["dynamic"]
+    assert modes["pre"]["gate_mode"] == "pre" and modes["pre"]["pre_part_ms"] is None
+    assert modes["exit"]["gate_mode"] == modes[None]["gate_mode"] == "exit"  # the default
+    assert modes["exit"]["mean_macs"] > modes["pre"]["mean_macs"]  # the same mix pays the slimmest for everyone
+    capsys.readouterr()
+    ckpt = tmp_path / "m.ckpt"
+    save_checkpoint(ckpt, {"model": {"name": "ds_resnet20_cifar", "kwargs": {}}, "state_dict": {}})
+    assert main(["bench", "--checkpoint", str(ckpt), "--gate-mode", "pre"]) == 2
+    err = capsys.readouterr().err
+    assert "--gate-mode applies to --model" in err and len(err.strip().splitlines()) == 1

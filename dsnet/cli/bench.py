@@ -51,6 +51,13 @@ def add_parser(sub: Subcommands) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="registered model name (random weights)")
     src.add_argument("--checkpoint", help="dsnet checkpoint to load (EMA weights if present)")
+    p.add_argument(
+        "--gate-mode",
+        choices=["exit", "pre"],
+        default=None,
+        help="--model: the routing head to time (default: the model's: exit with two or more choices; pre: "
+        "the paper's)",
+    )
     p.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 32], help="comma-separated (default 1,32)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch / onnxruntime intra-op threads")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -110,12 +117,18 @@ def run(args: argparse.Namespace) -> int:
     from dsnet.models.base import DynamicNet
 
     if args.checkpoint:
+        if args.gate_mode is not None:
+            raise ValueError("--gate-mode applies to --model: a checkpoint is timed with the gate it was trained with")
         from dsnet.train.checkpoint import load_model
 
         model, ckpt = load_model(args.checkpoint)
         name = ckpt["model"]["name"]
     else:
         model, name = create_model(args.model), args.model
+        if args.gate_mode is not None:
+            if not isinstance(model, DynamicNet):
+                raise ValueError(f"--gate-mode: {name} has no routing gate")
+            model.set_gate_mode(args.gate_mode)
     from dsnet.models.lcnet import LCResNet
 
     if isinstance(model, LCResNet):

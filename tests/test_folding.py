@@ -243,3 +243,63 @@ def test_converted_network_folds_conv_bn_pairs():
         with torch.no_grad():
             _close(static(x), folded)
     assert dsnet.count_macs(static, x[:1].shape) == dsnet.count_macs(dyn, x[:1].shape, subnet=k)
+
+
+class _WeightFormats(TorchFunctionMode):
+    """Records, for each 4-D convolution weight seen, whether it is stored channels-last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.formats: list[bool] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.conv2d:
+            w = args[1] if len(args) > 1 else kwargs["weight"]
+            self.formats.append(w.is_contiguous(memory_format=torch.channels_last))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["ds_resnet8_tiny", "ds_mobilenet_v1_cifar"])
+def test_channels_last_model_keeps_its_cached_weights_channels_last(name):
+    """A channels-last model's cached (sliced, folded) convolution weights stay channels-last: a contiguous copy
+    would make every convolution of a channels-last input reorder its weight again on every call."""
+    model = perturb(dsnet.create_model(name)).eval().to(memory_format=torch.channels_last)
+    x = small_input(model, batch=3, seed=2).contiguous(memory_format=torch.channels_last)
+    for k in (0, len(model.subnets) // 2):
+        with torch.no_grad(), _WeightFormats() as seen:
+            out = model(x, subnet=k)
+            again = model(x, subnet=k)  # from the cache
+        assert seen.formats and all(seen.formats), f"subnet {k}: a convolution got a weight that is not channels-last"
+        torch.testing.assert_close(again, out, rtol=0, atol=0)
+        _close(out, _unfolded(model, x, subnet=k))
+
+
+def test_folded_hot_path_follows_every_source():
+    """The per-call hot path of folded inference (one lookup, one stamp) sees each thing the fold depends on."""
+    torch.manual_seed(0)
+    conv, bn = SlicedConv2d(8, 12, 3), SlicedBatchNorm2d(12, num_slots=2)
+    bn.eval()
+    x = torch.randn(2, 6, 5, 5)
+
+    def ref() -> torch.Tensor:
+        return F.batch_norm(
+            conv(x, 10).detach(), bn.running_mean[1, :10], bn.running_var[1, :10], bn.weight[:10], bn.bias[:10],
+            False, 0.0, bn.eps,
+        )
+
+    with torch.no_grad():
+        conv_bn(conv, bn, x, 1, 10)  # fills the hot path
+        for change in (
+            lambda: bn.running_var.mul_(2.0),
+            lambda: bn.running_mean.add_(0.5),
+            lambda: bn.weight.mul_(-1.0),
+            lambda: bn.bias.add_(1.0),
+            lambda: conv.weight.mul_(0.5),
+            lambda: setattr(conv, "weight", nn.Parameter(torch.randn_like(conv.weight))),
+        ):
+            change()
+            _close(conv_bn(conv, bn, x, 1, 10), ref())
+            _close(conv_bn(conv, bn, x, 1, 10), ref())  # and again, from the hot path
+        with _CountCalls(F.batch_norm) as calls:
+            conv_bn(conv, bn, x, 0, 12)  # another slot and width: its own entry
+        assert calls.count == 0

@@ -43,6 +43,15 @@ class SliceableModule(nn.Module):
     inference tensors moves no version counter the cache could see.
     """
 
+    def own_tensors(self) -> tuple[Tensor, Tensor | None]:
+        """``(weight, bias)`` (bias None when the layer has none), read from the module's own parameter table.
+
+        The inference fast paths stamp these on every call; ``nn.Module.__getattr__`` (a Python function per
+        attribute) costs more there than the rest of the cache lookup.
+        """
+        params = self._parameters
+        return params["weight"], params.get("bias")
+
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # torch's per-module loading hook
         clear_caches(self)
         super()._load_from_state_dict(*args, **kwargs)
@@ -117,8 +126,31 @@ def _version(t: Tensor) -> int:
 
 
 def _stamp(*tensors: Tensor | None) -> tuple:
-    """What makes cached views/copies of these tensors stale: an in-place update or new storage."""
-    return tuple((_version(t), t.data_ptr()) for t in tensors if t is not None)
+    """What makes cached views/copies of these tensors stale: an in-place update or new storage.
+
+    Read on every inference call of every sliced layer, so the common case (no inference tensors) is one list
+    comprehension; a tensor made inside ``inference_mode`` has no version counter and takes the slower path.
+    """
+    try:
+        return tuple([(t._version, t.data_ptr()) for t in tensors if t is not None])
+    except RuntimeError:
+        return tuple((_version(t), t.data_ptr()) for t in tensors if t is not None)
+
+
+def _contiguous_like(t: Tensor, source: Tensor | None) -> Tensor:
+    """``t`` made dense in ``source``'s memory format: channels-last when ``source`` (a 4-D weight) is stored so.
+
+    A convolution whose input is channels-last and whose weight is not reorders the weight on every call, so a
+    cached copy of a channels-last weight (``model.to(memory_format=torch.channels_last)``) stays channels-last.
+    """
+    if _channels_last(t) or (source is not None and _channels_last(source)):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
+
+
+def _channels_last(t: Tensor) -> bool:
+    """Stored channels-last and not also plainly contiguous (a 1x1 kernel or a single channel is both)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def _owned_bytes(value: object, sources: tuple[Tensor | None, ...]) -> int:
@@ -182,7 +214,11 @@ class TensorCache:
             return entry[1]
         with torch.inference_mode(False), torch.no_grad():
             value = make()
-            value = tuple(v.contiguous() for v in value) if isinstance(value, tuple) else value.contiguous()
+            first_src = sources[0]
+            if isinstance(value, tuple):
+                value = tuple(_contiguous_like(v, first_src if v.dim() == 4 else None) for v in value)
+            else:
+                value = _contiguous_like(value, first_src if value.dim() == 4 else None)
         if self.budget is not None and not self.budget.admit(self, key, _owned_bytes(value, sources)):
             self._entries.pop(key, None)
             return value
@@ -231,8 +267,8 @@ def _slice_rows_cols(
     if full_rows and full_cols:
         return param
     view = param[:rows] if full_cols else param[:rows, :cols]
-    if view.is_contiguous() or torch.is_grad_enabled():
-        return view
+    if view.is_contiguous() or _channels_last(view) or torch.is_grad_enabled():
+        return view  # a row prefix of a channels-last weight is itself dense channels-last
     return cache.get(param, (rows, cols), lambda: param[:rows, :cols])
 
 
@@ -309,7 +345,7 @@ class SlicedConv2d(SliceableModule):
                 weight, bias, groups = self._conv_args(x, out_channels, cast)
                 return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
             key = (x.shape[1], out_channels, cast)
-            stamp = _stamp(self.weight, self.bias)
+            stamp = _stamp(*self.own_tensors())
             hit = self._args.get(key)
             if hit is None or hit[0] != stamp:
                 hit = (stamp, self._conv_args(x, out_channels, cast))
@@ -338,6 +374,15 @@ class SlicedConv2d(SliceableModule):
         a disabled cache, ``torch.fx`` symbolic tracing, and modules with forward hooks or a replaced forward
         (which must see both calls) run the two layers as is.
         """
+        if not bn.training and not torch.is_grad_enabled() and not isinstance(x, fx.Proxy):
+            # the hot path of folded inference: one lookup and one stamp (what ``get_derived`` checks) per call
+            hit = self._args.get(("bn", bn, x.shape[1], out_channels, slot))
+            if (
+                hit is not None
+                and hit[0] == _stamp(*self.own_tensors(), *bn.fold_sources())
+                and self._plain_inference(bn, hit[4])
+            ):
+                return F.conv2d(x, hit[1], hit[2], self.stride, self.padding, self.dilation, hit[3])
         if (
             bn.training
             or not _inference_call()
@@ -351,10 +396,26 @@ class SlicedConv2d(SliceableModule):
         if cast == self.weight.dtype:
             cast = None
         key = ("bn", x.shape[1], out_channels, slot, cast)
-        sources = (self.weight, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        sources = (*self.own_tensors(), *bn.fold_sources())
         weight, bias = self._cache.get_derived(sources, key, lambda: self._folded(x, out_channels, bn, slot, cast))
         groups = x.shape[1] if self.depthwise else 1
+        if cast is None and not self._cache.bounded and not torch.is_autocast_enabled(x.device.type):
+            self._args[("bn", bn, x.shape[1], out_channels, slot)] = (
+                _stamp(*sources), weight, bias, groups, x.device.type
+            )
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+    def _plain_inference(self, bn: SlicedBatchNorm2d, device_type: str) -> bool:
+        """Whether a folded call may skip the checks of :meth:`forward_bn`: nothing traces, casts or watches it,
+        and the cache is on and unbounded (a bounded one must see every call, to keep its LRU order)."""
+        return (
+            not torch.compiler.is_compiling()
+            and self._cache.enabled
+            and not self._cache.bounded
+            and not torch.is_autocast_enabled(device_type)
+            and not _hooked(self, SlicedConv2d)
+            and not _hooked(bn, SlicedBatchNorm2d)
+        )
 
     def _folded(
         self, x: Tensor, out_channels: int | None, bn: SlicedBatchNorm2d, slot: int, cast: torch.dtype | None
@@ -431,7 +492,7 @@ class SlicedLinear(SliceableModule):
             if self._cache.bounded:
                 return F.linear(x, *self._linear_args(x, out_features, cast))
             key = (x.shape[-1], out_features, cast)
-            stamp = _stamp(self.weight, self.bias)
+            stamp = _stamp(*self.own_tensors())
             hit = self._args.get(key)
             if hit is None or hit[0] != stamp:
                 hit = (stamp, self._linear_args(x, out_features, cast))
@@ -543,6 +604,11 @@ class SlicedBatchNorm2d(SliceableModule):
         self.sync = False  # statistics over all DDP ranks (set by stage I on multi-GPU runs)
         self._args: dict[tuple, tuple] = {}
 
+    def fold_sources(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(weight, bias, running_mean, running_var)``: what a folded or cached inference copy depends on."""
+        params, buffers = self._parameters, self._buffers
+        return params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"]
+
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
@@ -552,7 +618,7 @@ class SlicedBatchNorm2d(SliceableModule):
         if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # inference fast path: the four (slot, width) views are built once, not per call
             key = (slot, x.shape[1])
-            stamp = _stamp(self.weight, self.bias, self.running_mean, self.running_var)
+            stamp = _stamp(*self.fold_sources())
             hit = self._args.get(key)
             if hit is None or hit[0] != stamp:
                 ch = x.shape[1]

@@ -283,8 +283,14 @@ def test_folded_hot_path_follows_every_source():
 
     def ref() -> torch.Tensor:
         return F.batch_norm(
-            conv(x, 10).detach(), bn.running_mean[1, :10], bn.running_var[1, :10], bn.weight[:10], bn.bias[:10],
-            False, 0.0, bn.eps,
+            conv(x, 10).detach(),
+            bn.running_mean[1, :10],
+            bn.running_var[1, :10],
+            bn.weight[:10],
+            bn.bias[:10],
+            False,
+            0.0,
+            bn.eps,
         )
 
     with torch.no_grad():

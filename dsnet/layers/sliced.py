@@ -401,7 +401,11 @@ class SlicedConv2d(SliceableModule):
         groups = x.shape[1] if self.depthwise else 1
         if cast is None and not self._cache.bounded and not torch.is_autocast_enabled(x.device.type):
             self._args[("bn", bn, x.shape[1], out_channels, slot)] = (
-                _stamp(*sources), weight, bias, groups, x.device.type
+                _stamp(*sources),
+                weight,
+                bias,
+                groups,
+                x.device.type,
             )
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 

@@ -309,3 +309,24 @@ def test_folded_hot_path_follows_every_source():
         with _CountCalls(F.batch_norm) as calls:
             conv_bn(conv, bn, x, 0, 12)  # another slot and width: its own entry
         assert calls.count == 0
+
+
+class _AtSubnet(nn.Module):
+    def __init__(self, model: nn.Module, k: int) -> None:
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, subnet=self.k)
+
+
+def test_export_after_cached_eager_inference():
+    """A model whose inference caches (and hot paths) are filled still traces: tracing never reads the stamps
+    (data pointers do not exist on traced tensors)."""
+    model = perturb(dsnet.create_model("ds_resnet8_tiny")).eval()
+    x = small_input(model, batch=2, size=28)
+    with torch.no_grad():
+        eager = model(x, subnet=1)
+        model(x, subnet=1)  # the hot path is filled
+        traced = torch.export.export(_AtSubnet(model, 1), (x,)).module()(x)
+    _close(traced, eager)

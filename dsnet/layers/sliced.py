@@ -374,7 +374,7 @@ class SlicedConv2d(SliceableModule):
         a disabled cache, ``torch.fx`` symbolic tracing, and modules with forward hooks or a replaced forward
         (which must see both calls) run the two layers as is.
         """
-        if not bn.training and not torch.is_grad_enabled() and not isinstance(x, fx.Proxy):
+        if not bn.training and _inference_call() and not isinstance(x, fx.Proxy):
             # the hot path of folded inference: one lookup and one stamp (what ``get_derived`` checks) per call
             hit = self._args.get(("bn", bn, x.shape[1], out_channels, slot))
             if (
@@ -410,11 +410,11 @@ class SlicedConv2d(SliceableModule):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def _plain_inference(self, bn: SlicedBatchNorm2d, device_type: str) -> bool:
-        """Whether a folded call may skip the checks of :meth:`forward_bn`: nothing traces, casts or watches it,
-        and the cache is on and unbounded (a bounded one must see every call, to keep its LRU order)."""
+        """Whether a folded inference call (not traced: the caller checked) may skip the checks of
+        :meth:`forward_bn`: nothing casts or watches it, and the cache is on and unbounded (a bounded one must
+        see every call, to keep its LRU order)."""
         return (
-            not torch.compiler.is_compiling()
-            and self._cache.enabled
+            self._cache.enabled
             and not self._cache.bounded
             and not torch.is_autocast_enabled(device_type)
             and not _hooked(self, SlicedConv2d)

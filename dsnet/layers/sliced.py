@@ -137,13 +137,13 @@ def _stamp(*tensors: Tensor | None) -> tuple:
         return tuple((_version(t), t.data_ptr()) for t in tensors if t is not None)
 
 
-def _contiguous_like(t: Tensor, source: Tensor | None) -> Tensor:
-    """``t`` made dense in ``source``'s memory format: channels-last when ``source`` (a 4-D weight) is stored so.
+def _contiguous_like(t: Tensor, source: Tensor) -> Tensor:
+    """``t`` made dense in ``source``'s memory format: channels-last when both are 4-D and ``source`` is stored so.
 
     A convolution whose input is channels-last and whose weight is not reorders the weight on every call, so a
     cached copy of a channels-last weight (``model.to(memory_format=torch.channels_last)``) stays channels-last.
     """
-    if _channels_last(t) or (source is not None and _channels_last(source)):
+    if t.dim() == 4 and (_channels_last(t) or _channels_last(source)):
         return t.contiguous(memory_format=torch.channels_last)
     return t.contiguous()
 
@@ -214,11 +214,10 @@ class TensorCache:
             return entry[1]
         with torch.inference_mode(False), torch.no_grad():
             value = make()
-            first_src = sources[0]
             if isinstance(value, tuple):
-                value = tuple(_contiguous_like(v, first_src if v.dim() == 4 else None) for v in value)
+                value = tuple(_contiguous_like(v, first) for v in value)
             else:
-                value = _contiguous_like(value, first_src if value.dim() == 4 else None)
+                value = _contiguous_like(value, first)
         if self.budget is not None and not self.budget.admit(self, key, _owned_bytes(value, sources)):
             self._entries.pop(key, None)
             return value

@@ -373,9 +373,10 @@ class SlicedConv2d(SliceableModule):
         a disabled cache, ``torch.fx`` symbolic tracing, and modules with forward hooks or a replaced forward
         (which must see both calls) run the two layers as is.
         """
+        hot_key = ("bn", bn, x.shape[1], out_channels, slot)  # the hot path's entry in ``_args``
         if not bn.training and _inference_call() and not isinstance(x, fx.Proxy):
             # the hot path of folded inference: one lookup and one stamp (what ``get_derived`` checks) per call
-            hit = self._args.get(("bn", bn, x.shape[1], out_channels, slot))
+            hit = self._args.get(hot_key)
             if (
                 hit is not None
                 and hit[0] == _stamp(*self.own_tensors(), *bn.fold_sources())
@@ -399,7 +400,7 @@ class SlicedConv2d(SliceableModule):
         weight, bias = self._cache.get_derived(sources, key, lambda: self._folded(x, out_channels, bn, slot, cast))
         groups = x.shape[1] if self.depthwise else 1
         if cast is None and not self._cache.bounded and not torch.is_autocast_enabled(x.device.type):
-            self._args[("bn", bn, x.shape[1], out_channels, slot)] = (
+            self._args[hot_key] = (
                 _stamp(*sources),
                 weight,
                 bias,

@@ -13,6 +13,11 @@ trains, come along in the results). One seed per invocation, kept under ``benchm
     python benchmarks/kernel_vs_width.py latency --threads 2     # on an otherwise idle machine
     python benchmarks/kernel_vs_width.py merge                   # kernel_vs_width.{json,md}, docs/kernel_vs_width.png
 
+Once-for-all's learned kernel transformation against the plain centre crop: ``run --model ds_mbv2_tiny --transform``
+(the same recipe with ``model.kwargs={kernel_transform: true}``; files named ``ds_mbv2_tiny_transform``) for the
+seeds the plain kernel model has, then ``transform [--fast]``: ``benchmarks/results/kernel_transform[_fast].{json,md}``,
+each static sub-network's top-1 with the matrices minus without, per seed, then mean ± std.
+
 ``run`` writes ``benchmarks/results/kernel_vs_width_<model>_seed<K>[_fast].json`` (the run folder is
 ``runs/kvw/<model>_seed<K>[_fast]``; a re-run reuses its finished stages, and a finished run with the same recipe
 is not evaluated again). ``latency`` extracts every routed sub-network of both models as a static network with
@@ -42,6 +47,11 @@ RESULTS = Path("benchmarks/results")
 PREFIX = "kernel_vs_width"
 KERNEL, WIDTH = "ds_mbv2_tiny", "ds_mbv2_tiny_width"
 MODELS = (KERNEL, WIDTH)
+# the kernel model with once-for-all's learned kernel transformation matrices: ``run --model ds_mbv2_tiny
+# --transform`` (files and run folders named by this label), compared with the plain crop by ``transform``
+TRANSFORM = f"{KERNEL}_transform"
+TRANSFORM_OVERRIDES = ["model.kwargs={kernel_transform: true}"]
+TRANSFORM_PREFIX = "kernel_transform"
 LATENCY_FILE = f"{PREFIX}_latency.json"
 PLOT = Path("docs/kernel_vs_width.png")
 # --smoke (hidden): the pipeline end to end in about a minute, numbers meaningless; never into benchmarks/results
@@ -379,6 +389,131 @@ def render_markdown(merged: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -------------------------------------------------------------------------------------- kernel transform
+def _without_model_kwargs(run: dict[str, Any]) -> str:
+    setting = json.loads(json.dumps(run["setting"]))
+    if isinstance(setting.get("recipe", {}).get("model"), dict):
+        setting["recipe"]["model"]["kwargs"] = None
+    return json.dumps(setting, sort_keys=True)
+
+
+def _largest_kernel(subnet: dict[str, Any]) -> int:
+    return max((subnet.get("kernels") or {}).values(), default=0)
+
+
+def compare_transform(crop: list[dict[str, Any]], transformed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The kernel model with once-for-all's kernel transformation minus the plain crop, per sub-network and seed.
+
+    ``crop``/``transformed``: per-seed results of ``KERNEL`` and ``TRANSFORM`` (``run``'s JSON). Only seeds both
+    have are compared; the settings must agree except ``model.kwargs`` (the switch itself) and the sub-networks
+    must be the same. Per static sub-network: both top-1s and the difference (transform - crop), each mean ±
+    std over seeds; summaries over the sub-networks by kernel size (the largest kernel is the stored weight in
+    both, so it differs only through shared training) and over the routed ones; the gates likewise.
+    Raises ``ValueError`` on mismatches.
+    """
+    by: dict[str, dict[int, dict[str, Any]]] = {KERNEL: {}, TRANSFORM: {}}
+    for label, runs in ((KERNEL, crop), (TRANSFORM, transformed)):
+        for r in runs:
+            if r["model"] != label:
+                raise ValueError(f"expected {label} results, got {r['model']!r}")
+            if r["seed"] in by[label]:
+                raise ValueError(f"{label} seed {r['seed']} given twice")
+            by[label][r["seed"]] = r
+    seeds = sorted(set(by[KERNEL]) & set(by[TRANSFORM]))
+    if not seeds:
+        raise ValueError(f"no seed is present for both {KERNEL} and {TRANSFORM}")
+    pairs = [(by[KERNEL][k], by[TRANSFORM][k]) for k in seeds]
+    if len({_without_model_kwargs(r) for pair in pairs for r in pair}) > 1:
+        raise ValueError("the runs differ in setting (beyond model.kwargs): not comparing")
+    statics = _check_same([r for pair in pairs for r in pair], f"{KERNEL} vs {TRANSFORM}")
+    rows = []
+    for i, s in enumerate(statics):
+        c = [a["static"][i]["top1"] for a, _ in pairs]
+        t = [b["static"][i]["top1"] for _, b in pairs]
+        rows.append(
+            {
+                "index": s["index"],
+                "widths": s["widths"],
+                "kernels": s.get("kernels"),
+                "mmacs": s["mmacs"],
+                "routed": s["routed"],
+                "crop_top1": mean_std(c),
+                "transform_top1": mean_std(t),
+                "difference": mean_std([b - a for a, b in zip(c, t)]),
+            }
+        )
+
+    def summary(selected: list[dict[str, Any]]) -> dict[str, Any] | None:
+        if not selected:
+            return None  # per seed: the mean difference over the selected sub-networks, then mean ± std
+        per_seed = [statistics.fmean(r["difference"]["values"][j] for r in selected) for j in range(len(seeds))]
+        return {"subnets": [r["index"] for r in selected], "difference": mean_std(per_seed)}
+
+    kernels = sorted({_largest_kernel(r) for r in rows})
+    by_kernel = {str(k): summary([r for r in rows if _largest_kernel(r) == k]) for k in kernels}
+    gates = {
+        label: {key: mean_std([r["gate"][key] for r in runs]) for key in ("top1", "mmacs")}
+        | {"mix": [statistics.fmean(col) for col in zip(*(r["gate"]["mix"] for r in runs))]}
+        for label, runs in ((KERNEL, [a for a, _ in pairs]), (TRANSFORM, [b for _, b in pairs]))
+    }
+    return {
+        "schema": f"{TRANSFORM_PREFIX}-v1",
+        "setting": pairs[0][0]["setting"]["name"],
+        "seeds": seeds,
+        "dropped_seeds": {m: sorted(set(by[m]) - set(seeds)) for m in by},
+        "subnets": rows,
+        "all": summary(rows),
+        "routed": summary([r for r in rows if r["routed"]]),
+        "by_largest_kernel": by_kernel,
+        "gates": gates,
+        "gate_difference": mean_std([b["gate"]["top1"] - a["gate"]["top1"] for a, b in pairs]),
+        "train_seconds": {
+            m: mean_std([r["train_seconds"]["supernet"] for r in runs])
+            for m, runs in ((KERNEL, [a for a, _ in pairs]), (TRANSFORM, [b for _, b in pairs]))
+            if all(r["train_seconds"].get("supernet") is not None for r in runs)
+        },
+    }
+
+
+def render_transform(cmp: dict[str, Any]) -> str:
+    """``compare_transform``'s result as markdown."""
+    lines = [
+        f"# Once-for-all's kernel transformation vs the plain centre crop ({cmp['setting']} setting, "
+        f"seeds {cmp['seeds']}: mean ± sample std)",
+        "",
+        f"`{KERNEL}` trained with the quickstart recipe, with `model.kwargs={{kernel_transform: true}}` "
+        "(transform) and without (crop); top-1 on the test split; difference = transform - crop, per seed.",
+        "",
+        "| # | sub-network (width/kernel) | MMACs | routed | crop top-1 | transform top-1 | transform - crop |",
+        "|---:|---|---:|---|---:|---:|---:|",
+    ]
+    for r in cmp["subnets"]:
+        lines.append(
+            f"| {r['index']} | {_arch(r)} | {r['mmacs']:.2f} | {'yes' if r['routed'] else ''} | "
+            f"{_pm(r['crop_top1'])} | {_pm(r['transform_top1'])} | {_pm(r['difference'], signed=True)} |"
+        )
+    lines += ["", "| sub-networks | transform - crop (mean over them, per seed) |", "|---|---:|"]
+    lines.append(f"| all {len(cmp['all']['subnets'])} | {_pm(cmp['all']['difference'], signed=True)} |")
+    if cmp["routed"]:
+        lines.append(f"| routed ({len(cmp['routed']['subnets'])}) | {_pm(cmp['routed']['difference'], signed=True)} |")
+    for k, v in cmp["by_largest_kernel"].items():
+        if v is not None:
+            lines.append(f"| largest kernel {k}x{k} ({len(v['subnets'])}) | {_pm(v['difference'], signed=True)} |")
+    g = cmp["gates"]
+    lines += [
+        "",
+        "| gate | top-1 % | MMACs | routing mix (slim -> wide) |",
+        "|---|---:|---:|---|",
+        *(
+            f"| {m} | {_pm(g[m]['top1'])} | {_pm(g[m]['mmacs'])} | {' '.join(f'{f:.2f}' for f in g[m]['mix'])} |"
+            for m in (KERNEL, TRANSFORM)
+        ),
+        "",
+        f"Gate top-1, transform - crop: {_pm(cmp['gate_difference'], signed=True)}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------ run
 def _suffix(fast: bool, smoke: bool) -> str:
     return "_smoke" if smoke else ("_fast" if fast else "")
@@ -468,8 +603,12 @@ def run_seed(
     results: Path,
     smoke: bool = False,
     alone: bool = False,
+    transform: bool = False,
 ) -> Path:
-    """One seed of one model with the quickstart recipe; returns the per-seed results file."""
+    """One seed of one model with the quickstart recipe; returns the per-seed results file.
+
+    ``transform``: the kernel model with once-for-all's kernel transformation matrices (label ``TRANSFORM``).
+    """
     from dsnet.data import build_loader
     from dsnet.quickstart import quickstart_config, run_quickstart
     from dsnet.utils.io import atomic_write_json
@@ -477,17 +616,25 @@ def run_seed(
 
     if model not in MODELS:
         raise SystemExit(f"--model must be one of {', '.join(MODELS)}")
+    if transform and model != KERNEL:
+        raise SystemExit(f"--transform needs --model {KERNEL} (the only model with kernel choices)")
     if threads:
         set_threads(threads)
-    overrides = [f"model.name={model}", f"seed={seed}", *(SMOKE if smoke else [])]
+    overrides = [
+        f"model.name={model}",
+        f"seed={seed}",
+        *(TRANSFORM_OVERRIDES if transform else []),
+        *(SMOKE if smoke else []),
+    ]
+    label = TRANSFORM if transform else model
     cfg = json.loads(json.dumps(quickstart_config(fast, None, overrides)))
     suffix = _suffix(fast, smoke)
-    run_dir = out / f"{model}_seed{seed}{suffix}"
-    target = results / f"{PREFIX}_{model}_seed{seed}{suffix}.json"
+    run_dir = out / f"{label}_seed{seed}{suffix}"
+    target = results / f"{PREFIX}_{label}_seed{seed}{suffix}.json"
     qs_file = run_dir / "quickstart.json"
     done = qs_file.is_file() and (run_dir / "report.json").is_file()
     if done and json.loads(qs_file.read_text()).get("config") == cfg and (bool(report_alone(run_dir)) or not alone):
-        print(f"[kernel_vs_width] {model} seed {seed}: reusing the finished run in {run_dir}", flush=True)
+        print(f"[kernel_vs_width] {label} seed {seed}: reusing the finished run in {run_dir}", flush=True)
         result = json.loads(qs_file.read_text())
     else:
         result = run_quickstart(run_dir, fast, None, overrides, alone=alone)
@@ -498,13 +645,13 @@ def run_seed(
         "alone": alone,
         "recipe": {k: v for k, v in cfg.items() if k != "seed"} | {"model": {**cfg["model"], "name": None}},
     }
-    res = seed_result(model, seed, setting, result, report, run_dir, len(train_loader))
+    res = seed_result(label, seed, setting, result, report, run_dir, len(train_loader))
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(res, target)
     routed = [s for s in res["static"] if s["routed"]]
     g = res["gate"]
     print(
-        f"[kernel_vs_width] {model} seed {seed}: routed "
+        f"[kernel_vs_width] {label} seed {seed}: routed "
         + ", ".join(f"{s['mmacs']:.2f} MMACs {s['top1']:.2f}%" for s in routed)
         + f"; gate {g['top1']:.2f}% at {g['mmacs']:.2f} MMACs; supernet step {res['supernet_step_seconds']} s"
         + f" ({res['steps_per_epoch']} steps/epoch) -> {target}",
@@ -736,6 +883,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--alone", action="store_true", help="also train every routed sub-network alone (doubles the run time)"
     )
+    r.add_argument(
+        "--transform", action="store_true", help=f"{KERNEL} with once-for-all's kernel transformation matrices"
+    )
     r.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     r.add_argument("--results", type=Path, default=None, help=argparse.SUPPRESS)
     lt = sub.add_parser("latency", help="time every routed static sub-network of both models, interleaved")
@@ -752,12 +902,16 @@ def main(argv: list[str] | None = None) -> int:
     mg.add_argument("--results", type=Path, default=RESULTS, help=argparse.SUPPRESS)
     mg.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     mg.add_argument("--plot", type=Path, default=None, help=argparse.SUPPRESS)
+    tf = sub.add_parser("transform", help="the kernel transformation vs the plain crop, from the per-seed results")
+    tf.add_argument("--fast", action="store_true", help="compare the --fast results")
+    tf.add_argument("--results", type=Path, default=RESULTS, help=argparse.SUPPRESS)
+    tf.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.cmd == "run":
         results = args.results or (SMOKE_DIR / "results" if args.smoke else RESULTS)
         out = args.out or (SMOKE_DIR / "runs" if args.smoke else Path("runs/kvw"))
-        run_seed(args.model, args.seed, args.fast, args.threads, out, results, smoke=args.smoke, alone=args.alone)
+        run_seed(args.model, args.seed, args.fast, args.threads, out, results, args.smoke, args.alone, args.transform)
         return 0
 
     from dsnet.utils.io import atomic_write_json, atomic_write_text
@@ -773,12 +927,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     suffix = _suffix(args.fast, args.smoke)
-    files = [
-        f
-        for m in MODELS
-        for f in sorted(args.results.glob(f"{PREFIX}_{m}_seed*.json"))
-        if f.stem.removeprefix(f"{PREFIX}_{m}_seed").lstrip("0123456789") == suffix
-    ]
+    if args.cmd == "transform":
+        return _transform_main(args.results, suffix)
+    files = [f for m in MODELS for f in _seed_files(args.results, m, suffix)]
     if not files:
         raise SystemExit(f"no {PREFIX}_<model>_seed<K>{suffix}.json under {args.results}: run seeds first")
     lat_file = args.results / LATENCY_FILE
@@ -795,6 +946,40 @@ def main(argv: list[str] | None = None) -> int:
     png = plot(merged, args.plot or (PLOT if not suffix else args.results / f"{name}.png"))
     print(text)
     print(f"[kernel_vs_width] {args.results / name}.json, .md" + (f", {png}" if png else " (no matplotlib: no plot)"))
+    return 0
+
+
+def _seed_files(results: Path, label: str, suffix: str) -> list[Path]:
+    """``kernel_vs_width_<label>_seed<K><suffix>.json`` under ``results`` (exactly that label and suffix)."""
+    return [
+        f
+        for f in sorted(results.glob(f"{PREFIX}_{label}_seed*.json"))
+        if f.stem.removeprefix(f"{PREFIX}_{label}_seed").lstrip("0123456789") == suffix
+    ]
+
+
+def _transform_main(results: Path, suffix: str) -> int:
+    from dsnet.utils.io import atomic_write_json, atomic_write_text
+
+    crop, transformed = _seed_files(results, KERNEL, suffix), _seed_files(results, TRANSFORM, suffix)
+    if not crop or not transformed:
+        raise SystemExit(
+            f"transform: need {PREFIX}_{KERNEL}_seed<K>{suffix}.json and {PREFIX}_{TRANSFORM}_seed<K>{suffix}.json "
+            f"under {results} (run --model {KERNEL} [--transform])"
+        )
+    try:
+        cmp = compare_transform(
+            [json.loads(f.read_text()) for f in crop], [json.loads(f.read_text()) for f in transformed]
+        )
+    except ValueError as err:
+        raise SystemExit(f"transform: {err}") from None
+    cmp["files"] = [str(f) for f in crop + transformed]
+    name = f"{TRANSFORM_PREFIX}{suffix}"
+    atomic_write_json(cmp, results / f"{name}.json")
+    text = render_transform(cmp)
+    atomic_write_text(text, results / f"{name}.md")
+    print(text)
+    print(f"[kernel_vs_width] {results / name}.json, .md")
     return 0
 
 

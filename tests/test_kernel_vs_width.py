@@ -217,6 +217,64 @@ def test_merge_rejects_mismatched_settings_and_bad_inputs():
         kvw.merge_runs([])
 
 
+# ------------------------------------------------------------------------------- kernel transform
+def _kernel_run(label, seed, top1s, gate_top1, kwargs):
+    run = _run(KERNEL, seed, top1s, gate=(gate_top1, 2.0))
+    run["model"] = label
+    run["setting"]["recipe"]["model"] = {"name": None, "kwargs": kwargs}
+    for s, k in zip(run["static"], (3, 7, 3, 7, 7)):
+        s["kernels"] = {"stem": 3, "s3": k}
+    return run
+
+
+def _transform_runs():
+    crop = [
+        _kernel_run(KERNEL, 0, [80.0, 81.0, 84.0, 84.5, 88.0], 86.0, {}),
+        _kernel_run(KERNEL, 1, [82.0, 83.0, 86.0, 86.5, 90.0], 88.0, {}),
+        _kernel_run(KERNEL, 2, [1.0, 1.0, 1.0, 1.0, 1.0], 1.0, {}),  # no transform run for seed 2: left out
+    ]
+    on = {"kernel_transform": True}
+    transformed = [
+        _kernel_run(kvw.TRANSFORM, 0, [81.0, 81.0, 85.0, 84.0, 88.0], 87.0, on),
+        _kernel_run(kvw.TRANSFORM, 1, [84.0, 83.0, 86.0, 87.5, 89.0], 88.5, on),
+    ]
+    return crop, transformed
+
+
+def test_transform_comparison_per_subnet_and_by_kernel():
+    cmp = kvw.compare_transform(*_transform_runs())
+    assert cmp["seeds"] == [0, 1] and cmp["dropped_seeds"] == {KERNEL: [2], kvw.TRANSFORM: []}
+    rows = {r["index"]: r for r in cmp["subnets"]}
+    assert rows[0]["difference"]["values"] == [1.0, 2.0] and rows[0]["difference"]["mean"] == 1.5
+    assert rows[3]["difference"]["values"] == [-0.5, 1.0]
+    assert rows[0]["crop_top1"]["mean"] == 81.0 and rows[0]["transform_top1"]["mean"] == 82.5
+    # by the largest kernel: 3x3 sub-networks #0, #2; 7x7 #1, #3, #4 (per seed mean over them, then mean +- std)
+    k3, k7 = cmp["by_largest_kernel"]["3"], cmp["by_largest_kernel"]["7"]
+    assert k3["subnets"] == [0, 2] and k3["difference"]["values"] == [1.0, 1.0]
+    assert k7["subnets"] == [1, 3, 4] and k7["difference"]["values"] == pytest.approx([-0.5 / 3, 0.0])
+    assert cmp["routed"]["subnets"] == [0, 2, 3, 4]
+    assert cmp["routed"]["difference"]["values"] == pytest.approx([(1 + 1 - 0.5 + 0) / 4, (2 + 0 + 1 - 1) / 4])
+    assert cmp["gate_difference"]["values"] == [1.0, 0.5]
+    text = kvw.render_transform(cmp)
+    assert "| 0 |" in text and "+1.50 ± 0.71" in text and "largest kernel 7x7 (3)" in text
+
+
+def test_transform_comparison_rejects_unequal_runs():
+    crop, transformed = _transform_runs()
+    transformed[0]["setting"]["recipe"]["supernet"]["epochs"] = 3  # a difference beyond model.kwargs
+    with pytest.raises(ValueError, match="setting"):
+        kvw.compare_transform(crop, transformed)
+    crop, transformed = _transform_runs()
+    transformed[1]["static"][1]["mmacs"] = 1.9
+    with pytest.raises(ValueError, match="different sub-networks"):
+        kvw.compare_transform(crop, transformed)
+    crop, transformed = _transform_runs()
+    with pytest.raises(ValueError, match="expected"):
+        kvw.compare_transform(transformed, crop)
+    with pytest.raises(ValueError, match="both"):
+        kvw.compare_transform(crop[2:], transformed)
+
+
 # ---------------------------------------------------------------------------------- per-seed result
 def test_seed_result_reads_the_quickstart_report(tmp_path):
     run_dir = tmp_path / "run"

@@ -148,6 +148,11 @@ def _setting_key(run: dict[str, Any]) -> str:
     return json.dumps(run["setting"], sort_keys=True)
 
 
+def _subnet_fields(s: dict[str, Any]) -> dict[str, Any]:
+    """What names a static sub-network in a merged result: index, widths, kernels, MMACs, routed."""
+    return {k: s.get(k) for k in ("index", "widths", "kernels", "mmacs", "routed")}
+
+
 def _check_same(runs: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
     """The static sub-networks every seed of ``model`` agrees on (index, MMACs, routed); raises otherwise."""
     first = runs[0]["static"]
@@ -203,15 +208,8 @@ def merge_runs(runs: list[dict[str, Any]], latency: dict[str, Any] | None = None
         rows = []
         for i, s in enumerate(statics[m]):
             rows.append(
-                {
-                    "index": s["index"],
-                    "widths": s["widths"],
-                    "kernels": s.get("kernels"),
-                    "mmacs": s["mmacs"],
-                    "routed": s["routed"],
-                    "top1": mean_std([r["static"][i]["top1"] for r in per[m]]),
-                    "ms": lat_ms[m].get(s["index"]),
-                }
+                _subnet_fields(s)
+                | {"top1": mean_std([r["static"][i]["top1"] for r in per[m]]), "ms": lat_ms[m].get(s["index"])}
             )
         curves[m] = rows
 
@@ -431,12 +429,8 @@ def compare_transform(crop: list[dict[str, Any]], transformed: list[dict[str, An
         c = [a["static"][i]["top1"] for a, _ in pairs]
         t = [b["static"][i]["top1"] for _, b in pairs]
         rows.append(
-            {
-                "index": s["index"],
-                "widths": s["widths"],
-                "kernels": s.get("kernels"),
-                "mmacs": s["mmacs"],
-                "routed": s["routed"],
+            _subnet_fields(s)
+            | {
                 "crop_top1": mean_std(c),
                 "transform_top1": mean_std(t),
                 "difference": mean_std([b - a for a, b in zip(c, t)]),

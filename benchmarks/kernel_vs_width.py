@@ -424,6 +424,7 @@ def compare_transform(crop: list[dict[str, Any]], transformed: list[dict[str, An
     if len({_without_model_kwargs(r) for pair in pairs for r in pair}) > 1:
         raise ValueError("the runs differ in setting (beyond model.kwargs): not comparing")
     statics = _check_same([r for pair in pairs for r in pair], f"{KERNEL} vs {TRANSFORM}")
+    per_label = ((KERNEL, [a for a, _ in pairs]), (TRANSFORM, [b for _, b in pairs]))
     rows = []
     for i, s in enumerate(statics):
         c = [a["static"][i]["top1"] for a, _ in pairs]
@@ -448,7 +449,7 @@ def compare_transform(crop: list[dict[str, Any]], transformed: list[dict[str, An
     gates = {
         label: {key: mean_std([r["gate"][key] for r in runs]) for key in ("top1", "mmacs")}
         | {"mix": [statistics.fmean(col) for col in zip(*(r["gate"]["mix"] for r in runs))]}
-        for label, runs in ((KERNEL, [a for a, _ in pairs]), (TRANSFORM, [b for _, b in pairs]))
+        for label, runs in per_label
     }
     return {
         "schema": f"{TRANSFORM_PREFIX}-v1",
@@ -463,7 +464,7 @@ def compare_transform(crop: list[dict[str, Any]], transformed: list[dict[str, An
         "gate_difference": mean_std([b["gate"]["top1"] - a["gate"]["top1"] for a, b in pairs]),
         "train_seconds": {
             m: mean_std([r["train_seconds"]["supernet"] for r in runs])
-            for m, runs in ((KERNEL, [a for a, _ in pairs]), (TRANSFORM, [b for _, b in pairs]))
+            for m, runs in per_label
             if all(r["train_seconds"].get("supernet") is not None for r in runs)
         },
     }

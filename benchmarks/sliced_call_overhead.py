@@ -10,7 +10,9 @@ folded conv+BN (``SlicedConv2d.forward_bn`` in eval mode, cached), a sliced conv
 bare ``F.conv2d`` on the cached weight: 15 interleaved rounds of 2,000 calls each, min and median microseconds.
 
 ``ratio`` builds the model (random weights, channels-last, 2 threads) and times ``model(x, subnet=k)`` against
-``model.extract(k)`` for the slimmest and the widest routed sub-network, interleaved, and prints one line.
+``model.extract(k)`` for the slimmest and the widest routed sub-network, interleaved (which runs first alternates
+per round), and prints one line: per sub-network the ratio of medians, then the median and quartiles of the
+per-round (paired) ratios.
 
 To compare two versions of dsnet side by side, run ``ratio`` alternately with each on ``PYTHONPATH`` (e.g. ``git
 archive REV dsnet | tar -x -C /tmp/old``; then ``PYTHONPATH=/tmp/old python benchmarks/sliced_call_overhead.py
@@ -71,13 +73,20 @@ def ratio(model_name: str, batch: int, rounds: int) -> None:
                 fn()
                 fn()
             times: dict[str, list[float]] = {name: [] for name in fns}
-            for _ in range(rounds):
-                for name, fn in fns.items():
+            names = list(fns)
+            for r in range(rounds):
+                for name in names if r % 2 == 0 else names[::-1]:  # alternate which one runs first
                     start = time.perf_counter()
-                    fn()
+                    fns[name]()
                     times[name].append(time.perf_counter() - start)
             static_ms = statistics.median(times["static"]) * 1e3
-            out.append(f"k{k} {statistics.median(times['sliced']) * 1e3 / static_ms:.3f} ({static_ms:.1f} ms)")
+            # per-round (paired) ratios: a machine that changes speed between rounds moves both timings alike
+            paired = [a / b for a, b in zip(times["sliced"], times["static"])]
+            q1, mid, q3 = statistics.quantiles(paired, n=4, method="inclusive")
+            out.append(
+                f"k{k} {statistics.median(times['sliced']) * 1e3 / static_ms:.3f} "
+                f"paired {mid:.3f} [{q1:.3f}, {q3:.3f}] ({static_ms:.1f} ms)"
+            )
     print(dsnet.__file__.rsplit("/dsnet/", 1)[0], model_name, f"b{batch}", " ".join(out), flush=True)
 
 

@@ -63,3 +63,13 @@ def small_input(model, batch: int = 4, size: int | None = None, seed: int = 0) -
     scale = torch.rand(batch, 1, 1, 1, generator=g) * 2.5 + 0.25
     shift = torch.randn(batch, 1, 1, 1, generator=g)
     return torch.randn(batch, model.in_chans, size, size, generator=g) * scale + shift
+
+
+def sliced(model, x: torch.Tensor, subnet: int) -> torch.Tensor:
+    """Sub-network ``subnet`` through the sliced layers themselves.
+
+    At plain inference ``model(x, subnet=k)`` runs the model's cached ``extract(k)`` (its static plan), so an
+    equivalence test against ``extract`` that called it would compare the extracted network with itself.
+    """
+    h, _ = model.forward_pre(x, subnet)
+    return model.forward_post(h, subnet)

@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 import dsnet
 from dsnet.layers import SlicedBatchNorm2d, SlicedConv2d
 from dsnet.layers.sliced import conv_bn
-from tests.conftest import perturb, small_input
+from tests.conftest import perturb, sliced, small_input
 
 SMALL = [
     n
@@ -55,7 +55,7 @@ def test_folded_equals_unfolded_every_subnet_and_routing(name):
     x = small_input(model, batch=6, seed=1)
     for k in range(len(model.subnets)):
         with torch.no_grad(), _CountCalls(F.batch_norm) as calls:
-            folded = model(x, subnet=k)
+            folded = sliced(model, x, k)
         if name in WITH_BN:
             assert calls.count == 0  # every conv+BN pair ran as one convolution
         _close(folded, _unfolded(model, x, subnet=k))
@@ -78,9 +78,9 @@ def test_extract_folds_bn_and_fold_bn_false_keeps_it(name):
         assert convs and all(c.bias is not None for c in convs)
         assert sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules()) == n_bn
         with torch.no_grad():
-            sliced = model(x, subnet=k)
-            _close(folded(x), sliced)
-            _close(plain(x), sliced)
+            ref = sliced(model, x, k)
+            _close(folded(x), ref)
+            _close(plain(x), ref)
     # the unfolded structure trains: batch statistics, running statistics move
     plain = model.extract(0, fold_bn=False).train()
     bn = next(m for m in plain.modules() if isinstance(m, nn.BatchNorm2d))
@@ -125,7 +125,7 @@ def test_folded_cache_follows_optimiser_step_and_load_state_dict():
     x = small_input(model, batch=2, size=28)
     k = model.routing_space[1]
     with torch.no_grad():
-        before = model(x, subnet=k)  # fill the cache
+        before = sliced(model, x, k)  # fill the cache
     params = [p for p in model.parameters()]
     for p in params:
         p.grad = torch.randn_like(p)
@@ -133,13 +133,13 @@ def test_folded_cache_follows_optimiser_step_and_load_state_dict():
     fresh = dsnet.create_model("ds_resnet8_tiny").eval()
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
-        after = model(x, subnet=k)
-        _close(after, fresh(x, subnet=k))
+        after = sliced(model, x, k)
+        _close(after, sliced(fresh, x, k))
     assert not torch.allclose(after, before)
     other = perturb(dsnet.create_model("ds_resnet8_tiny"), seed=5)
     model.load_state_dict(other.state_dict())
     with torch.no_grad():
-        _close(model(x, subnet=k), other(x, subnet=k))
+        _close(sliced(model, x, k), sliced(other, x, k))
 
 
 def test_inference_mode_construction_loading_and_to():
@@ -148,36 +148,36 @@ def test_inference_mode_construction_loading_and_to():
     x = small_input(ref, batch=3)
     k = ref.routing_space[1]
     with torch.no_grad():
-        want, want_other, want_routed = ref(x, subnet=k), other(x, subnet=k), ref(x)
+        want, want_other, want_routed = sliced(ref, x, k), sliced(other, x, k), ref(x)
     with torch.inference_mode():
         model = dsnet.create_model("ds_mobilenet_v1_cifar").eval()
         model.load_state_dict(ref.state_dict())
-        _close(model(x, subnet=k), want)
+        _close(sliced(model, x, k), want)
         _close(model(x), want_routed)
         model.load_state_dict(other.state_dict())  # copies into inference tensors: no version counter moves
-        _close(model(x, subnet=k), want_other)
+        _close(sliced(model, x, k), want_other)
         model.to(torch.float64)
-        _close(model(x.double(), subnet=k), want_other.double())
+        _close(sliced(model, x.double(), k), want_other.double())
         model.to(torch.float32)
-        _close(model(x, subnet=k), want_other)
+        _close(sliced(model, x, k), want_other)
     with torch.no_grad():  # outside inference_mode too
-        _close(model(x, subnet=k), want_other)
+        _close(sliced(model, x, k), want_other)
     # a normal model moved and run inside inference_mode
     with torch.inference_mode():
         ref.to(torch.float64)
-        _close(ref(x.double(), subnet=k), want.double())
+        _close(sliced(ref, x.double(), k), want.double())
 
 
 def test_autocast_casts_once_per_dtype_and_width():
     model = perturb(dsnet.create_model("ds_resnet8_tiny")).eval()
     x = small_input(model, batch=2, size=28)
     with torch.no_grad():
-        full = [model(x, subnet=k) for k in range(len(model.subnets))]
+        full = [sliced(model, x, k) for k in range(len(model.subnets))]
     fp32_bytes = model.inference_cache_bytes()
 
     def run() -> list[torch.Tensor]:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            return [model(x, subnet=k) for k in range(len(model.subnets))]
+            return [sliced(model, x, k) for k in range(len(model.subnets))]
 
     first = run()
     grown = model.inference_cache_bytes()
@@ -196,7 +196,7 @@ def test_inference_cache_bytes_and_bound():
     model = perturb(dsnet.create_model("ds_resnet8_tiny")).eval()
     x = small_input(model, batch=2, size=28)
     with torch.no_grad():
-        want = [model(x, subnet=k) for k in range(len(model.subnets))]
+        want = [sliced(model, x, k) for k in range(len(model.subnets))]
     unbounded = model.inference_cache_bytes()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     assert 0 < unbounded < 5 * params
@@ -205,20 +205,20 @@ def test_inference_cache_bytes_and_bound():
     for _ in range(2):
         with torch.no_grad():
             for k in range(len(model.subnets)):
-                _close(model(x, subnet=k), want[k])
+                _close(sliced(model, x, k), want[k])
                 assert model.inference_cache_bytes() <= limit
     clone = copy.deepcopy(model)  # the copy keeps its own bound (and consistent accounting)
     with torch.no_grad():
         for k in range(len(clone.subnets)):
-            _close(clone(x, subnet=k), want[k])
+            _close(sliced(clone, x, k), want[k])
             assert clone.inference_cache_bytes() <= limit
     model.set_inference_cache(enabled=False)
     with torch.no_grad():
-        _close(model(x, subnet=1), want[1])
+        _close(sliced(model, x, 1), want[1])
     assert model.inference_cache_bytes() == 0
     model.set_inference_cache()
     with torch.no_grad():
-        model(x, subnet=1)
+        sliced(model, x, 1)
     assert model.inference_cache_bytes() > 0
     with pytest.raises(ValueError, match="max_bytes"):
         model.set_inference_cache(max_bytes=-1)
@@ -234,7 +234,7 @@ def test_converted_network_folds_conv_bn_pairs():
     x = _images(4, seed=7)
     for k in range(len(dyn.subnets)):
         with torch.no_grad(), _CountCalls(F.batch_norm) as calls:
-            folded = dyn(x, subnet=k)
+            folded = sliced(dyn, x, k)
         assert calls.count == 0
         _close(folded, _unfolded(dyn, x, subnet=k))
         static = dyn.extract(k)
@@ -267,8 +267,8 @@ def test_channels_last_model_keeps_its_cached_weights_channels_last(name):
     x = small_input(model, batch=3, seed=2).contiguous(memory_format=torch.channels_last)
     for k in (0, len(model.subnets) // 2):
         with torch.no_grad(), _WeightFormats() as seen:
-            out = model(x, subnet=k)
-            again = model(x, subnet=k)  # from the cache
+            out = sliced(model, x, k)
+            again = sliced(model, x, k)  # from the cache
         assert seen.formats and all(seen.formats), f"subnet {k}: a convolution got a weight that is not channels-last"
         torch.testing.assert_close(again, out, rtol=0, atol=0)
         _close(out, _unfolded(model, x, subnet=k))
@@ -326,7 +326,7 @@ def test_export_after_cached_eager_inference():
     model = perturb(dsnet.create_model("ds_resnet8_tiny")).eval()
     x = small_input(model, batch=2, size=28)
     with torch.no_grad():
-        eager = model(x, subnet=1)
-        model(x, subnet=1)  # the hot path is filled
+        eager = sliced(model, x, 1)
+        sliced(model, x, 1)  # the hot path is filled
         traced = torch.export.export(_AtSubnet(model, 1), (x,)).module()(x)
     _close(traced, eager)

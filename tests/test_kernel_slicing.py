@@ -17,7 +17,7 @@ from dsnet.models.base import explicit_subnets
 from dsnet.train.api import fit_gate, fit_supernet
 from dsnet.train.bn_calibration import calibrate_bn
 from dsnet.train.supernet import sample_subnets
-from tests.conftest import perturb, small_input
+from tests.conftest import perturb, sliced, small_input
 
 TINY = "ds_mbv2_tiny"
 
@@ -190,7 +190,7 @@ def test_mixed_subnets_equal_their_extracted_networks(transform):
                 static = model.extract(k, fold_bn=fold).eval()
                 assert not any(isinstance(m, SliceableModule) for m in static.modules())
                 assert _only_static_modules(static)
-                torch.testing.assert_close(model(x, subnet=k), static(x), rtol=0, atol=1e-5)
+                torch.testing.assert_close(sliced(model, x, k), static(x), rtol=0, atol=1e-5)
             depthwise = [m for m in static.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
             routed_k = {m.kernel_size[0] for m in depthwise[-4:]}  # the routed stages' four blocks
             assert routed_k == {net.kernels[model.gate_stage]}

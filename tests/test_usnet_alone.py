@@ -11,7 +11,7 @@ from dsnet.baselines import alone_config, alone_widths, usnet_config, usnet_widt
 from dsnet.train.bn_calibration import calibrate_bn
 from dsnet.train.config import resolve_config
 from dsnet.train.supernet import sample_subnets
-from tests.conftest import small_input
+from tests.conftest import sliced, small_input
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,7 @@ def test_explicit_subnets_are_all_routed_and_extract_like_any_model():
     assert model.largest == 2 and model.routing_space == [0, 1, 2]
     x = small_input(model, batch=2)
     with torch.no_grad():
-        torch.testing.assert_close(model(x, subnet=1), model.extract(1)(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(sliced(model, x, 1), model.extract(1)(x), rtol=0, atol=1e-5)
 
 
 def test_vit_explicit_widths_must_be_whole_heads():

@@ -30,6 +30,7 @@ __all__ = [
     "SlicedBatchNorm2d",
     "SlicedLayerNorm",
     "autocast_dtype",
+    "version_stamp",
     "clear_caches",
     "conv_bn",
     "fold_batchnorm",
@@ -125,7 +126,7 @@ def _version(t: Tensor) -> int:
     return 0 if t.is_inference() else t._version
 
 
-def _stamp(*tensors: Tensor | None) -> tuple:
+def version_stamp(*tensors: Tensor | None) -> tuple:
     """What makes cached views/copies of these tensors stale: an in-place update or new storage.
 
     Read on every inference call of every sliced layer, so the common case (no inference tensors) is one list
@@ -135,6 +136,9 @@ def _stamp(*tensors: Tensor | None) -> tuple:
         return tuple([(t._version, t.data_ptr()) for t in tensors if t is not None])
     except RuntimeError:
         return tuple((_version(t), t.data_ptr()) for t in tensors if t is not None)
+
+
+_stamp = version_stamp
 
 
 def _contiguous_like(t: Tensor, source: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ from dsnet.layers.gate import (
     routing_scores,
     straight_through_gumbel,
 )
-from dsnet.layers.sliced import CacheBudget, SlicedBatchNorm2d, TensorCache, clear_caches
+from dsnet.layers.sliced import CacheBudget, SlicedBatchNorm2d, TensorCache, clear_caches, version_stamp
 from dsnet.models.static import fold_batchnorms
 
 DEFAULT_GATE_MODE = "exit"  # what gate_mode=None builds when there are two or more routing choices
@@ -286,6 +286,28 @@ class _ForcedRouting:
         return bias
 
 
+class _Plans(dict):
+    """Sub-network -> (stamp, extracted network, watch lists) of :meth:`DynamicNet._static_plan`.
+
+    A dict subclass, so tree utilities (``torch.export``'s attribute snapshot) take it as one leaf instead of
+    walking into the module dictionaries it watches (which hold it: a cycle).
+    """
+
+
+def _plan_stamp(tensors: list[Tensor]) -> tuple:
+    """What makes a cached plan (:meth:`DynamicNet._static_plan`) stale, read on every call: the version counter of
+    every tensor (in-place updates: optimiser steps, BatchNorm statistics) and where the first one is stored (a
+    ``.to()`` moves every tensor and bumps no version counter; it also replaces the buffers, so one parameter
+    stands for all). Reading each tensor's storage as :func:`~dsnet.layers.sliced.version_stamp` does costs twice
+    as much on a call that runs a small network."""
+    if not tensors:
+        return ()
+    try:
+        return tuple([t._version for t in tensors]), tensors[0].data_ptr(), tensors[0].dtype
+    except RuntimeError:  # inference tensors (made inside inference_mode) have no version counter
+        return version_stamp(*tensors), tensors[0].dtype
+
+
 class DynamicNet(nn.Module):
     """Base class of dsnet's dynamic supernets. Subclasses set up the layers.
 
@@ -372,6 +394,9 @@ class DynamicNet(nn.Module):
         self._space_cache: dict[tuple, Tensor] = {}  # routing_space, list gate biases: tensors per device (route)
         self._forced: _ForcedRouting | None = None  # set inside forced_routing()
         self.exit_head: ExitHead | None = None  # set by set_gate_mode in "exit" mode
+        # sub-network -> (stamp, extracted network, modules): see _static_plan; off under a bounded cache
+        self._plans = _Plans()
+        self._plans_on = True
 
     # ----------------------------------------------------------- subclass API
     def forward_pre(self, x: Tensor, subnet: int) -> tuple[Tensor, Tensor]:
@@ -540,6 +565,7 @@ class DynamicNet(nn.Module):
         """
         for module in self.modules():
             clear_caches(module)
+        self.__dict__.get("_plans", _Plans()).clear()
 
     def set_inference_cache(self, enabled: bool = True, max_bytes: int | None = None) -> None:
         """Turn the inference cache off (``enabled=False``) or bound its memory (``max_bytes``; None: unbounded).
@@ -552,10 +578,12 @@ class DynamicNet(nn.Module):
         (2.7x, 2.8x, 7.7x: ds_mobilenet_v1 has 15); each autocast dtype adds its own copies. With ``max_bytes``
         the least recently used entries are dropped first (a bound below what the routed sub-networks need
         trades memory for re-slicing and re-folding on calls that miss); off, every call slices (and folding is
-        skipped). Clears the cache.
+        skipped). ``model(x, subnet=k)`` at plain inference runs a cached extracted network instead (see
+        :meth:`_static_plan`): on only when the cache is on and unbounded. Clears the cache.
         """
         budget = CacheBudget(enabled, max_bytes)
         self.clear_inference_cache()
+        self._plans_on = enabled and max_bytes is None
         for cache in self._tensor_caches():
             cache.budget = budget
 
@@ -565,7 +593,17 @@ class DynamicNet(nn.Module):
         held: dict[int, int] = {}
         for cache in self._tensor_caches():
             held.update(cache.nbytes(exclude=own))
+        for plan in self.__dict__.get("_plans", _Plans()).values():
+            for t in [*plan[1].parameters(), *plan[1].buffers()]:
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in own:
+                    held[ptr] = t.untyped_storage().nbytes()
         return sum(held.values())
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_plans"] = _Plans()  # cached extracted networks (_static_plan): rebuilt on use, never saved or copied
+        return state
 
     def train(self, mode: bool = True) -> DynamicNet:
         self.clear_inference_cache()  # weights may have changed in ways version counters miss (see above)
@@ -603,10 +641,56 @@ class DynamicNet(nn.Module):
             if return_routing or gate_bias is not None:
                 raise ValueError("return_routing and gate_bias apply to dynamic inference (subnet=None) only")
             k = self.check_subnet(subnet)
+            plan = self._static_plan(x, k)
+            if plan is not None:
+                return plan(x)
             h, _ = self.forward_pre(x, k)
             return self.forward_post(h, k)
         result = self.route(x, gate_bias=gate_bias)
         return result if return_routing else result.logits
+
+    def _static_plan(self, x: Tensor, k: int) -> nn.Module | None:
+        """The extracted network of sub-network ``k``, cached, that ``model(x, subnet=k)`` runs at plain inference.
+
+        Plain inference: eval mode, no gradient recorded, not traced or compiled, no autocast, a plain tensor
+        input, the inference cache on and unbounded (:meth:`set_inference_cache`), and no forward hook or replaced
+        ``forward`` on any module of the model (a hooked module must see its own call). Then one cached
+        :meth:`extract` (BatchNorm folded, channels-last when the model's weights are) runs instead of the sliced
+        layers: the same function, without their per-layer Python (batch 1 pays it per layer; ``docs/benchmarks.md``
+        "Static plans"). Its stamp covers every parameter and buffer of the model (version counter and storage),
+        so optimiser steps, ``load_state_dict`` and ``.to()`` rebuild it as they refresh the layer caches; it holds
+        one compact copy of the sub-network's weights (:meth:`inference_cache_bytes` counts it).
+        """
+        if (
+            self.training
+            or torch.is_grad_enabled()
+            or type(x) is not Tensor
+            or torch.compiler.is_compiling()
+            or not self.__dict__.get("_plans_on", True)
+            or torch.is_autocast_enabled(x.device.type)
+        ):
+            return None
+        plans = self.__dict__.setdefault("_plans", _Plans())
+        hit = plans.get(k)
+        if hit is not None:
+            # hot path: the watch lists were gathered when the plan was built (a parameter *object* replaced
+            # since then, rather than updated or moved, is not seen: clear_inference_cache())
+            _, static, hooks, dicts, tensors = hit
+            if not any(hooks) and not any("forward" in d for d in dicts) and hit[0] == _plan_stamp(tensors):
+                return static
+        modules = list(self.modules())
+        hooks = [h for m in modules for h in (m._forward_hooks, m._forward_pre_hooks)]
+        dicts = [m.__dict__ for m in modules]
+        if any(hooks) or any("forward" in d for d in dicts):
+            return None
+        tensors = [t for m in modules for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
+        tensors.sort(key=lambda t: not t.is_floating_point())  # the anchors _plan_stamp moves with: floats first
+        static = self.extract(k).eval()
+        if any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in self.parameters()):  # fmt: skip
+            static = static.to(memory_format=torch.channels_last)
+        plans[k] = (_plan_stamp(tensors), static, hooks, dicts, tensors)
+        return static
 
     def route(self, x: Tensor, gate_bias: Tensor | Sequence[float] | None = None, tau: float = 1.0) -> RoutingResult:
         """Per-sample routing inside a batch (SPEC section 4).

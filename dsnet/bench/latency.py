@@ -67,6 +67,7 @@ def measure_latency_table(
     runtimes: Sequence[str] = ("eager",),
     repeats: int | None = None,
     warmup: int = 2,
+    settle: bool = True,
     threads: int | None = None,
     device: str = "cpu",
     input_size: Sequence[int] | None = None,
@@ -79,7 +80,12 @@ def measure_latency_table(
 
     ``repeats=None``: 30 interleaved rounds at batch 1, 7 at larger batches (as ``dsnet bench``). ``threads``:
     torch and ONNX Runtime intra-op threads while measuring (None: torch's current count), recorded in the
-    table. Inputs are channels-last on CPU unless ``channels_last=False``.
+    table. Inputs are channels-last on CPU unless ``channels_last=False``. ``settle=True`` (default): each batch
+    size's timings first run untimed for as many rounds as they are then timed. A fresh process measured 10-35 %
+    slower in its first pass than in its second and third (glibc's malloc adapts its mmap and trim thresholds to
+    the allocations it sees, so early large activations are fresh pages; ``docs/benchmarks.md``, "Latency
+    budgets"): a table measured in that pass overstated every choice's latency, and a budget calibrated to it
+    came in 10-30 % under its target.
     """
     log = log or (lambda _msg: None)
     bad = [r for r in runtimes if r not in RUNTIMES]
@@ -121,6 +127,8 @@ def measure_latency_table(
             rounds = plan.repeats_for(batch)
             log(f"batch {batch}: {len(fns)} routing choice x runtime timings x {rounds} interleaved rounds")
             with torch.inference_mode():
+                if settle:
+                    interleaved(fns, rounds, 0, dev)
                 samples = interleaved(fns, rounds, warmup, dev)
             samples = {k: [v / cycle for v in vs] for k, vs in samples.items()}
             for runtime in runtimes:

@@ -294,6 +294,11 @@ class _Plans(dict):
     """
 
 
+def _stored_channels_last(t: Tensor) -> bool:
+    """A 4-D tensor stored channels-last (and not also plainly contiguous, as a 1x1 kernel is)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 def _plan_stamp(tensors: list[Tensor]) -> tuple:
     """What makes a cached plan (:meth:`DynamicNet._static_plan`) stale, read on every call: the version counter of
     every tensor (in-place updates: optimiser steps, BatchNorm statistics) and where the first one is stored (a
@@ -594,7 +599,7 @@ class DynamicNet(nn.Module):
         for cache in self._tensor_caches():
             held.update(cache.nbytes(exclude=own))
         for plan in self.__dict__.get("_plans", _Plans()).values():
-            for t in [*plan[1].parameters(), *plan[1].buffers()]:
+            for t in [] if plan[1] is None else [*plan[1].parameters(), *plan[1].buffers()]:
                 ptr = t.untyped_storage().data_ptr()
                 if ptr not in own:
                     held[ptr] = t.untyped_storage().nbytes()
@@ -652,7 +657,9 @@ class DynamicNet(nn.Module):
     def _static_plan(self, x: Tensor, k: int) -> nn.Module | None:
         """The extracted network of sub-network ``k``, cached, that ``model(x, subnet=k)`` runs at plain inference.
 
-        Plain inference: eval mode, no gradient recorded, not traced or compiled, no autocast, a plain tensor
+        Built on the second call that finds the model's weights unchanged (the first runs the sliced layers), so
+        weights updated between calls (an EMA teacher's) never pay for an extraction. Plain inference: eval mode,
+        no gradient recorded, not traced or compiled, no autocast, a plain tensor
         input, the inference cache on and unbounded (:meth:`set_inference_cache`), and no forward hook or replaced
         ``forward`` on any module of the model (a hooked module must see its own call). Then one cached
         :meth:`extract` (BatchNorm folded, channels-last when the model's weights are) runs instead of the sliced
@@ -673,11 +680,27 @@ class DynamicNet(nn.Module):
         plans = self.__dict__.setdefault("_plans", _Plans())
         hit = plans.get(k)
         if hit is not None:
-            # hot path: the watch lists were gathered when the plan was built (a parameter *object* replaced
+            # hot path: the watch lists were gathered when the entry was made (a parameter *object* replaced
             # since then, rather than updated or moved, is not seen: clear_inference_cache())
-            _, static, hooks, dicts, tensors = hit
-            if not any(hooks) and not any("forward" in d for d in dicts) and hit[0] == _plan_stamp(tensors):
+            stamp, static, hooks, dicts, tensors = hit
+            if not any(hooks) and not any("forward" in d for d in dicts) and stamp == _plan_stamp(tensors):
+                if static is None:  # the second call with these weights: worth building
+                    static = self.extract(k).eval()
+                    if any(_stored_channels_last(t) for t in tensors):
+                        static = static.to(memory_format=torch.channels_last)
+                    plans[k] = (stamp, static, hooks, dicts, tensors)
                 return static
+        modules = list(self.modules())
+        hooks = [h for m in modules for h in (m._forward_hooks, m._forward_pre_hooks)]
+        dicts = [m.__dict__ for m in modules]
+        if any(hooks) or any("forward" in d for d in dicts):
+            return None
+        tensors = [t for m in modules for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
+        tensors.sort(key=lambda t: not t.is_floating_point())  # the anchors _plan_stamp moves with: floats first
+        # first sight of these weights: remember them and run the sliced layers; a plan is built on the next call
+        # that finds them unchanged (weights that change on every call, as an EMA teacher's, never pay for one)
+        plans[k] = (_plan_stamp(tensors), None, hooks, dicts, tensors)
+        return None
         modules = list(self.modules())
         hooks = [h for m in modules for h in (m._forward_hooks, m._forward_pre_hooks)]
         dicts = [m.__dict__ for m in modules]

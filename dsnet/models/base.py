@@ -701,19 +701,6 @@ class DynamicNet(nn.Module):
         # that finds them unchanged (weights that change on every call, as an EMA teacher's, never pay for one)
         plans[k] = (_plan_stamp(tensors), None, hooks, dicts, tensors)
         return None
-        modules = list(self.modules())
-        hooks = [h for m in modules for h in (m._forward_hooks, m._forward_pre_hooks)]
-        dicts = [m.__dict__ for m in modules]
-        if any(hooks) or any("forward" in d for d in dicts):
-            return None
-        tensors = [t for m in modules for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
-        tensors.sort(key=lambda t: not t.is_floating_point())  # the anchors _plan_stamp moves with: floats first
-        static = self.extract(k).eval()
-        if any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-               for p in self.parameters()):  # fmt: skip
-            static = static.to(memory_format=torch.channels_last)
-        plans[k] = (_plan_stamp(tensors), static, hooks, dicts, tensors)
-        return static
 
     def route(self, x: Tensor, gate_bias: Tensor | Sequence[float] | None = None, tau: float = 1.0) -> RoutingResult:
         """Per-sample routing inside a batch (SPEC section 4).

@@ -664,9 +664,10 @@ class DynamicNet(nn.Module):
         ``forward`` on any module of the model (a hooked module must see its own call). Then one cached
         :meth:`extract` (BatchNorm folded, channels-last when the model's weights are) runs instead of the sliced
         layers: the same function, without their per-layer Python (batch 1 pays it per layer; ``docs/benchmarks.md``
-        "Static plans"). Its stamp covers every parameter and buffer of the model (version counter and storage),
-        so optimiser steps, ``load_state_dict`` and ``.to()`` rebuild it as they refresh the layer caches; it holds
-        one compact copy of the sub-network's weights (:meth:`inference_cache_bytes` counts it).
+        "Static plans"). Its stamp (:func:`_plan_stamp`) covers the version counter of every parameter and
+        buffer of the model and the storage of the first, so optimiser steps, in-place writes, ``load_state_dict``
+        and ``.to()`` rebuild it as they refresh the layer caches; it holds one compact copy of the sub-network's
+        weights (:meth:`inference_cache_bytes` counts it).
         """
         if (
             self.training

@@ -37,7 +37,7 @@ def test_model_level_caches_follow_optimiser_step_and_load_state_dict():
     k = model.routing_space[1]
     with torch.inference_mode():
         before = model(x, subnet=k)
-    assert model.inference_cache_bytes() > 0  # the fast path cached (the sub-network's static plan)
+    assert model.inference_cache_bytes() > 0  # the fast path cached (a first call: the layers' own caches)
     # an optimiser step changes the weights in place: the next inference must see them
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     model.train()

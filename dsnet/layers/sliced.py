@@ -31,6 +31,7 @@ __all__ = [
     "SlicedLayerNorm",
     "autocast_dtype",
     "version_stamp",
+    "stored_channels_last",
     "clear_caches",
     "conv_bn",
     "fold_batchnorm",
@@ -147,12 +148,12 @@ def _contiguous_like(t: Tensor, source: Tensor) -> Tensor:
     A convolution whose input is channels-last and whose weight is not reorders the weight on every call, so a
     cached copy of a channels-last weight (``model.to(memory_format=torch.channels_last)``) stays channels-last.
     """
-    if t.dim() == 4 and (_channels_last(t) or _channels_last(source)):
+    if t.dim() == 4 and (stored_channels_last(t) or stored_channels_last(source)):
         return t.contiguous(memory_format=torch.channels_last)
     return t.contiguous()
 
 
-def _channels_last(t: Tensor) -> bool:
+def stored_channels_last(t: Tensor) -> bool:
     """Stored channels-last and not also plainly contiguous (a 1x1 kernel or a single channel is both)."""
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
@@ -270,7 +271,7 @@ def _slice_rows_cols(
     if full_rows and full_cols:
         return param
     view = param[:rows] if full_cols else param[:rows, :cols]
-    if view.is_contiguous() or _channels_last(view) or torch.is_grad_enabled():
+    if view.is_contiguous() or stored_channels_last(view) or torch.is_grad_enabled():
         return view  # a row prefix of a channels-last weight is itself dense channels-last
     return cache.get(param, (rows, cols), lambda: param[:rows, :cols])
 

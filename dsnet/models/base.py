@@ -33,7 +33,14 @@ from dsnet.layers.gate import (
     routing_scores,
     straight_through_gumbel,
 )
-from dsnet.layers.sliced import CacheBudget, SlicedBatchNorm2d, TensorCache, clear_caches, version_stamp
+from dsnet.layers.sliced import (
+    CacheBudget,
+    SlicedBatchNorm2d,
+    TensorCache,
+    clear_caches,
+    stored_channels_last,
+    version_stamp,
+)
 from dsnet.models.static import fold_batchnorms
 
 DEFAULT_GATE_MODE = "exit"  # what gate_mode=None builds when there are two or more routing choices
@@ -292,11 +299,6 @@ class _Plans(dict):
     A dict subclass, so tree utilities (``torch.export``'s attribute snapshot) take it as one leaf instead of
     walking into the module dictionaries it watches (which hold it: a cycle).
     """
-
-
-def _stored_channels_last(t: Tensor) -> bool:
-    """A 4-D tensor stored channels-last (and not also plainly contiguous, as a 1x1 kernel is)."""
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def _plan_stamp(tensors: list[Tensor]) -> tuple:
@@ -687,7 +689,7 @@ class DynamicNet(nn.Module):
             if not any(hooks) and not any("forward" in d for d in dicts) and stamp == _plan_stamp(tensors):
                 if static is None:  # the second call with these weights: worth building
                     static = self.extract(k).eval()
-                    if any(_stored_channels_last(t) for t in tensors):
+                    if any(stored_channels_last(t) for t in tensors):
                         static = static.to(memory_format=torch.channels_last)
                     plans[k] = (stamp, static, hooks, dicts, tensors)
                 return static

@@ -40,6 +40,7 @@ from dsnet.data import build_loader
 from dsnet.data.recipe import with_recorded_recipe
 from dsnet.train.checkpoint import load_model
 from dsnet.train.gate import calibrate_budget
+from dsnet.utils.allocator import ALLOCATOR_SETTINGS, steady_allocator
 from dsnet.utils.io import atomic_write_json
 from dsnet.utils.table import format_table
 
@@ -88,9 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the current count)")
     p.add_argument("--table", default=None, help="write the latency table here (default: next to --json)")
     p.add_argument("--json", default=None, help="write the results as JSON")
+    p.add_argument("--allocator", choices=ALLOCATOR_SETTINGS, default="steady", help="as dsnet's --allocator")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.allocator == "steady":
+        steady_allocator()
     t0 = time.time()
     model, ckpt = load_model(args.checkpoint)
     model.eval()
@@ -178,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                "top-1 %", "MMACs"]  # fmt: skip
     m = table.data["machine"]
     print()
-    print(format_table(headers, rows, title=f"latency budget on {m['device_name']} ({m['threads']} threads), "
+    print(format_table(headers, rows, title=f"latency budget on {m['device_name']} ({m['threads']} threads, "
+                       f"{m['allocator']} allocator), "
                        f"{len(test_x)} {info.name} test images (batch 1: {min(len(test_x), 256)})"))  # fmt: skip
     print("predicted: sum of share x ms from the table for the gate's mix on the timed images; drift: the "
           "choices' ms during the check over the table's (1 = the machine kept its speed)")  # fmt: skip

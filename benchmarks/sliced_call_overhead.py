@@ -12,7 +12,8 @@ bare ``F.conv2d`` on the cached weight: 15 interleaved rounds of 2,000 calls eac
 ``ratio`` builds the model (random weights, channels-last, 2 threads) and times ``model(x, subnet=k)`` against
 ``model.extract(k)`` for the slimmest and the widest routed sub-network, interleaved (which runs first alternates
 per round), and prints one line: per sub-network the ratio of medians, then the median and quartiles of the
-per-round (paired) ratios.
+per-round (paired) ratios, and the static network's median ms. ``--allocator system`` leaves glibc's malloc
+adaptive (``dsnet.utils.allocator``; the default, ``steady``, fixes its thresholds as every dsnet command does).
 
 To compare two versions of dsnet side by side, run ``ratio`` alternately with each on ``PYTHONPATH`` (e.g. ``git
 archive REV dsnet | tar -x -C /tmp/old``; then ``PYTHONPATH=/tmp/old python benchmarks/sliced_call_overhead.py
@@ -32,6 +33,7 @@ from torch import nn
 
 import dsnet
 from dsnet.layers import SlicedBatchNorm2d, SlicedConv2d
+from dsnet.utils.allocator import ALLOCATOR_SETTINGS, allocator_setting, steady_allocator
 
 
 def calls(rounds: int = 15, number: int = 2000) -> None:
@@ -87,7 +89,8 @@ def ratio(model_name: str, batch: int, rounds: int) -> None:
                 f"k{k} {statistics.median(times['sliced']) * 1e3 / static_ms:.3f} "
                 f"paired {mid:.3f} [{q1:.3f}, {q3:.3f}] ({static_ms:.1f} ms)"
             )
-    print(dsnet.__file__.rsplit("/dsnet/", 1)[0], model_name, f"b{batch}", " ".join(out), flush=True)
+    where = dsnet.__file__.rsplit("/dsnet/", 1)[0]
+    print(where, f"{allocator_setting()} allocator", model_name, f"b{batch}", " ".join(out), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--model", default="ds_resnet50")
     r.add_argument("--batch", type=int, default=1)
     r.add_argument("--rounds", type=int, default=20)
+    r.add_argument("--allocator", choices=ALLOCATOR_SETTINGS, default="steady", help="as dsnet's --allocator")
     args = p.parse_args(argv)
+    if getattr(args, "allocator", "steady") == "steady":
+        steady_allocator()
     if args.cmd == "calls":
         calls()
     else:

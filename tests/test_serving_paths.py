@@ -153,6 +153,7 @@ def test_onnx_runtime_routes_and_answers_as_eager(model):
 
 
 def test_serving_model_from_a_checkpoint_auto_and_bad_runtime(model, tmp_path, monkeypatch):
+    import dsnet.bench.serving as bench_serving
     from dsnet.train.checkpoint import save_checkpoint
 
     ckpt = tmp_path / "gate.ckpt"
@@ -175,6 +176,14 @@ def test_serving_model_from_a_checkpoint_auto_and_bad_runtime(model, tmp_path, m
     assert serving_model(model, batch_size=256).runtime == "eager"
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         serving_model(model, batch_size=0)
+    with pytest.raises(ValueError, match="allocator must be one of steady, system, got 'jemalloc'"):
+        serving_model(model, allocator="jemalloc")
+    called: list[int] = []
+    monkeypatch.setattr(bench_serving, "steady_allocator", lambda: called.append(1) or True)
+    serving_model(model, runtime="eager", allocator="system")
+    assert called == []
+    serving_model(model, runtime="eager")  # the default: steady
+    assert called == [1]
 
 
 def test_auto_table_names_real_runtimes_and_agrees_with_the_committed_measurement():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 import warnings
 from pathlib import Path
 
@@ -206,13 +208,55 @@ def test_set_threads_once_command_line_wins(thread_state, monkeypatch):
 
 def test_oversubscribed_machine_is_one_warning_line(thread_state, monkeypatch):
     monkeypatch.setattr(thread_state.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(thread_state.os, "getloadavg", lambda: (4.5, 4.0, 3.0))
+    monkeypatch.setattr(thread_state, "others_running", lambda: 4.0)
     said: list[str] = []
     thread_state.set_threads(1, warn=said.append)
     thread_state.set_threads(2, warn=said.append)  # once per process
-    assert said == ["machine is oversubscribed: load 4.5 on 2 cores; timings will be unreliable; consider --threads 1"]
-    monkeypatch.setattr(thread_state.os, "getloadavg", lambda: (1.0, 0.0, 0.0))
+    assert said == [
+        "machine is oversubscribed: other processes' running threads 4.0 on 2 cores; timings will be unreliable; "
+        "consider --threads 1"
+    ]
+    monkeypatch.setattr(thread_state, "others_running", lambda: 1.0)
     assert thread_state.oversubscription(1) is None and thread_state.oversubscription(2) is not None
+    # where /proc does not say, the 1-minute load average stands in
+    monkeypatch.setattr(thread_state, "others_running", lambda: None)
+    monkeypatch.setattr(thread_state.os, "getloadavg", lambda: (4.5, 4.0, 3.0))
+    assert thread_state.oversubscription(1).startswith("machine is oversubscribed: load 4.5 on 2 cores")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="reads /proc")
+def test_others_running_counts_other_processes_not_this_ones_threads(thread_state):
+    """A check after the process's own work (a timing loop) must not see the machine as busy with itself."""
+    import subprocess
+    import sys
+    import threading
+
+    stop = threading.Event()
+
+    def work() -> None:  # torch releases the GIL: both threads run at once
+        a = torch.randn(256, 256)
+        while not stop.is_set():
+            a @ a
+
+    own = [threading.Thread(target=work) for _ in range(2)]
+    for t in own:
+        t.start()
+    try:
+        with_own = thread_state.others_running(samples=9)
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.3)
+            with_other = thread_state.others_running(samples=9)
+        finally:
+            spinner.kill()
+            spinner.wait()
+    finally:
+        stop.set()
+        for t in own:
+            t.join()
+    assert with_own is not None and with_other is not None
+    assert with_other >= 1  # another process's busy thread is seen
+    assert with_own < 2  # ... and this process's two busy threads are not
 
 
 def test_every_command_takes_threads(thread_state, capsys):
@@ -408,12 +452,14 @@ def test_oversubscription_warning_only_where_timings_are_reported(thread_state, 
     from dsnet.cli._args import apply_common_arguments
 
     monkeypatch.setattr(thread_state.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(thread_state.os, "getloadavg", lambda: (6.0, 6.0, 6.0))
+    monkeypatch.setattr(thread_state, "others_running", lambda: 6.0)
     apply_common_arguments(argparse.Namespace(command="train", threads=1))
     assert capsys.readouterr().err == ""  # a training's stderr stays its own
     thread_state._state["warned"] = False
     apply_common_arguments(argparse.Namespace(command="bench", threads=1))
-    assert capsys.readouterr().err.startswith("warning: machine is oversubscribed: load 6.0 on 2 cores")
+    assert capsys.readouterr().err.startswith(
+        "warning: machine is oversubscribed: other processes' running threads 6.0 on 2 cores"
+    )
 
 
 def test_evaluating_an_image_folder_needs_only_its_val_split(tmp_path):

@@ -9,8 +9,9 @@ that batch size. A budget in milliseconds (``calibrate_budget(target_ms=..., lat
 ``gate.target_ms``) is met with that cost in place of MACs; the knob is the model's own.
 
 A table is a measurement of one setting, and it refuses to stand for another: it names the machine (the CPU or
-CUDA device, ``platform.machine()``), the torch threads, the runtime and a fingerprint of the model's routing space
-(its class, gate mode, input size, each routing choice's widths and kernels, the shapes of its weights). Using it
+CUDA device, ``platform.machine()``), the torch threads, the CPU allocator's setting (:mod:`dsnet.utils.allocator`;
+checked when the table records it), the runtime and a fingerprint of the model's routing space (its class, gate
+mode, input size, each routing choice's widths and kernels, the shapes of its weights). Using it
 for a model, machine or thread count it was not measured on is a ``ValueError`` of one line that names the
 difference, unless the caller allows it explicitly (``allow_foreign=True``, ``gate.latency_table_foreign: true``),
 which warns in one line instead. The torch and dsnet versions are recorded, not checked.
@@ -19,7 +20,7 @@ File format (``SCHEMA``), JSON::
 
     schema        "dsnet-latency-table-v1"
     machine       {device: "cpu" | "cuda", device_name: str, arch: str (platform.machine()), threads: int,
-                   system: str (platform.system())}
+                   system: str (platform.system()), allocator: "steady" | "system" (tables since 2026-12-07)}
     versions      {dsnet, torch, python[, onnxruntime]}
     model         {name: str, class: str, gate_mode: str, router: str, input_size: [C, H, W],
                    routing_space: [int], choices: [{choice, subnet, widths: [int], kernels: [int] | null,
@@ -42,6 +43,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dsnet.utils.allocator import allocator_setting
 
 __all__ = [
     "SCHEMA",
@@ -93,6 +96,7 @@ def machine_identity(device: str = "cpu", threads: int | None = None) -> dict[st
         "arch": platform.machine(),
         "system": platform.system(),
         "threads": int(torch.get_num_threads() if threads is None else threads),
+        "allocator": allocator_setting(),
     }
 
 
@@ -316,7 +320,8 @@ class LatencyTable:
         """What differs between the table's setting and the current one (empty: it applies here).
 
         Compared: the machine (the CUDA device for a CUDA table; for a CPU table the CPU, the architecture and
-        the torch threads, ``threads`` or torch's current count), the runtime (``runtime`` must be measured),
+        the torch threads, ``threads`` or torch's current count, and the allocator's setting where the table records
+        it), the runtime (``runtime`` must be measured),
         and, with ``model``, the fingerprint of its routing space at ``input_size``.
         """
         out: list[str] = []
@@ -328,6 +333,11 @@ class LatencyTable:
             out.append(f"architecture {m.get('arch')} in the table, {here['arch']} here")
         if m.get("device", "cpu") == "cpu" and int(m.get("threads", 0)) != here["threads"]:
             out.append(f"{m.get('threads')} torch threads in the table, {here['threads']} here")
+        if m.get("device", "cpu") == "cpu" and m.get("allocator", here["allocator"]) != here["allocator"]:
+            out.append(
+                f"allocator {m.get('allocator')} in the table, {here['allocator']} here "
+                "(dsnet.utils.allocator.steady_allocator; dsnet's --allocator)"
+            )
         if runtime is not None and runtime not in {r for r, _ in self.settings()}:
             measured = ", ".join(sorted({r for r, _ in self.settings()}))
             out.append(f"runtime {runtime} not measured (the table has {measured})")

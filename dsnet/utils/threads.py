@@ -5,8 +5,9 @@
 launch on this node (``LOCAL_WORLD_SIZE``): torch's own default is every core
 of the machine, which on a machine others are using too (or with several
 ranks) means more busy threads than cores, and timings that mean nothing.
-If the 1-minute load average says the machine is already busy, one warning
-line says so (in the commands that report timings: bench, compare, quickstart).
+If other processes keep the machine's cores busy (their running threads, read from
+``/proc``; the 1-minute load average elsewhere), one warning line says so (in the
+commands that report timings: bench, compare, quickstart).
 
 Every command takes ``--threads N``; training configs have a top-level
 ``threads`` key (null: auto). A value given on the command line wins over the
@@ -16,12 +17,22 @@ config's.
 from __future__ import annotations
 
 import os
+import statistics
 import sys
+import time
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["MAX_AUTO_THREADS", "auto_threads", "available_cores", "oversubscription", "set_threads", "warn_line"]
+__all__ = [
+    "MAX_AUTO_THREADS",
+    "auto_threads",
+    "available_cores",
+    "oversubscription",
+    "others_running",
+    "set_threads",
+    "warn_line",
+]
 
 MAX_AUTO_THREADS = 8  # beyond this, intra-op threads of small-batch CNN inference/training rarely help
 
@@ -48,17 +59,56 @@ def auto_threads() -> int:
     return max(1, min(available_cores() // local, MAX_AUTO_THREADS))
 
 
-def oversubscription(threads: int) -> str | None:
-    """A warning line if the machine is already busy (1-minute load + ``threads`` exceeds its cores), else None."""
+def _own_running() -> int:
+    """This process's threads that are running or runnable now (``/proc/self/task/*/stat`` state ``R``)."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        count += state == "R"
+    return count
+
+
+def others_running(samples: int = 5, interval: float = 0.02) -> float | None:
+    """Threads of *other* processes running or runnable now: the median over ``samples`` readings of the
+    kernel's count (``/proc/loadavg``) less this process's own. None where ``/proc`` does not say (not Linux).
+
+    Unlike the 1-minute load average it leaves out this process's own work: a check made after a training or
+    timing loop in the same process would otherwise see the machine as busy with itself.
+    """
+    counts = []
     try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
+        for i in range(samples):
+            if i:
+                time.sleep(interval)
+            with open("/proc/loadavg") as f:
+                runnable = int(f.read().split()[3].split("/")[0])
+            counts.append(max(0, runnable - _own_running()))
+    except (OSError, ValueError, IndexError):
         return None
+    return float(statistics.median(counts))
+
+
+def oversubscription(threads: int) -> str | None:
+    """A warning line if the machine is already busy, else None: other processes' running threads
+    (:func:`others_running`; the 1-minute load average where that is unknown) plus ``threads`` exceed its cores."""
+    load = others_running()
+    what = "other processes' running threads"
+    if load is None:
+        what = "load"
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return None
     cores = os.cpu_count() or 1
     if load + threads <= cores + 0.5:
         return None
     return (
-        f"machine is oversubscribed: load {load:.1f} on {cores} cores; timings will be unreliable; consider --threads 1"
+        f"machine is oversubscribed: {what} {load:.1f} on {cores} cores; timings will be unreliable; "
+        "consider --threads 1"
     )
 
 

@@ -38,6 +38,7 @@ from dsnet.bench.routing import mix_choices
 from dsnet.bench.runner import cpu_name
 from dsnet.bench.timing import interleaved, summarize
 from dsnet.models.lcnet import LCResNet
+from dsnet.utils.allocator import allocator_setting
 from dsnet.utils.table import format_table
 
 __all__ = ["LC_SCHEMA", "LCBenchConfig", "run_lcnet_benchmark", "format_lcnet_report", "inference_fn", "time_lcnet"]
@@ -147,6 +148,7 @@ def run_lcnet_benchmark(
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
+        "allocator": allocator_setting(),
         "torch": torch.__version__,
         "density": model.density,
         "skippable": model.skippable,

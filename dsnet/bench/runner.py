@@ -34,6 +34,7 @@ from dsnet.bench.onnx_bundle import bench_onnx_dynamic, export_bench_bundle
 from dsnet.bench.routing import mix_choices, mix_counts
 from dsnet.bench.timing import interleaved, speedup_claim, summarize
 from dsnet.models.base import DynamicNet
+from dsnet.utils.allocator import allocator_setting
 from dsnet.utils.latency import cpu_name
 from dsnet.utils.table import format_table
 
@@ -128,6 +129,7 @@ def run_benchmark(
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
+        "allocator": allocator_setting(),
         "torch": torch.__version__,
         "channels_last": channels_last,
         "routing_space": space,
@@ -328,7 +330,9 @@ def format_report(report: dict[str, Any]) -> str:
     """Console tables, one per batch size."""
     out = [
         f"{report['model']} at {'x'.join(map(str, report['input_size']))} on {report['device_name']} "
-        f"({report['device']}, {report['threads']} threads, channels_last={report['channels_last']}); "
+        f"({report['device']}, {report['threads']} threads, channels_last={report['channels_last']}"
+        + (f", {report['allocator']} allocator" if report.get("allocator") else "")
+        + "); "
         f"widest routed sub-network #{report['widest_routed']}; medians in ms"
     ]
     for res in report["results"]:

@@ -94,7 +94,7 @@ def serving_model(
     and ``"measure"`` choose for. ``images`` (``"measure"``): real images to time on (default: random ones,
     whose routing is not the gate's real mix). ``allocator="steady"`` (default) fixes glibc malloc's thresholds
     for the process (:func:`dsnet.utils.allocator.steady_allocator`: large activations stay in the process
-    between calls; measured 1.4-1.8x faster eager CNN inference at batch 32), ``"system"`` leaves malloc as it
+    between calls; eager CNN inference at batch 32 measured 1.1-1.8x faster), ``"system"`` leaves malloc as it
     is. Other options: :func:`dsnet.export.serving.build_serving`.
     """
     choices = (*RUNTIMES, "auto", "measure")

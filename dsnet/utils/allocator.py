@@ -48,8 +48,8 @@ def steady_allocator(threshold: int = STEADY_THRESHOLD) -> bool:
     """Fix glibc malloc's mmap and trim thresholds at ``threshold`` bytes for this process; True if applied.
 
     Both are needed: a fixed trim threshold alone turns the adaptation off with the mmap threshold at its
-    128 KiB start, and every activation is mapped afresh (measured 4x slower). Does nothing and returns False
-    where the C library is not glibc (macOS, musl, Windows). Safe to call more than once.
+    128 KiB start, and every activation is mapped afresh (4x slower in a throwaway check). Does nothing and
+    returns False where the C library is not glibc (macOS, musl, Windows). Safe to call more than once.
     """
     if isinstance(threshold, bool) or not isinstance(threshold, int) or not 0 < threshold < 2**31:
         raise ValueError(f"threshold must be a positive number of bytes below 2 GiB, got {threshold!r}")

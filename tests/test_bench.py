@@ -162,6 +162,15 @@ def _check_report(report, model):
         assert dyn["theoretical_speedup"] == pytest.approx(macs[w] / dyn["mean_macs"])
         assert dyn["real_speedup"] == pytest.approx(rows[w]["sliced_ms"] / dyn["latency_ms"])
         assert dyn["efficiency"] == pytest.approx(dyn["real_speedup"] / dyn["theoretical_speedup"])
+        # the static networks it routes to, each routed group as one batch, on the same MACs' scale
+        cycle = dyn["calls_per_cycle"]
+        grouped_macs = sum(c * macs[k] for c, k in zip(dyn["counts"], space)) / cycle
+        assert dyn["grouped_static_macs"] == pytest.approx(grouped_macs)
+        per_mac = (dyn["latency_ms"] / (dyn["mean_macs"] * res["batch_size"])) / (
+            dyn["grouped_static_ms"] / grouped_macs
+        )
+        assert dyn["grouped_static_ms"] > 0 and dyn["per_mac_vs_grouped_static"] == pytest.approx(per_mac)
+        assert "each group as one batch" in format_report(report)
 
 
 @pytest.mark.parametrize("gate_mode", ["exit", "pre"])

@@ -213,6 +213,27 @@ def _bench_batch(
             return out
 
         fns["dynamic"] = dyn
+        if all(k in statics for k in space):
+            # the issue-20 baseline: the extracted static network of each routing choice on the images routed to
+            # it, each group as one batch (made ahead, untimed; batch 1: the cycle of single images, one by one)
+            if batch == 1:
+                calls = [(int(j), x) for j in choices]
+            else:
+                calls = []
+                for j in range(len(space)):
+                    rows_j = (choices == j).nonzero().flatten()
+                    if rows_j.numel():
+                        group = x.index_select(0, rows_j.to(x.device))
+                        if x.dim() == 4 and not x.is_contiguous():  # channels-last input: groups the same
+                            group = group.contiguous(memory_format=torch.channels_last)
+                        calls.append((j, group))
+            grouped_counts = [sum(g.shape[0] for j, g in calls if j == i) for i in range(len(space))]
+            grouped_nets = [(statics[space[j]], g) for j, g in calls]
+
+            def grouped() -> object:
+                return [net(g) for net, g in grouped_nets]
+
+            fns["grouped_static"] = grouped
 
     repeats = config.repeats_for(batch)
     log(f"batch {batch}: {len(fns)} methods x {repeats} interleaved rounds")
@@ -223,7 +244,9 @@ def _bench_batch(
         else:
             samples = interleaved(fns, repeats, config.warmup, device)
     if config.dynamic:
-        samples["dynamic"] = [t / cycle for t in samples["dynamic"]]
+        for name in ("dynamic", "grouped_static"):
+            if name in samples:
+                samples[name] = [t / cycle for t in samples[name]]
     methods = {name: _stats(ts) for name, ts in samples.items()}
 
     def med(name: str) -> float | None:
@@ -291,6 +314,17 @@ def _bench_batch(
             "overhead_ms": None if predicted is None else dyn_ms - predicted,
             "throughput_img_s": batch / (dyn_ms / 1e3),
         }
+        grouped_ms = med("grouped_static")
+        if grouped_ms is not None:
+            # MACs per call: the routed mix's (routing head, and in exit mode the slimmest, included) against the
+            # static networks' own on the same groups; time per MAC of the one over the other's
+            grouped_macs = sum(c * macs[k] for c, k in zip(counts, space)) / cycle
+            dyn_macs = mean_macs * batch
+            dynamic["grouped_static_ms"] = grouped_ms
+            dynamic["grouped_static_macs"] = grouped_macs
+            dynamic["grouped_static_counts"] = grouped_counts
+            dynamic["per_mac_vs_grouped_static"] = (dyn_ms / dyn_macs) / (grouped_ms / grouped_macs)
+            dynamic["vs_grouped_static_claim"] = _claim(samples, "grouped_static", "dynamic", False)
         result["dynamic"] = dynamic
     return result
 
@@ -377,6 +411,12 @@ def format_report(report: dict[str, Any]) -> str:
                     else f"pre-gate part {dyn['pre_gate_ms']:.2f} ms)"
                 )
             )
+            if dyn.get("grouped_static_ms") is not None:
+                out.append(
+                    f"dynamic vs the static networks it routes to, each group as one batch: "
+                    f"{dyn['grouped_static_ms']:.2f} ms for {dyn['grouped_static_macs'] / 1e6:.1f} MMACs per call; "
+                    f"time per MAC {dyn['per_mac_vs_grouped_static']:.3f}x theirs"
+                )
             if dyn.get("real_speedup") is not None:
                 out.append(
                     f"dynamic vs widest routed: {dyn['real_speedup']:.2f}x real for {dyn['theoretical_speedup']:.2f}x "

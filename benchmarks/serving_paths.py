@@ -32,6 +32,7 @@ from dsnet.bench.serving import bench_serving_paths, format_serving_report
 from dsnet.data import build_loader
 from dsnet.data.recipe import with_recorded_recipe
 from dsnet.export.serving import RUNTIMES
+from dsnet.utils.allocator import ALLOCATOR_SETTINGS, steady_allocator
 from dsnet.utils.io import atomic_write_json
 from dsnet.utils.threads import set_threads, warn_line
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 15 at batch 1, else 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing (default 2)")
     p.add_argument("--runtimes", type=_runtimes, default=list(RUNTIMES))
+    p.add_argument("--allocator", choices=ALLOCATOR_SETTINGS, default="steady", help="as dsnet's --allocator")
     p.add_argument("--json", default=None, help="write the report here (e.g. benchmarks/results/serving_paths.json)")
     p.add_argument("--markdown", default=None, help="write the tables here (default: the --json path, .md)")
     args = p.parse_args(argv)
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    if args.allocator == "steady":
+        steady_allocator()
     threads = set_threads(args.threads, warn=warn_line)
     loaded = dsnet.load(args.checkpoint)
     data = dict((loaded.config or {}).get("data") or {})

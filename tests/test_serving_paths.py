@@ -356,7 +356,17 @@ def test_bench_serving_paths_end_to_end_on_a_tiny_run():
             assert r["dynamic_ms"] > 0 and r["widest_ms"] > 0 and len(r["static_ms"]) == len(model.routing_space)
             assert r["time_per_mac_ratio"] > 0 and not r["speedup_vs_widest"]["clear"]  # one round
             assert r["speedup_vs_widest"]["speedup"] == pytest.approx(r["widest_ms"] / r["dynamic_ms"])
+            # per MAC against the static networks on the gate's own groups (at batch 1: the mix-weighted statics)
+            routing = [float(v) for v in model.routing_macs(x.shape[1:])]
+            mean_macs = sum(c * m for c, m in zip(res["counts"], routing)) / sum(res["counts"])
+            static_macs = sum(c * m for c, m in zip(res["counts"], report["subnet_macs"])) / sum(res["counts"])
+            expected = (r["dynamic_ms"] / mean_macs) / (r["grouped_static_ms"] / static_macs)
+            assert r["time_per_mac_vs_grouped"] == pytest.approx(expected)
+            if batch == 1:
+                assert r["time_per_mac_vs_grouped"] == pytest.approx(r["time_per_mac_ratio"])
+    assert report["machine"]["allocator"] in ("steady", "system")
     text = format_serving_report(report)
+    assert "time/MAC vs its routed groups" in text
     assert text.count("| eager-split |") == 2 and "graphs compiled in" in text
 
 

@@ -421,10 +421,13 @@ class FxDynamicNet(DynamicNet):
 
     def _build_program(self, part: str, subnet: int, static_root: nn.Module | None = None) -> fx.GraphModule:
         """The graph of ``part`` (``pre``: input -> gate input; ``post``: gate output -> logits; ``static``: both,
-        with the gate's attention as a module) with sub-network ``subnet``'s widths and slots written in."""
+        with the gate's attention as a module; ``static_pre`` / ``static_post``: one side of ``static``) with
+        sub-network ``subnet``'s widths and slots written in."""
         graph = fx.Graph()
         env: dict[str, fx.Node] = {}
-        static = part == "static"
+        static = part.startswith("static")
+        whole = part == "static"  # static_pre / static_post: the plain layers on one side of the gate
+        part = {"static_pre": "pre", "static_post": "post"}.get(part, part)
         for node in self._graph.nodes:
             before = node.name in self._pre_nodes
             if node.op == "placeholder":
@@ -452,7 +455,7 @@ class FxDynamicNet(DynamicNet):
                     env[node.name] = graph.node_copy(node, lambda n: env[n.name])
             else:
                 env[node.name] = graph.node_copy(node, lambda n: env[n.name])
-            if static and node.name == self._gate_node:
+            if whole and node.name == self._gate_node:
                 env[node.name] = graph.call_module(self._static_gate_name, (env[node.name],))
         if part == "pre":
             graph.output(env[self._gate_node])
@@ -491,15 +494,24 @@ class FxDynamicNet(DynamicNet):
 
     # ------------------------------------------------------- DynamicNet API
     def forward_pre(self, x: Tensor, subnet: int) -> tuple[Tensor, Tensor]:
-        h = self._program("pre", subnet)(x)
-        z = self.gate.encode(h)
-        return self.gate.attend(h, z), z
+        return self.forward_gate(self._program("pre", subnet)(x), subnet)
 
     def forward_post(self, h: Tensor, subnet: int) -> Tensor:
         return self._program("post", subnet)(h)
 
     def build_static(self, subnet: int) -> nn.Module:
         """A plain ``torch.fx.GraphModule``: ``nn.Conv2d``/``BatchNorm2d``/``Linear`` copies at ``subnet``'s widths."""
+        return self._build_program("static", subnet, self._static_root(subnet, with_gate=True))
+
+    def build_static_trunk(self, subnet: int) -> nn.Module:
+        return self._build_program("static_pre", subnet, self._static_root(subnet, with_gate=False))
+
+    def build_static_post(self, subnet: int) -> nn.Module:
+        return self._build_program("static_post", subnet, self._static_root(subnet, with_gate=False))
+
+    def _static_root(self, subnet: int, with_gate: bool) -> nn.Module:
+        """The modules and constants of :meth:`build_static`'s graph at ``subnet``'s widths (the gate's attention too
+        with ``with_gate``)."""
         root = nn.Module()
         names = {n for n, _ in self.net.named_modules()}
         self._static_gate_name = next(n for n in ("gate", "dsnet_gate", "dsnet_gate_") if n not in names)
@@ -512,9 +524,10 @@ class FxDynamicNet(DynamicNet):
                 value = _get_attr(self.net, str(node.target))
                 value = nn.Parameter(value.detach().clone()) if isinstance(value, nn.Parameter) else value.clone()
                 _set_module(root, str(node.target), value)
-        gate_width = self._spec_width(self._chan[self._gate_node].spec, subnet)
-        setattr(root, self._static_gate_name, self.gate.to_static(gate_width))
-        return self._build_program("static", subnet, root)
+        if with_gate:
+            gate_width = self._spec_width(self._chan[self._gate_node].spec, subnet)
+            setattr(root, self._static_gate_name, self.gate.to_static(gate_width))
+        return root
 
     def _static_layer(self, node: fx.Node, module: nn.Module, subnet: int) -> nn.Module:
         kind = self._kind.get(str(node.target), "other")

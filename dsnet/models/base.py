@@ -16,7 +16,7 @@ same one (SPEC section 4).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -301,6 +301,35 @@ class _Plans(dict):
     """
 
 
+class _RouteParts:
+    """What :meth:`DynamicNet.route` runs at plain inference: the trunk, and each routed sub-network's post-gate part.
+
+    The post-gate networks are built on first use (:meth:`DynamicNet.build_static_post`, BatchNorm folded) for the
+    weights the entry was made for (a changed weight makes a new entry).
+    """
+
+    def __init__(self, trunk: nn.Module, layout: Callable[[nn.Module], nn.Module]) -> None:
+        self.trunk = trunk
+        self.layout = layout
+        self.posts: dict[int, nn.Module] = {}
+
+    def post_runner(self, model: DynamicNet) -> Callable[[Tensor, int], Tensor]:
+        posts = self.posts
+
+        def post(h: Tensor, subnet: int) -> Tensor:
+            net = posts.get(subnet)
+            if net is None:
+                net = model.build_static_post(subnet)
+                fold_batchnorms(net)
+                net = posts[subnet] = self.layout(net.eval())
+            return net(h)
+
+        return post
+
+    def modules(self) -> list[nn.Module]:
+        return [self.trunk, *self.posts.values()]
+
+
 def _plan_stamp(tensors: list[Tensor]) -> tuple:
     """What makes a cached plan (:meth:`DynamicNet._static_plan`) stale, read on every call: the version counter of
     every tensor (in-place updates: optimiser steps, BatchNorm statistics) and where the first one is stored (a
@@ -414,6 +443,31 @@ class DynamicNet(nn.Module):
 
     def build_static(self, subnet: int) -> nn.Module:
         raise NotImplementedError
+
+    def forward_gate(self, x: Tensor, subnet: int) -> tuple[Tensor, Tensor]:
+        """The gate on the features entering it (the last step of :meth:`forward_pre`): ``(h, z)``.
+
+        ``x`` is what :meth:`build_static_trunk` computes; ``h`` is ``x`` with the gate's attention applied and ``z``
+        the gate's encoding. Families whose gate reads a statistics slot override it.
+        """
+        z = self.gate.encode(x)
+        return self.gate.attend(x, z), z
+
+    def build_static_trunk(self, subnet: int) -> nn.Module | None:
+        """Sub-network ``subnet``'s layers before the gate as a plain network (images -> the gate's input), or None.
+
+        With :meth:`build_static_post` it is :meth:`build_static` cut at the gate (BatchNorms unfolded, the gate
+        left out): dynamic inference at plain inference runs the two (see :meth:`route`). None (the default): the
+        family has no such split and routing runs the sliced layers.
+        """
+        return None
+
+    def build_static_post(self, subnet: int) -> nn.Module | None:
+        """Sub-network ``subnet``'s layers after the gate as a plain network (attended features -> logits), or None.
+
+        The same function as :meth:`forward_post` in eval mode; see :meth:`build_static_trunk`.
+        """
+        return None
 
     def set_gate_mode(self, gate_mode: str | None) -> None:
         """Choose the routing head; the supernet's weights stay as they are.
@@ -586,7 +640,8 @@ class DynamicNet(nn.Module):
         the least recently used entries are dropped first (a bound below what the routed sub-networks need
         trades memory for re-slicing and re-folding on calls that miss); off, every call slices (and folding is
         skipped). ``model(x, subnet=k)`` at plain inference runs a cached extracted network instead (see
-        :meth:`_static_plan`): on only when the cache is on and unbounded. Clears the cache.
+        :meth:`_static_plan`), and dynamic inference its plain parts (:meth:`route`): on only when the cache is on and
+        unbounded. Clears the cache.
         """
         budget = CacheBudget(enabled, max_bytes)
         self.clear_inference_cache()
@@ -601,7 +656,9 @@ class DynamicNet(nn.Module):
         for cache in self._tensor_caches():
             held.update(cache.nbytes(exclude=own))
         for plan in self.__dict__.get("_plans", _Plans()).values():
-            for t in [] if plan[1] is None else [*plan[1].parameters(), *plan[1].buffers()]:
+            built = plan[1]
+            nets = built.modules() if isinstance(built, _RouteParts) else [] if built is None else [built]
+            for t in [t for net in nets for t in (*net.parameters(), *net.buffers())]:
                 ptr = t.untyped_storage().data_ptr()
                 if ptr not in own:
                     held[ptr] = t.untyped_storage().nbytes()
@@ -671,6 +728,37 @@ class DynamicNet(nn.Module):
         and ``.to()`` rebuild it as they refresh the layer caches; it holds one compact copy of the sub-network's
         weights (:meth:`inference_cache_bytes` counts it).
         """
+        return self._cached_plan(x, k, lambda layout: layout(self.extract(k).eval()))
+
+    def _route_plan(self, x: Tensor) -> _RouteParts | None:
+        """The plain networks dynamic inference runs at plain inference (see :meth:`route`), or None.
+
+        The conditions, the stamp and the build-on-second-sight rule are :meth:`_static_plan`'s. The trunk
+        (:meth:`build_static_trunk`) is built with the entry; each routed sub-network's post-gate network
+        (:meth:`build_static_post`) on its first use, BatchNorm folded like :meth:`extract`'s. None also where the
+        family has no split (its :meth:`build_static_trunk` returns None).
+        """
+        if "route" in self.__dict__.get("_no_split", ()):
+            return None
+
+        def build(layout):
+            trunk = self.build_static_trunk(self.routing_space[0])
+            if trunk is None:
+                self.__dict__["_no_split"] = ("route",)
+                return None
+            fold_batchnorms(trunk)
+            return _RouteParts(layout(trunk.eval()), layout)
+
+        parts = self._cached_plan(x, "route", build)
+        return parts if isinstance(parts, _RouteParts) else None
+
+    def _cached_plan(self, x: Tensor, key: object, build):  # noqa: ANN001, ANN202
+        """A plan (a plain network) under ``key`` for the model's current weights, built by ``build(layout)``.
+
+        ``layout(module)`` moves a built module to channels-last when the model's weights are. None when the call
+        is not plain inference (see :meth:`_static_plan`), on the first sight of these weights, or when a module
+        is hooked.
+        """
         if (
             self.training
             or torch.is_grad_enabled()
@@ -681,17 +769,20 @@ class DynamicNet(nn.Module):
         ):
             return None
         plans = self.__dict__.setdefault("_plans", _Plans())
-        hit = plans.get(k)
+        hit = plans.get(key)
         if hit is not None:
             # hot path: the watch lists were gathered when the entry was made (a parameter *object* replaced
             # since then, rather than updated or moved, is not seen: clear_inference_cache())
             stamp, static, hooks, dicts, tensors = hit
             if not any(hooks) and not any("forward" in d for d in dicts) and stamp == _plan_stamp(tensors):
                 if static is None:  # the second call with these weights: worth building
-                    static = self.extract(k).eval()
-                    if any(stored_channels_last(t) for t in tensors):
-                        static = static.to(memory_format=torch.channels_last)
-                    plans[k] = (stamp, static, hooks, dicts, tensors)
+                    channels_last = any(stored_channels_last(t) for t in tensors)
+
+                    def layout(module: nn.Module) -> nn.Module:
+                        return module.to(memory_format=torch.channels_last) if channels_last else module
+
+                    static = build(layout)
+                    plans[key] = (stamp, static, hooks, dicts, tensors)
                 return static
         modules = list(self.modules())
         hooks = [h for m in modules for h in (m._forward_hooks, m._forward_pre_hooks)]
@@ -702,7 +793,7 @@ class DynamicNet(nn.Module):
         tensors.sort(key=lambda t: not t.is_floating_point())  # the anchors _plan_stamp moves with: floats first
         # first sight of these weights: remember them and run the sliced layers; a plan is built on the next call
         # that finds them unchanged (weights that change on every call, as an EMA teacher's, never pay for one)
-        plans[k] = (_plan_stamp(tensors), None, hooks, dicts, tensors)
+        plans[key] = (_plan_stamp(tensors), None, hooks, dicts, tensors)
         return None
 
     def route(self, x: Tensor, gate_bias: Tensor | Sequence[float] | None = None, tau: float = 1.0) -> RoutingResult:
@@ -711,9 +802,25 @@ class DynamicNet(nn.Module):
         Training mode samples straight-through Gumbel-softmax decisions and
         scales each output by its (unit) one-hot weight so the gate receives a
         gradient; eval mode takes the argmax of the logits, no noise.
+
+        At plain inference (the conditions of :meth:`_static_plan`) the layers
+        before the gate and each routed sub-network's layers after it run as
+        cached plain, BatchNorm-folded networks (:meth:`build_static_trunk`,
+        :meth:`build_static_post`) instead of the sliced layers: the same
+        routing and outputs without the sliced layers' per-layer Python. The
+        gate and the exit head run as they are.
         """
-        h, z = self.forward_pre(x, self.routing_space[0])
-        gate_logits, slim_out = self.gate_logits(h, z)
+        parts = self._route_plan(x)
+        if parts is None:
+            post = self.forward_post
+            h, z = self.forward_pre(x, self.routing_space[0])
+            gate_logits, slim_out = self.gate_logits(h, z)
+        else:  # plain inference: the trunk and the post-gate parts as plain, BatchNorm-folded networks
+            post = parts.post_runner(self)
+            h, z = self.forward_gate(parts.trunk(x), self.routing_space[0])
+            slim_out = None if self.exit_head is None else post(h, self.routing_space[0])
+            scores, slim_out = self.gate_scores(h, z, slim_out)
+            gate_logits = scores + self.gate.budget_bias
         if gate_bias is not None:
             gate_logits = gate_logits + self._gate_bias_on(gate_bias, gate_logits)
         forced = getattr(self, "_forced", None)  # (a model pickled before forced_routing existed has none)
@@ -727,7 +834,7 @@ class DynamicNet(nn.Module):
             onehot = None
             if self.training:
                 onehot = torch.nn.functional.one_hot(choice, len(self.routing_space)).to(gate_logits.dtype)
-        logits = self._run_groups(h, choice, onehot, slim_out)
+        logits = self._run_groups(h, choice, onehot, slim_out, post)
         return RoutingResult(logits, self._routing_space_on(choice.device)[choice], choice, gate_logits, onehot)
 
     @contextmanager
@@ -843,7 +950,14 @@ class DynamicNet(nn.Module):
             slim_out = self.forward_post(h, self.routing_space[0])
         return self.exit_head(z, slim_out), slim_out
 
-    def _run_groups(self, h: Tensor, choice: Tensor, onehot: Tensor | None, slim_out: Tensor | None = None) -> Tensor:
+    def _run_groups(
+        self,
+        h: Tensor,
+        choice: Tensor,
+        onehot: Tensor | None,
+        slim_out: Tensor | None = None,
+        post: Callable[[Tensor, int], Tensor] | None = None,
+    ) -> Tensor:
         """Run each group of samples that chose the same sub-network as one dense batch.
 
         One gather sorts the batch by decision (the groups are then views of
@@ -854,15 +968,16 @@ class DynamicNet(nn.Module):
         slower layout).
         """
         counts = torch.bincount(choice, minlength=len(self.routing_space)).tolist()
+        forward_post = self.forward_post if post is None else post
 
-        def post(part: Tensor, j: int, rows: Tensor | None) -> Tensor:
+        def run(part: Tensor, j: int, rows: Tensor | None) -> Tensor:
             if j == 0 and slim_out is not None:  # exit mode: the slimmest's answer is already computed
                 return slim_out if rows is None else slim_out.index_select(0, rows)
-            return self.forward_post(part, self.routing_space[j])
+            return forward_post(part, self.routing_space[j])
 
         if max(counts) == h.shape[0]:  # the whole batch agrees: no gather/scatter
             j = counts.index(h.shape[0])
-            out = post(h, j, None)
+            out = run(h, j, None)
             return out if onehot is None else out * onehot[:, j : j + 1]
         order = torch.argsort(choice, stable=True)
         if h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last):
@@ -875,7 +990,7 @@ class DynamicNet(nn.Module):
         for j, part in enumerate(grouped.split(counts)):
             if part.shape[0] == 0:
                 continue
-            out = post(part, j, rows[j])
+            out = run(part, j, rows[j])
             if weights is not None:
                 out = out * weights[j][:, j : j + 1]
             outs.append(out)

@@ -44,7 +44,7 @@ from dsnet.layers.kernel import KernelSlicedConv2d, check_kernel_sizes, kernel_c
 from dsnet.layers.sliced import SlicedBatchNorm2d, SlicedConv2d, SlicedLinear, conv_bn
 from dsnet.models.base import DynamicNet
 from dsnet.models.registry import register_model
-from dsnet.models.static import StaticResidual, conv_bn_act
+from dsnet.models.static import StaticLayers, StaticResidual, conv_bn_act
 
 __all__ = ["IRStage", "DSInvertedResidual", "DSMobileNetV2", "hidden_width", "ds_mbv2_tiny", "ds_mbv2_cifar"]
 
@@ -287,9 +287,7 @@ class DSMobileNetV2(DynamicNet):
     def forward_pre(self, x: Tensor, subnet: int) -> tuple[Tensor, Tensor]:
         widths, slots = self.subnets[subnet].widths, self.slots(subnet)
         x = F.relu6(conv_bn(self.stem, self.stem_bn, x, slots[0], widths[0]))
-        x = self._run_blocks(x, subnet, 0, self.gate_block)
-        z = self._gate.encode(x)
-        return self._gate.attend(x, z), z
+        return self.forward_gate(self._run_blocks(x, subnet, 0, self.gate_block), subnet)
 
     def forward_post(self, h: Tensor, subnet: int) -> Tensor:
         widths, slots = self.subnets[subnet].widths, self.slots(subnet)
@@ -301,29 +299,52 @@ class DSMobileNetV2(DynamicNet):
         return self.classifier(x)
 
     def build_static(self, subnet: int) -> nn.Sequential:
+        trunk, gate, post = self._static_layers(subnet)
+        return nn.Sequential(*trunk, gate, *post)
+
+    def build_static_trunk(self, subnet: int) -> nn.Sequential:
+        return nn.Sequential(*self._static_layers(subnet, "trunk")[0])
+
+    def build_static_post(self, subnet: int) -> nn.Sequential:
+        return nn.Sequential(*self._static_layers(subnet, "post")[2])
+
+    def _static_layers(self, subnet: int, part: str = "all") -> StaticLayers:
+        """Plain layers of sub-network ``subnet``: (before the gate, the gate's attention, after it); ``part``
+        ("trunk", "post" or "all") says which are built (the others come back empty / None)."""
         widths, slots = self.subnets[subnet].widths, self.slots(subnet)
-        layers: list[nn.Module] = [
-            conv_bn_act(
-                self.stem.to_static(self.in_chans, widths[0]), self.stem_bn.to_static(widths[0], slots[0]), nn.ReLU6()
+        trunk: list[nn.Module] = []
+        post: list[nn.Module] = []
+        if part != "post":
+            trunk.append(
+                conv_bn_act(
+                    self.stem.to_static(self.in_chans, widths[0]),
+                    self.stem_bn.to_static(widths[0], slots[0]),
+                    nn.ReLU6(),
+                )
             )
-        ]
+        gate = None
         in_width = widths[0]
         for i, block in enumerate(self.blocks):
-            if i == self.gate_block:
-                layers.append(self._gate.to_static(in_width))
+            if i == self.gate_block and part == "all":
+                gate = self._gate.to_static(in_width)
             width, kernel, in_slot, slot = self._block_args(i, subnet)
-            layers.append(block.to_static(in_width, width, kernel, in_slot, slot))
+            layers = trunk if i < self.gate_block else post
+            if layers is trunk and part != "post" or layers is post and part != "trunk":
+                layers.append(block.to_static(in_width, width, kernel, in_slot, slot))
             in_width = width
-        layers.append(
-            conv_bn_act(
-                self.head.to_static(in_width, widths[-1]), self.head_bn.to_static(widths[-1], slots[-1]), nn.ReLU6()
+        if part != "trunk":
+            post.append(
+                conv_bn_act(
+                    self.head.to_static(in_width, widths[-1]),
+                    self.head_bn.to_static(widths[-1], slots[-1]),
+                    nn.ReLU6(),
+                )
             )
-        )
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        if subnet == self.largest and self.drop_rate > 0:
-            layers.append(nn.Dropout(self.drop_rate))
-        layers.append(self.classifier.to_static(widths[-1]))
-        return nn.Sequential(*layers)
+            post += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+            if subnet == self.largest and self.drop_rate > 0:
+                post.append(nn.Dropout(self.drop_rate))
+            post.append(self.classifier.to_static(widths[-1]))
+        return trunk, gate, post
 
 
 def _block_plan(stages: Sequence[IRStage]) -> list[tuple[int, int, float, bool]]:

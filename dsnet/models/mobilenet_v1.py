@@ -190,22 +190,43 @@ class DSMobileNetV1(DynamicNet):
         return self.classifier(x)
 
     def build_static(self, subnet: int) -> nn.Sequential:
+        return nn.Sequential(*self._static_blocks(subnet))
+
+    def build_static_trunk(self, subnet: int) -> nn.Sequential:
+        """Up to the gate's input: the stem, the blocks before the gate's block, and that block's depthwise part."""
+        layers = self._static_blocks(subnet, stop=self.gate_block + 1)
+        return nn.Sequential(*layers[:-1], layers[-1].dw)
+
+    def build_static_post(self, subnet: int) -> nn.Sequential:
+        """From the gate's output: the gate block's pointwise part, the blocks after it and the classifier."""
+        layers = self._static_blocks(subnet, start=self.gate_block)
+        return nn.Sequential(layers[0].pw, *layers[1:])
+
+    def _static_blocks(self, subnet: int, start: int = -1, stop: int | None = None) -> list[nn.Module]:
+        """Plain layers of sub-network ``subnet``: the stem (``start`` < 0), blocks ``start``..``stop`` - 1 (as
+        :class:`StaticDepthwiseSeparable`), and the classifier when ``stop`` is None."""
         widths, slots = self.subnets[subnet].widths, self.slots(subnet)
-        layers: list[nn.Module] = [
-            conv_bn_act(
-                self.stem.to_static(self.in_chans, widths[0]), self.stem_bn.to_static(widths[0], slots[0]), nn.SiLU()
+        layers: list[nn.Module] = []
+        if start < 0:
+            layers.append(
+                conv_bn_act(
+                    self.stem.to_static(self.in_chans, widths[0]),
+                    self.stem_bn.to_static(widths[0], slots[0]),
+                    nn.SiLU(),
+                )
             )
-        ]
         in_width = widths[0]
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.blocks[: len(self.blocks) if stop is None else stop]):
             width, in_slot, slot = self._block_args(i, subnet)
-            layers.append(block.to_static(in_width, width, in_slot, slot))
+            if i >= start:
+                layers.append(block.to_static(in_width, width, in_slot, slot))
             in_width = width
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        if subnet == self.largest and self.drop_rate > 0:
-            layers.append(nn.Dropout(self.drop_rate))
-        layers.append(self.classifier.to_static(in_width))
-        return nn.Sequential(*layers)
+        if stop is None:
+            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+            if subnet == self.largest and self.drop_rate > 0:
+                layers.append(nn.Dropout(self.drop_rate))
+            layers.append(self.classifier.to_static(in_width))
+        return layers
 
 
 @register_model(input_size=224)

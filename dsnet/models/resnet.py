@@ -27,7 +27,7 @@ from dsnet.layers.gate import DynamicGate, make_divisible
 from dsnet.layers.sliced import SlicedBatchNorm2d, SlicedConv2d, SlicedLinear, conv_bn
 from dsnet.models.base import DynamicNet
 from dsnet.models.registry import register_model
-from dsnet.models.static import ChannelMatch, StaticResidual, conv_bn_act, match_channels
+from dsnet.models.static import ChannelMatch, StaticLayers, StaticResidual, conv_bn_act, match_channels
 
 __all__ = ["DSResNet", "ds_resnet18", "ds_resnet50", "ds_resnet20_cifar"]
 
@@ -262,8 +262,7 @@ class DSResNet(DynamicNet):
     def forward_pre(self, x: Tensor, subnet: int) -> tuple[Tensor, Tensor]:
         widths, slots = self.subnets[subnet].widths, self.slots(subnet)
         x = self._run_blocks(self._stem(x, widths[0], slots[0]), subnet, 0, self.gate_block)
-        z = self._gate.encode(x)
-        return self._gate.attend(x, z), z
+        return self.forward_gate(x, subnet)
 
     def forward_post(self, h: Tensor, subnet: int) -> Tensor:
         x = self._run_blocks(h, subnet, self.gate_block, len(self.blocks))
@@ -274,23 +273,44 @@ class DSResNet(DynamicNet):
         return w if stage == 0 else w * self.expansion
 
     def build_static(self, subnet: int) -> nn.Sequential:
+        trunk, gate, post = self._static_layers(subnet)
+        return nn.Sequential(*trunk, gate, *post)
+
+    def build_static_trunk(self, subnet: int) -> nn.Sequential:
+        return nn.Sequential(*self._static_layers(subnet, "trunk")[0])
+
+    def build_static_post(self, subnet: int) -> nn.Sequential:
+        return nn.Sequential(*self._static_layers(subnet, "post")[2])
+
+    def _static_layers(self, subnet: int, part: str = "all") -> StaticLayers:
+        """Plain layers of sub-network ``subnet``: (before the gate, the gate's attention, after it); ``part``
+        ("trunk", "post" or "all") says which are built (the others come back empty / None)."""
         widths, slots = self.subnets[subnet].widths, self.slots(subnet)
-        layers: list[nn.Module] = [
-            conv_bn_act(
-                self.stem.to_static(self.in_chans, widths[0]), self.stem_bn.to_static(widths[0], slots[0]), nn.ReLU()
+        trunk: list[nn.Module] = []
+        post: list[nn.Module] = []
+        if part != "post":
+            trunk.append(
+                conv_bn_act(
+                    self.stem.to_static(self.in_chans, widths[0]),
+                    self.stem_bn.to_static(widths[0], slots[0]),
+                    nn.ReLU(),
+                )
             )
-        ]
-        if self.stem_kind == "imagenet":
-            layers.append(nn.MaxPool2d(3, 2, 1))
+            if self.stem_kind == "imagenet":
+                trunk.append(nn.MaxPool2d(3, 2, 1))
+        gate = None
         in_width = widths[0]
         for i, blk in enumerate(self.blocks):
             s = self._block_stage[i]
-            if i == self.gate_block:
-                layers.append(self._gate.to_static(in_width))
-            layers.append(blk.to_static(in_width, widths[s], slots[s]))
+            if i == self.gate_block and part == "all":
+                gate = self._gate.to_static(in_width)
+            layers = trunk if i < self.gate_block else post
+            if layers is trunk and part != "post" or layers is post and part != "trunk":
+                layers.append(blk.to_static(in_width, widths[s], slots[s]))
             in_width = self._out_width(subnet, s)
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), self.classifier.to_static(in_width)]
-        return nn.Sequential(*layers)
+        if part != "trunk":
+            post += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), self.classifier.to_static(in_width)]
+        return trunk, gate, post
 
 
 @register_model(input_size=224)

@@ -16,7 +16,11 @@ from torch import Tensor, nn
 from dsnet.layers.gate import StaticSqueezeExcite  # defined with the gate it is extracted from
 from dsnet.layers.sliced import fold_batchnorm
 
+# a family's plain layers of one sub-network, cut at the gate: (before it, its attention, after it)
+StaticLayers = tuple[list[nn.Module], "nn.Module | None", list[nn.Module]]
+
 __all__ = [
+    "StaticLayers",
     "StaticSqueezeExcite",
     "StaticDepthwiseSeparable",
     "StaticResidual",

@@ -90,6 +90,7 @@ from dsnet.layers.transformer import (
 )
 from dsnet.models.base import DynamicNet
 from dsnet.models.registry import register_model
+from dsnet.models.static import StaticLayers
 
 __all__ = ["DSViT", "ds_vit_small", "ds_vit_tiny", "ds_vit_cifar"]
 
@@ -323,37 +324,60 @@ class DSViT(DynamicNet):
         return x
 
     def forward_pre(self, x: Tensor, subnet: int) -> tuple[Tensor, Tensor]:
-        widths, slots = self.subnets[subnet].widths, self.slots(subnet)
-        x = self._run_blocks(self._embed(x, widths[0]), subnet, 0, self.gate_block)
-        z = self._gate.encode(x, slots[self.gate_stage - 1])
-        return self._gate.attend(x, z), z
+        x = self._run_blocks(self._embed(x, self.subnets[subnet].widths[0]), subnet, 0, self.gate_block)
+        return self.forward_gate(x, subnet)
 
     def forward_post(self, h: Tensor, subnet: int) -> Tensor:
         x = self._run_blocks(h, subnet, self.gate_block, len(self.blocks))
         return self.head(self.norm(pool_tokens(x, self.global_pool, self.num_prefix_tokens)))
 
     # ----------------------------------------------------------- extraction
+    def forward_gate(self, x: Tensor, subnet: int) -> tuple[Tensor, Tensor]:
+        z = self._gate.encode(x, self.slots(subnet)[self.gate_stage - 1])
+        return self._gate.attend(x, z), z
+
     def build_static(self, subnet: int) -> nn.Sequential:
+        trunk, gate, post = self._static_layers(subnet)
+        return nn.Sequential(*trunk, gate, *post).to(self.pos_embed.device, self.pos_embed.dtype)
+
+    def build_static_trunk(self, subnet: int) -> nn.Sequential:
+        return nn.Sequential(*self._static_layers(subnet, "trunk")[0]).to(self.pos_embed.device, self.pos_embed.dtype)
+
+    def build_static_post(self, subnet: int) -> nn.Sequential:
+        return nn.Sequential(*self._static_layers(subnet, "post")[2]).to(self.pos_embed.device, self.pos_embed.dtype)
+
+    def _static_layers(self, subnet: int, part: str = "all") -> StaticLayers:
+        """Plain layers of sub-network ``subnet``: (before the gate, the gate's attention, after it); ``part``
+        ("trunk", "post" or "all") says which are built (the others come back empty / None)."""
         widths, slots = self.subnets[subnet].widths, self.slots(subnet)
         w0 = widths[0]
-        cls = None if self.cls_token is None else self.cls_token[..., :w0]
-        layers: list[nn.Module] = [
-            StaticTokenEmbed(
-                self.patch_embed.proj.to_static(self.in_chans, w0), cls, self.pos_embed[..., :w0], self.grid
+        trunk: list[nn.Module] = []
+        post: list[nn.Module] = []
+        if part != "post":
+            cls = None if self.cls_token is None else self.cls_token[..., :w0]
+            trunk.append(
+                StaticTokenEmbed(
+                    self.patch_embed.proj.to_static(self.in_chans, w0), cls, self.pos_embed[..., :w0], self.grid
+                )
             )
-        ]
+        gate = None
         dims = self._dims[subnet]
         for i, block in enumerate(self.blocks):
-            if i == self.gate_block:
+            if i == self.gate_block and part == "all":
                 gate_width = self._stream_width(subnet, self.gate_group - 1)
-                layers.append(self._gate.to_static(gate_width, slots[self.gate_stage - 1]))
-            width, heads, hidden = dims[self._block_stage[i] - 1]
-            layers.append(block.to_static(width, self.idle_slicing, heads, hidden))
-        out = self._stream_width(subnet, len(dims))
-        layers.append(
-            StaticViTHead(self.norm.to_static(out), self.head.to_static(out), self.global_pool, self.num_prefix_tokens)
-        )
-        return nn.Sequential(*layers).to(self.pos_embed.device, self.pos_embed.dtype)
+                gate = self._gate.to_static(gate_width, slots[self.gate_stage - 1])
+            layers = trunk if i < self.gate_block else post
+            if layers is trunk and part != "post" or layers is post and part != "trunk":
+                width, heads, hidden = dims[self._block_stage[i] - 1]
+                layers.append(block.to_static(width, self.idle_slicing, heads, hidden))
+        if part != "trunk":
+            out = self._stream_width(subnet, len(dims))
+            post.append(
+                StaticViTHead(
+                    self.norm.to_static(out), self.head.to_static(out), self.global_pool, self.num_prefix_tokens
+                )
+            )
+        return trunk, gate, post
 
     def extra_repr(self) -> str:
         return (

@@ -273,6 +273,7 @@ def test_route_converts_a_list_bias_once_not_per_call(model, monkeypatch):
     bias = [0.3, 0.1, -0.1, -0.3]
     with torch.inference_mode():
         first = model(x, return_routing=True, gate_bias=bias)
+        model(x, return_routing=True, gate_bias=bias)  # the routed plan is built on the second call (once)
     calls = []
     real = torch.as_tensor
     monkeypatch.setattr(torch, "as_tensor", lambda *a, **k: calls.append(a) or real(*a, **k))

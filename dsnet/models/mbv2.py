@@ -44,7 +44,7 @@ from dsnet.layers.kernel import KernelSlicedConv2d, check_kernel_sizes, kernel_c
 from dsnet.layers.sliced import SlicedBatchNorm2d, SlicedConv2d, SlicedLinear, conv_bn
 from dsnet.models.base import DynamicNet
 from dsnet.models.registry import register_model
-from dsnet.models.static import StaticLayers, StaticResidual, conv_bn_act
+from dsnet.models.static import SplitAtGate, StaticLayers, StaticResidual, conv_bn_act
 
 __all__ = ["IRStage", "DSInvertedResidual", "DSMobileNetV2", "hidden_width", "ds_mbv2_tiny", "ds_mbv2_cifar"]
 
@@ -123,7 +123,7 @@ class DSInvertedResidual(nn.Module):
         return StaticResidual(body, nn.Identity(), nn.Identity())
 
 
-class DSMobileNetV2(DynamicNet):
+class DSMobileNetV2(SplitAtGate, DynamicNet):
     """Dynamic slice-able MobileNetV2: widths and depthwise kernel sizes routed per input.
 
     Args:
@@ -298,16 +298,6 @@ class DSMobileNetV2(DynamicNet):
             x = F.dropout(x, self.drop_rate, self.training)
         return self.classifier(x)
 
-    def build_static(self, subnet: int) -> nn.Sequential:
-        trunk, gate, post = self._static_layers(subnet)
-        return nn.Sequential(*trunk, gate, *post)
-
-    def build_static_trunk(self, subnet: int) -> nn.Sequential:
-        return nn.Sequential(*self._static_layers(subnet, "trunk")[0])
-
-    def build_static_post(self, subnet: int) -> nn.Sequential:
-        return nn.Sequential(*self._static_layers(subnet, "post")[2])
-
     def _static_layers(self, subnet: int, part: str = "all") -> StaticLayers:
         """Plain layers of sub-network ``subnet``: (before the gate, the gate's attention, after it); ``part``
         ("trunk", "post" or "all") says which are built (the others come back empty / None)."""
@@ -315,13 +305,7 @@ class DSMobileNetV2(DynamicNet):
         trunk: list[nn.Module] = []
         post: list[nn.Module] = []
         if part != "post":
-            trunk.append(
-                conv_bn_act(
-                    self.stem.to_static(self.in_chans, widths[0]),
-                    self.stem_bn.to_static(widths[0], slots[0]),
-                    nn.ReLU6(),
-                )
-            )
+            trunk.append(self._static_stem(subnet, nn.ReLU6()))
         gate = None
         in_width = widths[0]
         for i, block in enumerate(self.blocks):

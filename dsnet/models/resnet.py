@@ -27,7 +27,7 @@ from dsnet.layers.gate import DynamicGate, make_divisible
 from dsnet.layers.sliced import SlicedBatchNorm2d, SlicedConv2d, SlicedLinear, conv_bn
 from dsnet.models.base import DynamicNet
 from dsnet.models.registry import register_model
-from dsnet.models.static import ChannelMatch, StaticLayers, StaticResidual, conv_bn_act, match_channels
+from dsnet.models.static import ChannelMatch, SplitAtGate, StaticLayers, StaticResidual, conv_bn_act, match_channels
 
 __all__ = ["DSResNet", "ds_resnet18", "ds_resnet50", "ds_resnet20_cifar"]
 
@@ -119,7 +119,7 @@ class _Shortcut(nn.Module):
         return conv_bn_act(self.conv.to_static(in_width, out_width), self.bn.to_static(out_width, slot), None)
 
 
-class DSResNet(DynamicNet):
+class DSResNet(SplitAtGate, DynamicNet):
     """Dynamic slimmable ResNet.
 
     Args:
@@ -272,16 +272,6 @@ class DSResNet(DynamicNet):
         w = self.subnets[subnet].widths[stage]
         return w if stage == 0 else w * self.expansion
 
-    def build_static(self, subnet: int) -> nn.Sequential:
-        trunk, gate, post = self._static_layers(subnet)
-        return nn.Sequential(*trunk, gate, *post)
-
-    def build_static_trunk(self, subnet: int) -> nn.Sequential:
-        return nn.Sequential(*self._static_layers(subnet, "trunk")[0])
-
-    def build_static_post(self, subnet: int) -> nn.Sequential:
-        return nn.Sequential(*self._static_layers(subnet, "post")[2])
-
     def _static_layers(self, subnet: int, part: str = "all") -> StaticLayers:
         """Plain layers of sub-network ``subnet``: (before the gate, the gate's attention, after it); ``part``
         ("trunk", "post" or "all") says which are built (the others come back empty / None)."""
@@ -289,13 +279,7 @@ class DSResNet(DynamicNet):
         trunk: list[nn.Module] = []
         post: list[nn.Module] = []
         if part != "post":
-            trunk.append(
-                conv_bn_act(
-                    self.stem.to_static(self.in_chans, widths[0]),
-                    self.stem_bn.to_static(widths[0], slots[0]),
-                    nn.ReLU(),
-                )
-            )
+            trunk.append(self._static_stem(subnet, nn.ReLU()))
             if self.stem_kind == "imagenet":
                 trunk.append(nn.MaxPool2d(3, 2, 1))
         gate = None

@@ -21,6 +21,7 @@ StaticLayers = tuple[list[nn.Module], "nn.Module | None", list[nn.Module]]
 
 __all__ = [
     "StaticLayers",
+    "SplitAtGate",
     "StaticSqueezeExcite",
     "StaticDepthwiseSeparable",
     "StaticResidual",
@@ -173,3 +174,31 @@ def fold_batchnorms(module: nn.Module) -> int:
         elif isinstance(sub, nn.Sequential):
             folded += _fold_sequential(sub)
     return folded
+
+
+class SplitAtGate:
+    """``build_static`` / ``build_static_trunk`` / ``build_static_post`` of a family from its ``_static_layers``.
+
+    A family's ``_static_layers(subnet, part)`` returns :data:`StaticLayers` (before the gate, the gate's
+    attention, after it), building only ``part`` ("trunk", "post" or "all"); this mixin (listed before
+    ``DynamicNet``) assembles them as ``nn.Sequential`` networks.
+    """
+
+    def _static_layers(self, subnet: int, part: str = "all") -> StaticLayers:
+        raise NotImplementedError
+
+    def _static_stem(self, subnet: int, act: nn.Module) -> nn.Sequential:
+        """The stem convolution, its BatchNorm and ``act`` at ``subnet``'s width (families with ``stem`` /
+        ``stem_bn``)."""
+        width, slot = self.subnets[subnet].widths[0], self.slots(subnet)[0]  # type: ignore[attr-defined]
+        return conv_bn_act(self.stem.to_static(self.in_chans, width), self.stem_bn.to_static(width, slot), act)  # type: ignore[attr-defined]
+
+    def build_static(self, subnet: int) -> nn.Sequential:
+        trunk, gate, post = self._static_layers(subnet)
+        return nn.Sequential(*trunk, gate, *post)
+
+    def build_static_trunk(self, subnet: int) -> nn.Sequential:
+        return nn.Sequential(*self._static_layers(subnet, "trunk")[0])
+
+    def build_static_post(self, subnet: int) -> nn.Sequential:
+        return nn.Sequential(*self._static_layers(subnet, "post")[2])

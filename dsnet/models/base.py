@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +44,7 @@ from dsnet.layers.sliced import (
 )
 from dsnet.models.static import fold_batchnorms
 
+_T = TypeVar("_T")
 DEFAULT_GATE_MODE = "exit"  # what gate_mode=None builds when there are two or more routing choices
 EXIT_HEAD_PREFIX = "exit_head."  # state-dict keys of the early-exit routing head (DynamicNet.set_gate_mode)
 
@@ -736,23 +738,21 @@ class DynamicNet(nn.Module):
         The conditions, the stamp and the build-on-second-sight rule are :meth:`_static_plan`'s. The trunk
         (:meth:`build_static_trunk`) is built with the entry; each routed sub-network's post-gate network
         (:meth:`build_static_post`) on its first use, BatchNorm folded like :meth:`extract`'s. None also where the
-        family has no split (its :meth:`build_static_trunk` returns None).
+        family has no split (it does not override :meth:`build_static_trunk`).
         """
-        if "route" in self.__dict__.get("_no_split", ()):
+        if type(self).build_static_trunk is DynamicNet.build_static_trunk:  # the family has no split
             return None
 
-        def build(layout):
+        def build(layout: Callable[[nn.Module], nn.Module]) -> _RouteParts:
             trunk = self.build_static_trunk(self.routing_space[0])
-            if trunk is None:
-                self.__dict__["_no_split"] = ("route",)
-                return None
             fold_batchnorms(trunk)
             return _RouteParts(layout(trunk.eval()), layout)
 
-        parts = self._cached_plan(x, "route", build)
-        return parts if isinstance(parts, _RouteParts) else None
+        return self._cached_plan(x, "route", build)
 
-    def _cached_plan(self, x: Tensor, key: object, build):  # noqa: ANN001, ANN202
+    def _cached_plan(
+        self, x: Tensor, key: object, build: Callable[[Callable[[nn.Module], nn.Module]], _T]
+    ) -> _T | None:
         """A plan (a plain network) under ``key`` for the model's current weights, built by ``build(layout)``.
 
         ``layout(module)`` moves a built module to channels-last when the model's weights are. None when the call

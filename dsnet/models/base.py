@@ -321,15 +321,19 @@ class _RouteParts:
         def post(h: Tensor, subnet: int) -> Tensor:
             net = posts.get(subnet)
             if net is None:
-                net = model.build_static_post(subnet)
-                fold_batchnorms(net)
-                net = posts[subnet] = self.layout(net.eval())
+                net = posts[subnet] = _inference_net(model.build_static_post(subnet), self.layout)
             return net(h)
 
         return post
 
     def modules(self) -> list[nn.Module]:
         return [self.trunk, *self.posts.values()]
+
+
+def _inference_net(net: nn.Module, layout: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """A built plain network as the plans run it: BatchNorm folded, eval mode, the model's memory layout."""
+    fold_batchnorms(net)
+    return layout(net.eval())
 
 
 def _plan_stamp(tensors: list[Tensor]) -> tuple:
@@ -730,7 +734,7 @@ class DynamicNet(nn.Module):
         and ``.to()`` rebuild it as they refresh the layer caches; it holds one compact copy of the sub-network's
         weights (:meth:`inference_cache_bytes` counts it).
         """
-        return self._cached_plan(x, k, lambda layout: layout(self.extract(k).eval()))
+        return self._cached_plan(x, k, lambda layout: _inference_net(self.build_static(k), layout))
 
     def _route_plan(self, x: Tensor) -> _RouteParts | None:
         """The plain networks dynamic inference runs at plain inference (see :meth:`route`), or None.
@@ -744,9 +748,7 @@ class DynamicNet(nn.Module):
             return None
 
         def build(layout: Callable[[nn.Module], nn.Module]) -> _RouteParts:
-            trunk = self.build_static_trunk(self.routing_space[0])
-            fold_batchnorms(trunk)
-            return _RouteParts(layout(trunk.eval()), layout)
+            return _RouteParts(_inference_net(self.build_static_trunk(self.routing_space[0]), layout), layout)
 
         return self._cached_plan(x, "route", build)
 

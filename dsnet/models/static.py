@@ -193,12 +193,17 @@ class SplitAtGate:
         width, slot = self.subnets[subnet].widths[0], self.slots(subnet)[0]  # type: ignore[attr-defined]
         return conv_bn_act(self.stem.to_static(self.in_chans, width), self.stem_bn.to_static(width, slot), act)  # type: ignore[attr-defined]
 
+    def _place_static(self, net: nn.Sequential) -> nn.Sequential:
+        """Where a built network goes: as built (a family whose layers are not all built on the model's device
+        and dtype moves them here)."""
+        return net
+
     def build_static(self, subnet: int) -> nn.Sequential:
         trunk, gate, post = self._static_layers(subnet)
-        return nn.Sequential(*trunk, gate, *post)
+        return self._place_static(nn.Sequential(*trunk, gate, *post))
 
     def build_static_trunk(self, subnet: int) -> nn.Sequential:
-        return nn.Sequential(*self._static_layers(subnet, "trunk")[0])
+        return self._place_static(nn.Sequential(*self._static_layers(subnet, "trunk")[0]))
 
     def build_static_post(self, subnet: int) -> nn.Sequential:
-        return nn.Sequential(*self._static_layers(subnet, "post")[2])
+        return self._place_static(nn.Sequential(*self._static_layers(subnet, "post")[2]))

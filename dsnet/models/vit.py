@@ -90,12 +90,12 @@ from dsnet.layers.transformer import (
 )
 from dsnet.models.base import DynamicNet
 from dsnet.models.registry import register_model
-from dsnet.models.static import StaticLayers
+from dsnet.models.static import SplitAtGate, StaticLayers
 
 __all__ = ["DSViT", "ds_vit_small", "ds_vit_tiny", "ds_vit_cifar"]
 
 
-class DSViT(DynamicNet):
+class DSViT(SplitAtGate, DynamicNet):
     """Dynamic slimmable vision transformer.
 
     Args:
@@ -336,15 +336,8 @@ class DSViT(DynamicNet):
         z = self._gate.encode(x, self.slots(subnet)[self.gate_stage - 1])
         return self._gate.attend(x, z), z
 
-    def build_static(self, subnet: int) -> nn.Sequential:
-        trunk, gate, post = self._static_layers(subnet)
-        return nn.Sequential(*trunk, gate, *post).to(self.pos_embed.device, self.pos_embed.dtype)
-
-    def build_static_trunk(self, subnet: int) -> nn.Sequential:
-        return nn.Sequential(*self._static_layers(subnet, "trunk")[0]).to(self.pos_embed.device, self.pos_embed.dtype)
-
-    def build_static_post(self, subnet: int) -> nn.Sequential:
-        return nn.Sequential(*self._static_layers(subnet, "post")[2]).to(self.pos_embed.device, self.pos_embed.dtype)
+    def _place_static(self, net: nn.Sequential) -> nn.Sequential:
+        return net.to(self.pos_embed.device, self.pos_embed.dtype)
 
     def _static_layers(self, subnet: int, part: str = "all") -> StaticLayers:
         """Plain layers of sub-network ``subnet``: (before the gate, the gate's attention, after it); ``part``

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -148,13 +149,12 @@ def measure(model: nn.Module, holdout: Iterable, test: Iterable, seed: int = 0) 
             scores = torch.sigmoid(sel((features(test_logits, full) - mean) / std)).double()
             fit_scores = torch.sigmoid(sel((features(fit_logits, full) - mean) / std)).double()
         pts = curve(scores, test_correct, costs)
+        best = max(p["top1"] for p in pts)
         rows[name] = {
             "top1_at_gate_macs": at(pts, gate_macs),
-            "best_top1": max(p["top1"] for p in pts),
+            "best_top1": best,
             "holdout_best_top1_in_sample": max(p["top1"] for p in curve(fit_scores, fit_correct, costs)),
-            "mix_at_best": min(
-                (p for p in pts if p["top1"] == max(q["top1"] for q in pts)), key=lambda p: p["mean_macs"]
-            )["mix"],
+            "mix_at_best": min((p for p in pts if p["top1"] == best), key=lambda p: p["mean_macs"])["mix"],
             "envelope": [(m / 1e6, t) for m, t in zip(*bl.pareto_envelope(pts))],
         }
     conf = test_logits.softmax(-1).max(-1).values
@@ -169,7 +169,6 @@ def measure(model: nn.Module, holdout: Iterable, test: Iterable, seed: int = 0) 
         row["capture_at_gate_macs"] = None if t is None else bl.oracle_capture(t, static_at, oracle_at)
     widest = report["static"][model.routing_space[-1]]["top1"]
     return {
-        "checkpoint_seed": None,
         "gate": {
             "top1": s["dynamic_top1"],
             "mean_macs": gate_macs,
@@ -193,11 +192,9 @@ def _pct(share: float | None) -> float | None:
 def render(results: list[dict[str, Any]]) -> str:
     def mean(vals: list[float | None]) -> str:
         v = [x for x in vals if x is not None]
-        if not v:
-            return "-"
-        m = sum(v) / len(v)
-        sd = (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
-        return f"{m:.2f} ± {sd:.2f}" if len(v) > 1 else f"{m:.2f}"
+        if len(v) < 2:
+            return f"{v[0]:.2f}" if v else "-"
+        return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}"
 
     rows = [
         ["static curve", mean([r["static_at_gate_macs"] for r in results]), "0", "-"],

@@ -26,8 +26,9 @@ out of the training split to select the best epoch, and the test split read once
   steps) as ``alone`` and a fine-tuning together.
 * ``import``: ``ds_resnet8_tiny`` initialised from ``alone.pth`` (``model.checkpoint_path``, torchvision format,
   L1 importance order) and trained as a supernet for ``--finetune-epochs`` epochs with stage I's fine-tuning
-  defaults (``dsnet.train.finetune``: the frozen source network teaches the narrower sub-networks, lr x0.1, no
-  warm-up, the stages before the gate at full width so the widest routed sub-network is the source network).
+  defaults (``dsnet.train.finetune``: labels for every sub-network, lr x0.3, no warm-up, the stages before the
+  gate at full width so the widest routed sub-network is the source network; ``--finetune-set
+  supernet.teacher=source`` for the frozen source network as the narrower sub-networks' teacher).
 * ``import-noorder``: the same without the importance order (the trained network's own channel order).
 * ``make_dynamic``: the plain network made dynamic by ``dsnet.make_dynamic`` through a ``module:factory`` model
   name (this file's ``dynamic_resnet8``, the same architecture as ``ds_resnet8_tiny``), fine-tuned as

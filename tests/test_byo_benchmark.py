@@ -95,3 +95,39 @@ def test_routed_vs_curve_interpolates_the_reference_inside_its_range():
     d = byo.routed_vs_curve(results, "import", "scratch-total")
     assert d == {"mean": 0.0, "min": -1.0, "max": 1.0, "mmacs": [2.0, 3.0], "diffs": [1.0, -1.0]}
     assert byo.routed_vs_curve(results, "make_dynamic", "scratch-total") is None
+
+
+def _run_file(path, source_top1: float, routed: list[float], *, scratch_total: list[float] | None = None) -> None:
+    import json
+
+    sub = [{"mmacs": m, "widths": "w", "test_top1": t} for m, t in zip((2.0, 4.0), routed, strict=True)]
+    run = {
+        "alone": {"test_top1": source_top1},
+        "import": {
+            "subnets": sub,
+            "source_holdout_top1": 80.0,
+            "largest_holdout_top1": 81.0,
+            "finetune": {"teacher": "distill"},
+        },
+    }
+    if scratch_total is not None:
+        run["scratch-total"] = {"subnets": [{"mmacs": m, "widths": "w", "test_top1": t} for m, t in scratch_total]}
+    path.write_text(json.dumps(run))
+
+
+def test_finetune_choice_reads_each_variant_against_its_seeds_scratch_total(tmp_path):
+    from benchmarks import byo_finetune_choice as choice
+
+    ref = [(1.0, 84.0), (5.0, 88.0)]  # the curve: 85 at 2 MMACs, 87 at 4
+    _run_file(tmp_path / "byo_ft2_src01_seed0.json", 80.0, [83.0, 86.0], scratch_total=ref)
+    _run_file(tmp_path / "byo_ft2_lab03_seed0.json", 80.0, [84.0, 87.0])  # no scratch-total: the src01 run's
+    _run_file(tmp_path / "byo_folder4000_ft6_lab03_seed1.json", 70.0, [75.0, 76.0], scratch_total=ref)
+    rows = choice.table(tmp_path)
+    assert rows["subset12800"]["src01"]["mean_routed_vs_scratch_total"] == -1.5
+    assert rows["subset12800"]["lab03"]["mean_routed_vs_scratch_total"] == -0.5
+    assert rows["subset12800"]["lab03"]["mean_largest_minus_source_test"] == 7.0
+    assert list(rows["folder4000"]["lab03"]["seeds"]) == [1]  # only the seed that ran
+    assert "| subset12800 | labels | x0.3 | 0 | -0.50 |" in choice.render(rows)
+    _run_file(tmp_path / "byo_ft2_lab01_seed0.json", 79.0, [84.0, 87.0])  # another source: not comparable
+    with pytest.raises(SystemExit, match="source differs"):
+        choice.table(tmp_path)

@@ -139,7 +139,7 @@ def test_students_learn_the_source_teachers_probabilities():
 
 
 # ------------------------------------------------------------------------------------ what auto chooses
-def test_source_teacher_and_schedule_only_when_starting_from_weights(tmp_path):
+def test_fine_tuning_schedule_only_when_starting_from_weights(tmp_path):
     scratch = plan_finetune(load_config(None, TINY))
     assert not scratch.from_trained and scratch.teacher == "distill" and scratch.distill == "none"
     assert scratch.lr_scale == 1.0 and scratch.warmup_epochs == 1.0 and scratch.pre_gate_ratio is None
@@ -147,10 +147,12 @@ def test_source_teacher_and_schedule_only_when_starting_from_weights(tmp_path):
     assert ib.distill == "ib"  # from scratch: today's behaviour
     ckpt = f"model.checkpoint_path={tmp_path / 'w.pt'}"
     trained = plan_finetune(load_config(None, [*TINY, ckpt]))
-    assert trained.from_trained and trained.teacher == "source" and trained.distill == "source"
-    assert trained.lr_scale == 0.1 and trained.warmup_epochs == 0.0 and trained.pre_gate_ratio == 1.0
+    assert trained.from_trained and trained.teacher == "distill" and trained.distill == "none"  # labels (measured)
+    assert trained.lr_scale == 0.3 and trained.warmup_epochs == 0.0 and trained.pre_gate_ratio == 1.0
+    source = plan_finetune(load_config(None, [*TINY, ckpt, "supernet.teacher=source"]))
+    assert source.teacher == "source" and source.distill == "source" and source.lr_scale == 0.3
     kept = plan_finetune(load_config(None, [*TINY, ckpt, "supernet.teacher=distill", "supernet.distill=ib"]))
-    assert kept.teacher == "distill" and kept.distill == "ib" and kept.lr_scale == 0.1
+    assert kept.teacher == "distill" and kept.distill == "ib" and kept.lr_scale == 0.3
     recipe = plan_finetune(load_config(None, [*TINY, ckpt, "supernet.finetune_warmup_epochs=null"]))
     assert recipe.warmup_epochs == 1.0
     declared = load_config(None, [*TINY, "supernet.teacher=source"])  # a factory that loads its own weights
@@ -241,11 +243,11 @@ def test_run_names_its_schedule_and_keeps_the_source(tmp_path, trained_source, c
     out = capsys.readouterr().out
     line = next(s for s in out.splitlines() if s.startswith("[supernet] schedule:"))
     assert "fine-tuning from trained weights (model.checkpoint_path)" in line
-    assert "lr x0.1 = 0.00125" in line and "no warm-up" in line and "supernet.finetune_lr_scale" in line
-    assert "frozen source network" in line and "supernet.teacher=auto" in line
+    assert "lr x0.3 = 0.00375" in line and "no warm-up" in line and "supernet.finetune_lr_scale" in line
+    assert "the labels, for every sub-network" in line and "supernet.teacher=auto" in line
     assert "routed range includes the source widths (pre_gate_ratio=1)" in line
     assert written == summary
-    assert summary["finetune"]["teacher"] == "source" and summary["finetune"]["distill"] == "source"
+    assert summary["finetune"]["teacher"] == "distill" and summary["finetune"]["distill"] == "none"
     assert summary["source_holdout_top1"] > 50  # a trained source, measured on the held-out slice
     assert summary["largest_holdout_top1"] >= summary["source_holdout_top1"]
     assert summary["warnings"] == [] and "warning: the largest" not in out
@@ -276,11 +278,13 @@ def test_source_warning_threshold():
 
 def test_a_resumed_fine_tune_keeps_its_teacher_and_schedule(tmp_path, trained_source, capsys):
     """The source teacher is the checkpoint_path network, not the resumed weights: resumed == uninterrupted."""
-    cfg = load_config(None, [*TINY, f"model.checkpoint_path={trained_source}", "supernet.epochs=2"])
+    source = f"model.checkpoint_path={trained_source}"
+    cfg = load_config(None, [*TINY, source, "supernet.epochs=2", "supernet.teacher=source"])
     whole = train_supernet(cfg, tmp_path / "whole")
+    assert whole["finetune"]["teacher"] == "source" and whole["finetune"]["distill"] == "source"
     assert train_supernet(cfg, tmp_path / "cut", stop_after_epoch=0) == {"stopped_after_epoch": 0}
     resumed = train_supernet(cfg, tmp_path / "cut", resume=True)
     assert resumed["rank_param_checksums"] == whole["rank_param_checksums"]
     assert resumed["source_holdout_top1"] == whole["source_holdout_top1"]
     lines = [s for s in capsys.readouterr().out.splitlines() if s.startswith("[supernet] schedule:")]
-    assert len(lines) == 3 and len(set(lines)) == 1
+    assert len(lines) == 3 and len(set(lines)) == 1 and "frozen source network" in lines[0]

@@ -17,7 +17,7 @@ from, so by default (issue 19):
   Fashion-MNIST (docs/results.md, 2 seeds, two data sizes) the labels route
   1.3-2.4 points better: the students of a frozen source learn its answers and
   stay near them (the largest ends higher too: +0.04 to +3.0 points over the
-  source on the held-out slice, against -0.19 to +1.4).
+  source on the held-out slice, against -0.25 to +1.4).
 * **schedule** (``supernet.finetune_lr_scale: 0.3``,
   ``supernet.finetune_warmup_epochs: 0``): the recipe's lr and min_lr are
   scaled down (a from-scratch lr moves trained weights far from where they

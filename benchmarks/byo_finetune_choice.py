@@ -28,18 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.byo_fashion_mnist import routed_vs_curve  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = {  # name: (teacher, lr scale)
-    "src01": ("source", 0.1),
-    "lr03": ("source", 0.3),
-    "src10": ("source", 1.0),
-    "lab01": ("labels", 0.1),
-    "lab03": ("labels", 0.3),
-    "lab10": ("labels", 1.0),
-}
+VARIANTS = ("src01", "lr03", "src10", "lab01", "lab03", "lab10")  # file names; teacher and lr come from each run
 SETTINGS = {
     "folder4000": ("byo_folder4000_ft6_{variant}_seed{seed}.json", None),
     "subset12800": ("byo_ft2_{variant}_seed{seed}.json", "src01"),
 }
+
+
+def _teacher(finetune: dict) -> str:
+    """``labels`` for ``supernet.distill: none``, else what taught the narrower sub-networks."""
+    return "labels" if finetune["distill"] == "none" else finetune["distill"]
 
 
 def _point(results: Path, setting: str, variant: str, seed: int) -> dict | None:
@@ -76,10 +74,14 @@ def table(results: Path = RESULTS, seeds: tuple[int, ...] = (0, 1)) -> dict:
     """Every (setting, variant) with at least one seed's results: per-seed points and their means."""
     out: dict = {}
     for setting in SETTINGS:
-        for variant, (teacher, lr) in VARIANTS.items():
+        for variant in VARIANTS:
             points = {s: p for s in seeds if (p := _point(results, setting, variant, s)) is not None}
             if not points:
                 continue
+            plans = {(_teacher(p["finetune"]), p["finetune"]["lr_scale"]) for p in points.values()}
+            if len(plans) > 1:
+                raise SystemExit(f"{setting} {variant}: its seeds fine-tuned differently ({sorted(plans)})")
+            [(teacher, lr)] = plans
             keys = ("routed_vs_scratch_total", "largest_minus_source_holdout", "largest_minus_source_test")
             out.setdefault(setting, {})[variant] = {
                 "teacher": teacher,

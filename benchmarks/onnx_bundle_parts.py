@@ -36,7 +36,7 @@ from dsnet.export.onnx import OnnxDynamicModel, export_dynamic, export_static, o
 from dsnet.train.checkpoint import load_model  # noqa: E402
 
 
-def test_images(ckpt: dict, n: int) -> np.ndarray:
+def first_test_images(ckpt: dict, n: int) -> np.ndarray:
     """The first ``n`` images of the checkpoint's test split, preprocessed as in training."""
     loader, _ = build_loader(ckpt["config"]["data"], "val", seed=0)
     parts, have = [], 0
@@ -106,7 +106,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, ckpt = load_model(args.checkpoint)
-    x = test_images(ckpt, args.batch)
+    x = first_test_images(ckpt, args.batch)
     with tempfile.TemporaryDirectory() as tmp:
         result = {"checkpoint": args.checkpoint, **measure(model, x, args.threads, args.repeats, Path(tmp))}
     print(json.dumps(result, indent=1))

@@ -107,7 +107,7 @@ def _run_file(path, source_top1: float, routed: list[float], *, scratch_total: l
             "subnets": sub,
             "source_holdout_top1": 80.0,
             "largest_holdout_top1": 81.0,
-            "finetune": {"teacher": "distill"},
+            "finetune": {"teacher": "distill", "distill": "none", "lr_scale": 0.3},
         },
     }
     if scratch_total is not None:

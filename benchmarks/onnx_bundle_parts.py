@@ -32,13 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsnet.bench.timing import interleaved  # noqa: E402
 from dsnet.data import build_loader  # noqa: E402
+from dsnet.data.recipe import with_recorded_recipe  # noqa: E402
 from dsnet.export.onnx import OnnxDynamicModel, export_dynamic, export_static, ort_session  # noqa: E402
 from dsnet.train.checkpoint import load_model  # noqa: E402
 
 
 def first_test_images(ckpt: dict, n: int) -> np.ndarray:
-    """The first ``n`` images of the checkpoint's test split, preprocessed as in training."""
-    loader, _ = build_loader(ckpt["config"]["data"], "val", seed=0)
+    """The first ``n`` images of the checkpoint's test split, prepared with its recorded data recipe."""
+    loader, _ = build_loader(with_recorded_recipe(ckpt["config"]["data"], ckpt.get("dataset")), "val", seed=0)
     parts, have = [], 0
     for x, _ in loader:
         parts.append(x)

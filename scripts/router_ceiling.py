@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsnet.data import build_loader
+from dsnet.data.recipe import with_recorded_recipe
 from dsnet.evaluation import baselines as bl
 from dsnet.evaluation import evaluate
 from dsnet.train.checkpoint import load_model
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for path in args.checkpoints:
         model, ckpt = load_model(path)
-        data = ckpt["config"]["data"]
+        data = with_recorded_recipe(ckpt["config"]["data"], ckpt.get("dataset"))  # prepared as training did
         if not data.get("holdout"):
             print(f"{path}: its recipe holds no slice out (data.holdout); the selectors need one", file=sys.stderr)
             return 2

@@ -12,14 +12,19 @@ static network on the whole batch. Medians and the ratios that follow from them:
   the same for a router that costs nothing;
 * ``widest / slimmest`` against their MAC ratio: how fast a narrow network runs in this runtime.
 
+``--profile N`` adds where each of those two networks spends its time: ONNX Runtime's own profiler over ``N``
+runs of the whole batch, per convolution its kernel ms, its multiply-adds (from the profiled shapes) and the
+rate (GMAC/s), and the share of the graph's kernel time that is convolution.
+
     python benchmarks/onnx_bundle_parts.py --checkpoint runs/qs/gate/best.ckpt --batch 256 --threads 2 \\
-        --json benchmarks/results/onnx_bundle_parts_b256.json
+        --json benchmarks/results/onnx_bundle_parts_b256.json [--profile 20]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -31,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsnet.bench.timing import interleaved  # noqa: E402
-from dsnet.data import build_loader  # noqa: E402
+from dsnet.data import first_images  # noqa: E402
 from dsnet.data.recipe import with_recorded_recipe  # noqa: E402
 from dsnet.export.onnx import OnnxDynamicModel, export_dynamic, export_static, ort_session  # noqa: E402
 from dsnet.train.checkpoint import load_model  # noqa: E402
@@ -39,16 +44,11 @@ from dsnet.train.checkpoint import load_model  # noqa: E402
 
 def first_test_images(ckpt: dict, n: int) -> np.ndarray:
     """The first ``n`` images of the checkpoint's test split, prepared with its recorded data recipe."""
-    loader, _ = build_loader(with_recorded_recipe(ckpt["config"]["data"], ckpt.get("dataset")), "val", seed=0)
-    parts, have = [], 0
-    for x, _ in loader:
-        parts.append(x)
-        have += len(x)
-        if have >= n:
-            break
-    images = torch.cat(parts)[:n]
-    if len(images) < n:
-        raise SystemExit(f"the test split holds {len(images)} images, fewer than --batch {n}")
+    data = with_recorded_recipe(ckpt["config"]["data"], ckpt.get("dataset"))
+    try:
+        images, _ = first_images(data, "val", n)
+    except ValueError as err:
+        raise SystemExit(f"{err} (--batch {n})") from None
     return np.ascontiguousarray(images.numpy(), dtype=np.float32)
 
 
@@ -97,6 +97,64 @@ def measure(model: torch.nn.Module, x: np.ndarray, threads: int, repeats: int, o
     }
 
 
+def profile_convs(path: Path, x: np.ndarray, threads: int, runs: int, prefix: Path) -> dict:
+    """ONNX Runtime's profiler over ``runs`` calls of the graph at ``path`` on ``x``: per convolution, ms and MACs.
+
+    A convolution's multiply-adds are its output elements times its weight's elements per output channel (input
+    channels per group x kernel), both read from the shapes the profiler records (logical NCHW shapes, also for
+    the blocked layouts ONNX Runtime converts convolutions to). Times are kernel times, the mean per run.
+    """
+    import onnxruntime as ort
+
+    opts = ort_session(path, threads).get_session_options()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(prefix)
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    for _ in range(2):  # warm-up, inside the profile: dropped below by counting only the last `runs` calls
+        session.run(None, {"input": x})
+    for _ in range(runs):
+        session.run(None, {"input": x})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_run = len(nodes) // (runs + 2)
+    nodes = nodes[-per_run * runs :]
+    convs: dict[str, dict] = {}
+    kernel_us = 0.0
+    for e in nodes:
+        kernel_us += e["dur"]
+        if e["args"].get("op_name") != "Conv":
+            continue
+        row = convs.setdefault(e["name"].removesuffix("_kernel_time"), {"us": 0.0})
+        row["us"] += e["dur"]
+        out = next(iter(e["args"]["output_type_shape"][0].values()))
+        weight = next(iter(e["args"]["input_type_shape"][1].values()))
+        row["output_shape"] = out
+        row["weight_shape"] = weight
+        row["macs"] = math.prod(out) * math.prod(weight[1:]) if len(weight) == 4 and len(out) == 4 else None
+    rows = []
+    for name, row in convs.items():
+        ms = row["us"] / runs / 1e3
+        macs = row["macs"]
+        rows.append(
+            {
+                "node": name,
+                "output_shape": row["output_shape"],
+                "weight_shape": row["weight_shape"],
+                "ms": round(ms, 4),
+                "mmacs": None if macs is None else round(macs / 1e6, 3),
+                "gmacs_per_s": None if macs is None or ms == 0 else round(macs / ms / 1e6, 1),
+            }
+        )
+    conv_ms = sum(r["ms"] for r in rows)
+    return {
+        "runs": runs,
+        "kernel_ms": round(kernel_us / runs / 1e3, 4),
+        "conv_ms": round(conv_ms, 4),
+        "conv_share": round(conv_ms / (kernel_us / runs / 1e3), 3) if kernel_us else None,
+        "convs": rows,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="a trained gate checkpoint (dsnet quickstart's gate/best.ckpt)")
@@ -104,12 +162,23 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=25, help="interleaved rounds")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="also profile the slimmest and widest static graphs over N runs each (per convolution: ms, MACs)",
+    )  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, ckpt = load_model(args.checkpoint)
     x = first_test_images(ckpt, args.batch)
     with tempfile.TemporaryDirectory() as tmp:
-        result = {"checkpoint": args.checkpoint, **measure(model, x, args.threads, args.repeats, Path(tmp))}
+        tmp = Path(tmp)
+        result = {"checkpoint": args.checkpoint, **measure(model, x, args.threads, args.repeats, tmp)}
+        if args.profile:
+            last = len(model.routing_space) - 1
+            result["profile"] = {
+                name: profile_convs(tmp / f"static{j}.onnx", x, args.threads, args.profile, tmp / f"profile_{name}")
+                for name, j in (("slimmest", 0), ("widest", last))
+            }
     print(json.dumps(result, indent=1))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

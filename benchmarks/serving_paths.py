@@ -25,11 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import dsnet
 from dsnet.bench.serving import bench_serving_paths, format_serving_report
-from dsnet.data import build_loader
+from dsnet.data import first_images
 from dsnet.data.recipe import with_recorded_recipe
 from dsnet.export.serving import RUNTIMES
 from dsnet.utils.allocator import ALLOCATOR_SETTINGS, steady_allocator
@@ -80,16 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is not None:
         data["root"] = args.data
     data = with_recorded_recipe(data, {"name": loaded.dataset, "recipe": loaded.recipe})
-    data["workers"] = 0
-    loader, info = build_loader(data, "val", seed=0)
     need = max(max(args.batch_sizes), args.images)
-    batches, seen = [], 0
-    for x, _ in loader:
-        batches.append(x)
-        seen += x.shape[0]
-        if seen >= need:
-            break
-    images = torch.cat(batches)[:need]
+    try:
+        images, info = first_images(data, "val", need)
+    except ValueError as err:
+        raise SystemExit(f"{args.checkpoint}: {err}") from None
     log(loaded.describe())
     log(f"{images.shape[0]} {info.name} test images, {threads} threads, runtimes {', '.join(args.runtimes)}")
     t0 = time.perf_counter()

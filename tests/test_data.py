@@ -483,3 +483,18 @@ def test_holdout_is_carved_out_of_train_and_fixed_across_seeds():
         build_dataset({**cfg, "holdout": 0}, "holdout")
     with pytest.raises(ValueError, match="leaves no training images"):
         build_dataset({**cfg, "holdout": 100}, "train")
+
+
+def test_first_images_are_the_evaluation_loaders_first_images_in_order():
+    from dsnet.data import first_images
+
+    cfg = synthetic_cfg()
+    loader, _ = build_loader(cfg, "val", seed=0)
+    everything = torch.cat([x for x, _ in loader])
+    images, info = first_images(cfg, "val", 73)  # across the 50-image batches
+    assert images.shape[0] == 73 and info.name == "synthetic"
+    assert torch.equal(images, everything[:73])
+    with pytest.raises(ValueError, match="holds 100 images, fewer than the 101"):
+        first_images(cfg, "val", 101)
+    with pytest.raises(ValueError, match="not 'train'"):
+        first_images(cfg, "train", 8)

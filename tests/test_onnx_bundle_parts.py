@@ -32,3 +32,20 @@ def test_parts_cover_every_routed_group_and_the_ratios_follow_from_the_medians(t
     groups = sum(ms[f"static{j}"] for j in routed)
     assert res["widest_over_routed_groups"] == pytest.approx(ms["widest"] / groups, rel=0.02)
     assert res["widest_over_slimmest_macs"] > 1
+
+
+def test_the_profile_counts_every_convolution_and_its_macs_match_the_networks(tmp_path):
+    from benchmarks import onnx_bundle_parts as parts
+    from dsnet.export.onnx import export_static
+
+    torch.manual_seed(0)
+    model = dsnet.create_model("ds_resnet8_tiny", gate_mode="exit", routing_space=[0, 3]).eval()
+    x = small_input(model, 4, size=28).numpy()
+    macs = model.subnet_macs(tuple(x.shape[1:]))
+    for k in (0, 3):
+        path = export_static(model, k, tmp_path / f"static{k}.onnx")
+        prof = parts.profile_convs(path, x, threads=1, runs=2, prefix=tmp_path / f"p{k}")
+        assert prof["runs"] == 2 and 0 < prof["conv_ms"] <= prof["kernel_ms"]
+        counted = sum(r["mmacs"] for r in prof["convs"]) * 1e6 / len(x)
+        # every convolution of sub-network k; what is left is its classifier (and any other small layer)
+        assert 0.9 * macs[k] < counted <= macs[k] * 1.001, (counted, macs[k])

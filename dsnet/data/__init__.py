@@ -7,6 +7,7 @@ Public API (other modules code against exactly this)::
     resolve_data_config(cfg)          # defaults merged with cfg, validated (errors name the key)
     build_dataset(cfg, split)         # (raw dataset of (uint8 CHW, label), DatasetInfo)
     build_loader(cfg, split, *, seed=0, rank=0, world_size=1, device="cpu", views=1)
+    first_images(cfg, split, n)       # (the first n images of an evaluation split, in order, DatasetInfo)
     dataset_class_names(cfg)          # the class names build_dataset would give, without loading images
     check_class_names(recorded, found, source)  # refuse data with other classes than a checkpoint's
     is_image_folder(root)             # root laid out as train/ (+ val/ or test/) class folders?
@@ -32,6 +33,7 @@ from dsnet.data.loader import (
     check_class_names,
     dataset_class_names,
     describe_split_sizes,
+    first_images,
     holdout_size,
     is_image_folder,
     training_images,
@@ -47,6 +49,7 @@ __all__ = [
     "check_class_names",
     "dataset_class_names",
     "describe_split_sizes",
+    "first_images",
     "holdout_size",
     "is_image_folder",
     "resolve_data_config",

@@ -603,3 +603,26 @@ def build_loader(
         generator=torch.Generator().manual_seed(seed),
     )
     return loader, info
+
+
+def first_images(cfg: dict | None, split: str, n: int) -> tuple[Tensor, DatasetInfo]:
+    """The first ``n`` images of ``split``, in order and prepared as evaluation prepares them (no augmentation).
+
+    For benchmarks on real images: the same ``n`` images on every call. ``split`` "val" or "holdout" (a
+    training split would be augmented and shuffled: refused). Fewer than ``n`` images there is an error that
+    says how many there are.
+    """
+    if split == "train":
+        raise ValueError("first_images reads an evaluation split ('val' or 'holdout'), not 'train'")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    loader, info = build_loader({**(cfg or {}), "workers": 0}, split, seed=0)
+    parts, have = [], 0
+    for x, _ in loader:
+        parts.append(x)
+        have += x.shape[0]
+        if have >= n:
+            break
+    if have < n:
+        raise ValueError(f"the {split} split of {info.name} holds {have} images, fewer than the {n} asked for")
+    return torch.cat(parts)[:n], info

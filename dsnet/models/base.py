@@ -42,7 +42,7 @@ from dsnet.layers.sliced import (
     stored_channels_last,
     version_stamp,
 )
-from dsnet.models.static import fold_batchnorms
+from dsnet.models.static import fold_batchnorms, inplace_activations
 
 _T = TypeVar("_T")
 DEFAULT_GATE_MODE = "exit"  # what gate_mode=None builds when there are two or more routing choices
@@ -331,8 +331,10 @@ class _RouteParts:
 
 
 def _inference_net(net: nn.Module, layout: Callable[[nn.Module], nn.Module]) -> nn.Module:
-    """A built plain network as the plans run it: BatchNorm folded, eval mode, the model's memory layout."""
+    """A built plain network as the plans run it: BatchNorm folded, activations in place, eval mode, the model's
+    memory layout."""
     fold_batchnorms(net)
+    inplace_activations(net)
     return layout(net.eval())
 
 

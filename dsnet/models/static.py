@@ -30,6 +30,7 @@ __all__ = [
     "conv_bn_act",
     "fold_batchnorms",
     "fold_conv_bn",
+    "inplace_activations",
 ]
 
 
@@ -82,7 +83,12 @@ class ChannelMatch(nn.Module):
 
 
 class StaticResidual(nn.Module):
-    """``act(body(x) + shortcut(x))``."""
+    """``act(body(x) + shortcut(x))``.
+
+    Without autograd (``torch.no_grad`` / ``inference_mode``) the sum is formed in the body's output and a ReLU
+    applied in place: the same values, without two more full-size activations per block to allocate and write
+    (ResNet-50's slimmest sub-network at batch 32 ran 17 % faster; ``docs/benchmarks.md``).
+    """
 
     def __init__(self, body: nn.Sequential, shortcut: nn.Module, act: nn.Module) -> None:
         super().__init__()
@@ -91,7 +97,12 @@ class StaticResidual(nn.Module):
         self.act = act
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.body(x) + self.shortcut(x))
+        out = self.body(x)
+        short = self.shortcut(x)
+        if torch.is_grad_enabled() or out is x or out is short or out.dtype != short.dtype or out.shape != short.shape:
+            return self.act(out + short)
+        out += short  # a fresh tensor of the body's (a convolution's): nothing else holds it
+        return torch.relu_(out) if type(self.act) is nn.ReLU else self.act(out)
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -158,6 +169,30 @@ def _fold_graph(gm: fx.GraphModule) -> int:
         gm.graph.lint()
         gm.recompile()
     return folded
+
+
+_INPLACE_ACTS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU)
+_FRESH_OUTPUT = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
+
+
+def inplace_activations(module: nn.Module) -> int:
+    """Make every activation that directly follows a convolution, linear layer or BatchNorm in an ``nn.Sequential``
+    run in place (a new ``inplace=True`` instance in its slot); returns how many.
+
+    Such an activation's input is a fresh tensor that nothing else reads, so writing over it changes no value and
+    saves one full-size activation per layer. For inference networks (dsnet's cached plans); a network meant for
+    training keeps its out-of-place activations (``extract`` does not call this).
+    """
+    changed = 0
+    for sub in list(module.modules()):
+        if not isinstance(sub, nn.Sequential):
+            continue
+        for i in range(1, len(sub)):
+            act = sub[i]
+            if type(act) in _INPLACE_ACTS and not act.inplace and isinstance(sub[i - 1], _FRESH_OUTPUT):
+                sub[i] = type(act)(inplace=True).train(act.training)
+                changed += 1
+    return changed
 
 
 def fold_batchnorms(module: nn.Module) -> int:

@@ -1,0 +1,92 @@
+"""Inference without autograd writes residual sums and activations in place: the same values, fewer tensors.
+
+``StaticResidual`` adds the shortcut into the body's output and applies its ReLU in place when no gradient is
+recorded; the cached plans (``model(x, subnet=k)``, dynamic inference) also run every activation that follows a
+convolution in place (``inplace_activations``). Speed: ``docs/benchmarks.md``; here only the values and what must
+stay untouched.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import dsnet
+from dsnet.models.static import StaticResidual, inplace_activations
+from tests.conftest import perturb, small_input
+
+
+def _block(shortcut: nn.Module) -> StaticResidual:
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    return StaticResidual(body, shortcut, nn.ReLU()).eval()
+
+
+@pytest.mark.parametrize("shortcut", [nn.Identity(), nn.Conv2d(4, 4, 1)], ids=["identity", "conv"])
+def test_residual_without_autograd_equals_with_it_and_leaves_its_input_alone(shortcut):
+    block = _block(shortcut)
+    x = torch.randn(2, 4, 6, 6)
+    kept = x.clone()
+    with torch.enable_grad():
+        ref = block(x)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            out = block(x)
+        assert torch.equal(out, ref)
+        assert torch.equal(x, kept)  # the identity shortcut's tensor is the caller's: never written
+    assert (ref == 0).any() and (ref > 0).any()  # the ReLU ran
+
+
+def test_residual_still_trains_and_keeps_dtype_promotion():
+    block = _block(nn.Identity()).train()
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    block(x).sum().backward()  # the out-of-place path under autograd
+    assert x.grad is not None and block.body[0].weight.grad is not None
+    with torch.no_grad():  # a body in another dtype than its shortcut: promoted as out-of-place addition does
+        half = StaticResidual(nn.Sequential(nn.Conv2d(4, 4, 1).to(torch.float64)), nn.Identity(), nn.ReLU())
+        assert half(x.detach().to(torch.float64)).dtype == torch.float64
+        mixed = StaticResidual(_Cast(torch.bfloat16), nn.Identity(), nn.ReLU())
+        assert mixed(x.detach()).dtype == torch.float32  # bf16 body + fp32 shortcut: fp32, not written into bf16
+
+
+class _Cast(nn.Module):
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype)
+
+
+def test_inplace_activations_only_after_a_fresh_output():
+    relu = nn.ReLU()  # one module used twice: replaced per slot, never switched in place for both
+    net = nn.Sequential(nn.Conv2d(3, 3, 1), relu, nn.Identity(), nn.ReLU(), nn.Sequential(relu, nn.Linear(3, 3)))
+    assert inplace_activations(net) == 1
+    assert net[1].inplace and net[1] is not relu and not relu.inplace
+    assert not net[3].inplace  # after an Identity: its input is someone else's tensor
+    assert not net[4][0].inplace  # first in its Sequential: its input is the caller's
+
+
+@pytest.mark.parametrize("name", ["ds_resnet8_tiny", "ds_mobilenet_v1_cifar", "ds_mbv2_tiny"])
+def test_plans_run_in_place_and_route_as_the_sliced_layers(name):
+    model = perturb(dsnet.create_model(name)).eval()
+    x = small_input(model, 5)
+    kept = x.clone()
+    k = model.routing_space[0]
+    with torch.inference_mode():
+        for _ in range(2):  # the second call builds and runs the plans
+            dyn = model(x, return_routing=True)
+            static = model(x, subnet=k)
+        h, _ = model.forward_pre(x, k)
+        ref = model.forward_post(h, k)
+    assert torch.equal(x, kept)
+    plan = model.__dict__["_plans"][k][1]
+    assert any(isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU)) and m.inplace for m in plan.modules())
+    torch.testing.assert_close(static, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the sliced layers for dynamic inference: a hook turns the plans off
+        handle = model.register_forward_hook(lambda *a: None)
+        try:
+            sliced = model(x, return_routing=True)
+        finally:
+            handle.remove()
+    assert torch.equal(dyn.choice, sliced.choice)
+    torch.testing.assert_close(dyn.logits, sliced.logits, rtol=1e-5, atol=1e-5)

@@ -36,6 +36,22 @@ def test_residual_without_autograd_equals_with_it_and_leaves_its_input_alone(sho
     assert (ref == 0).any() and (ref > 0).any()  # the ReLU ran
 
 
+class _View(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :]
+
+
+@pytest.mark.parametrize("body", [nn.Sequential(), nn.Sequential(_View())], ids=["empty", "view"])
+def test_a_body_that_hands_back_its_input_is_never_written(body):
+    block = StaticResidual(body, nn.Identity(), nn.ReLU()).eval()
+    x = torch.randn(2, 4, 6, 6)
+    kept = x.clone()
+    with torch.inference_mode():
+        out = block(x)
+    assert torch.equal(x, kept)
+    assert torch.equal(out, torch.relu(2 * kept))
+
+
 def test_residual_still_trains_and_keeps_dtype_promotion():
     block = _block(nn.Identity()).train()
     x = torch.randn(2, 4, 6, 6, requires_grad=True)

@@ -99,7 +99,13 @@ class StaticResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.body(x)
         short = self.shortcut(x)
-        if torch.is_grad_enabled() or out is x or out is short or out.dtype != short.dtype or out.shape != short.shape:
+        if (
+            torch.is_grad_enabled()
+            or out is short
+            or out.dtype != short.dtype
+            or out.shape != short.shape
+            or out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()  # a body that hands back x or a view
+        ):
             return self.act(out + short)
         out += short  # a fresh tensor of the body's (a convolution's): nothing else holds it
         return torch.relu_(out) if type(self.act) is nn.ReLU else self.act(out)

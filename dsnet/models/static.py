@@ -87,7 +87,7 @@ class StaticResidual(nn.Module):
 
     Without autograd (``torch.no_grad`` / ``inference_mode``) the sum is formed in the body's output and a ReLU
     applied in place: the same values, without two more full-size activations per block to allocate and write
-    (ResNet-50's slimmest sub-network at batch 32 ran 17 % faster; ``docs/benchmarks.md``).
+    (ResNet-50's slimmest sub-network at batch 32 ran 15-19 % faster; ``docs/benchmarks.md``).
     """
 
     def __init__(self, body: nn.Sequential, shortcut: nn.Module, act: nn.Module) -> None:

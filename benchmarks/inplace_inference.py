@@ -2,12 +2,11 @@
 
     OMP_NUM_THREADS=2 python benchmarks/inplace_inference.py --json benchmarks/results/inplace_inference.json
 
-Since 5abd7be, ``StaticResidual`` forms ``body(x) + shortcut(x)`` in the body's output and applies its ReLU in place
-when no gradient is recorded, and dsnet's cached plans (``model(x, subnet=k)`` and dynamic inference) run every
-activation that follows a convolution in place (``dsnet.models.static.inplace_activations``). This script restores
-the previous behaviour in-process for one of two copies of the same model (``StaticResidual.forward`` back to
-``act(body(x) + shortcut(x))``, the plan builder's in-place pass a no-op while that copy's plans are built and run)
-and times, per model and batch size, alternating the copies round by round (which goes first alternates too): the
+dsnet's cached plans (``model(x, subnet=k)`` and dynamic inference) are built with
+``dsnet.models.static.inplace_inference`` (since 5abd7be): each ``StaticResidual`` forms ``body(x) + shortcut(x)``
+in the body's output and applies its ReLU in place, and every activation that follows a convolution runs in place.
+This script builds the plans of one of two copies of the same model without that pass (the previous behaviour) and
+times, per model and batch size, alternating the copies round by round (which goes first alternates too): the
 slimmest and the widest routed sub-network (``model(x, subnet=k)``, the plan) and dynamic inference on a fixed
 routing mix (0.4 / 0.3 / 0.2 / 0.1, ``forced_routing``), random weights, channels-last. Reported: each median and
 the median of the per-round ratios before / after with their quartiles (above 1: faster now). The outputs of the two
@@ -32,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dsnet  # noqa: E402
 import dsnet.models.base as base  # noqa: E402
-from dsnet.models.static import StaticResidual  # noqa: E402
 from dsnet.utils.allocator import steady_allocator  # noqa: E402
 
 CASES = [
@@ -41,25 +39,19 @@ CASES = [
     ("ds_resnet8_tiny", 256, 28),
     ("ds_resnet8_tiny", 1, 28),
 ]
-_NEW_FORWARD = StaticResidual.forward
-_NEW_PASS = base.inplace_activations
-
-
-def _old_forward(self: StaticResidual, x: torch.Tensor) -> torch.Tensor:
-    return self.act(self.body(x) + self.shortcut(x))
+_NEW_PASS = base.inplace_inference
 
 
 @contextmanager
 def behaviour(version: str) -> Iterator[None]:
-    """``before``: the out-of-place residual and no in-place pass for plans built inside; ``after``: as shipped."""
+    """``before``: plans built inside skip the in-place pass (out-of-place sums and activations); ``after``: as
+    shipped."""
     if version == "before":
-        StaticResidual.forward = _old_forward
-        base.inplace_activations = lambda net: 0
+        base.inplace_inference = lambda net: 0
     try:
         yield
     finally:
-        StaticResidual.forward = _NEW_FORWARD
-        base.inplace_activations = _NEW_PASS
+        base.inplace_inference = _NEW_PASS
 
 
 def measure(name: str, batch: int, size: int, rounds: int) -> dict:

@@ -390,7 +390,7 @@ def _without_logging(config: Any) -> Any:
 
 
 def _static_runner(model: DynamicNet, subnet: int) -> Callable[[Tensor], Tensor]:
-    static = model.extract(subnet).eval()
+    static = model.extract(subnet, inplace=True).eval()
     return lambda x: static(x)
 
 

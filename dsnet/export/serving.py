@@ -195,7 +195,7 @@ class _TorchServing(ServingModel):
         return x
 
     def _static_module(self, subnet: int) -> nn.Module:
-        static = self._source.extract(self._source.check_subnet(subnet)).eval()
+        static = self._source.extract(self._source.check_subnet(subnet), inplace=True).eval()
         return static.to(self.dtype)
 
 

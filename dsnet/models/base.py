@@ -42,7 +42,7 @@ from dsnet.layers.sliced import (
     stored_channels_last,
     version_stamp,
 )
-from dsnet.models.static import fold_batchnorms, inplace_activations
+from dsnet.models.static import fold_batchnorms, inplace_inference
 
 _T = TypeVar("_T")
 DEFAULT_GATE_MODE = "exit"  # what gate_mode=None builds when there are two or more routing choices
@@ -331,10 +331,10 @@ class _RouteParts:
 
 
 def _inference_net(net: nn.Module, layout: Callable[[nn.Module], nn.Module]) -> nn.Module:
-    """A built plain network as the plans run it: BatchNorm folded, activations in place, eval mode, the model's
-    memory layout."""
+    """A built plain network as the plans run it: BatchNorm folded, activations and residual sums in place, eval
+    mode, the model's memory layout."""
     fold_batchnorms(net)
-    inplace_activations(net)
+    inplace_inference(net)
     return layout(net.eval())
 
 
@@ -1002,13 +1002,15 @@ class DynamicNet(nn.Module):
         return sorted_out.new_empty(sorted_out.shape).index_copy(0, order, sorted_out)
 
     # ----------------------------------------------------------- extraction
-    def extract(self, subnet: int, fold_bn: bool = True) -> nn.Module:
+    def extract(self, subnet: int, fold_bn: bool = True, *, inplace: bool = False) -> nn.Module:
         """A plain ``torch.nn`` network equal to sub-network ``subnet`` in eval mode, with compact weight copies.
 
         ``fold_bn=True`` (default): every BatchNorm that follows a convolution is folded into it (an
         ``nn.Conv2d`` with bias, the BatchNorm removed), which is what inference and export want; the result
         computes the eval-mode function in either mode. ``fold_bn=False`` keeps the BatchNorms (with this
-        sub-network's statistics), for fine-tuning or recalibration.
+        sub-network's statistics), for fine-tuning or recalibration. ``inplace=True``: activations and residual
+        sums written in place without autograd (:func:`~dsnet.models.static.inplace_inference`, as the cached
+        plans run), the same values, faster; for serving and timing, not for a network whose layers are hooked.
         """
         if not isinstance(fold_bn, bool):
             raise TypeError(f"fold_bn must be True or False, got {fold_bn!r}")
@@ -1016,6 +1018,8 @@ class DynamicNet(nn.Module):
         static = self.build_static(k)
         if fold_bn:
             fold_batchnorms(static)
+        if inplace:
+            inplace_inference(static)
         return static.train(self.training)
 
     # ----------------------------------------------------------------- MACs

@@ -30,7 +30,7 @@ __all__ = [
     "conv_bn_act",
     "fold_batchnorms",
     "fold_conv_bn",
-    "inplace_activations",
+    "inplace_inference",
 ]
 
 
@@ -85,22 +85,27 @@ class ChannelMatch(nn.Module):
 class StaticResidual(nn.Module):
     """``act(body(x) + shortcut(x))``.
 
-    Without autograd (``torch.no_grad`` / ``inference_mode``) the sum is formed in the body's output and a ReLU
-    applied in place: the same values, without two more full-size activations per block to allocate and write
-    (ResNet-50's slimmest sub-network at batch 32 ran 15-19 % faster; ``docs/benchmarks.md``).
+    ``inplace`` (off as built; :func:`inplace_inference` turns it on in dsnet's cached plans): without autograd
+    (``torch.no_grad`` / ``inference_mode``) the sum is formed in the body's output and a ReLU applied in place,
+    the same values without two more full-size activations per block to allocate and write (ResNet-50's slimmest
+    sub-network at batch 32 ran 15-19 % faster; ``docs/benchmarks.md``). Off, a forward hook on the body's last
+    layer keeps the tensor it saw.
     """
 
-    def __init__(self, body: nn.Sequential, shortcut: nn.Module, act: nn.Module) -> None:
+    def __init__(self, body: nn.Sequential, shortcut: nn.Module, act: nn.Module, inplace: bool = False) -> None:
         super().__init__()
         self.body = body
         self.shortcut = shortcut
         self.act = act
+        self.inplace = inplace
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.body(x)
         short = self.shortcut(x)
         if (
-            torch.is_grad_enabled()
+            not getattr(self, "inplace", False)  # (a module pickled before the setting existed has none)
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()  # traced: the compiler fuses the sum; fake tensors have no storage
             or out is short
             or out.dtype != short.dtype
             or out.shape != short.shape
@@ -181,16 +186,20 @@ _INPLACE_ACTS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU)
 _FRESH_OUTPUT = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
 
 
-def inplace_activations(module: nn.Module) -> int:
-    """Make every activation that directly follows a convolution, linear layer or BatchNorm in an ``nn.Sequential``
-    run in place (a new ``inplace=True`` instance in its slot); returns how many.
+def inplace_inference(module: nn.Module) -> int:
+    """Make an inference network write its activations and residual sums in place; returns how many it changed.
 
-    Such an activation's input is a fresh tensor that nothing else reads, so writing over it changes no value and
-    saves one full-size activation per layer. For inference networks (dsnet's cached plans); a network meant for
-    training keeps its out-of-place activations (``extract`` does not call this).
+    Every activation that directly follows a convolution, linear layer or BatchNorm in an ``nn.Sequential`` gets a
+    new ``inplace=True`` instance in its slot: its input is a fresh tensor that nothing else reads, so writing over
+    it changes no value and saves one full-size activation per layer. Every :class:`StaticResidual` gets
+    ``inplace=True``. For networks nobody hooks or trains: dsnet's cached plans (``extract`` does not call this;
+    a forward hook on a layer whose output is then overwritten would see the new values).
     """
     changed = 0
     for sub in list(module.modules()):
+        if isinstance(sub, StaticResidual) and not getattr(sub, "inplace", False):
+            sub.inplace = True
+            changed += 1
         if not isinstance(sub, nn.Sequential):
             continue
         for i in range(1, len(sub)):

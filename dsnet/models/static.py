@@ -192,8 +192,9 @@ def inplace_inference(module: nn.Module) -> int:
     Every activation that directly follows a convolution, linear layer or BatchNorm in an ``nn.Sequential`` gets a
     new ``inplace=True`` instance in its slot: its input is a fresh tensor that nothing else reads, so writing over
     it changes no value and saves one full-size activation per layer. Every :class:`StaticResidual` gets
-    ``inplace=True``. For networks nobody hooks or trains: dsnet's cached plans (``extract`` does not call this;
-    a forward hook on a layer whose output is then overwritten would see the new values).
+    ``inplace=True``. For networks nobody hooks: dsnet's cached plans and ``extract(k, inplace=True)`` (a plain
+    ``extract(k)`` does not call this: a forward hook on a layer whose output is then overwritten would see the new
+    values).
     """
     changed = 0
     for sub in list(module.modules()):

@@ -104,12 +104,7 @@ def profile_convs(path: Path, x: np.ndarray, threads: int, runs: int, prefix: Pa
     channels per group x kernel), both read from the shapes the profiler records (logical NCHW shapes, also for
     the blocked layouts ONNX Runtime converts convolutions to). Times are kernel times, the mean per run.
     """
-    import onnxruntime as ort
-
-    opts = ort_session(path, threads).get_session_options()
-    opts.enable_profiling = True
-    opts.profile_file_prefix = str(prefix)
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads, profile_prefix=str(prefix))
     for _ in range(2):  # warm-up, inside the profile: dropped below by counting only the last `runs` calls
         session.run(None, {"input": x})
     for _ in range(runs):

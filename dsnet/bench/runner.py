@@ -2,7 +2,8 @@
 
 For every batch size, one interleaved timing loop covers, per sub-network
 ``k``: the sliced model ``model(x, subnet=k)``, the extracted static network
-``model.extract(k)``, the zero-masking baseline (full width of the widest
+``model.extract(k, inplace=True)`` (as fast as the sliced model's cached
+plan), the zero-masking baseline (full width of the widest
 routed sub-network, channels beyond ``k`` masked), optionally the static
 network in ONNX Runtime; plus the shared pre-gate part and the dynamic model
 on a forced routing mix. From the medians it derives

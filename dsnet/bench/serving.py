@@ -199,8 +199,8 @@ def bench_serving_paths(
     routed by the gate on its own), reported per image; at batch ``B`` one call on the first ``B`` images.
     One interleaved loop per batch size (``dsnet.bench.timing.interleaved``) times, for every runtime, the
     dynamic model and each routed sub-network as a static network (``ServingModel.static_network``), plus the
-    eager static networks (the reference: ``model.extract(k)``). Reported per runtime: ms, the speed-up over
-    the widest routed network in the same runtime and over the eager widest (noise rule applied), and the
+    eager static networks (the reference: ``model.extract(k, inplace=True)``). Reported per runtime: ms, the
+    speed-up over the widest routed network in the same runtime and over the eager widest (noise rule applied), and the
     time-per-multiply-add ratio of the dynamic model to the static networks it routes to (mix-weighted time over
     mix-weighted MACs; 1.0: routing, grouping and scatter cost nothing). Build time (export, compile) is not
     timed; it is reported as ``build_seconds`` (``compile_seconds``: the compiled warm-up alone).

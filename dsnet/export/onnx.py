@@ -269,14 +269,17 @@ def export_dynamic(
     return manifest_path
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None, *, spinning: bool = False) -> Any:
+def ort_session(
+    path: str | os.PathLike, threads: int | None = None, *, spinning: bool = False, profile_prefix: str | None = None
+) -> Any:
     """An onnxruntime CPU session: ``threads`` intra-op threads (default: torch's count), all optimisations on.
 
     Sequential execution, one inter-op thread, and (``spinning=False``, the
     default) pools that sleep when idle instead of busy-waiting for the next
     run. Spinning buys a little latency for one session alone on a machine; it
     costs a lot wherever sessions or other work take turns on the same cores
-    (the dynamic bundle, a server, an interleaved benchmark).
+    (the dynamic bundle, a server, an interleaved benchmark). ``profile_prefix``: ONNX Runtime's profiler on,
+    its JSON written under that prefix by ``session.end_profiling()``.
     """
     try:
         import onnxruntime as ort
@@ -291,6 +294,9 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, *, spinning
     opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile_prefix)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
